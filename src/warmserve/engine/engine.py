@@ -1,0 +1,250 @@
+"""The synchronous engine: requests in, token outputs out; `step()` is schedule, run, process.
+
+`create_engine` builds one from a checkpoint directory. The threaded, async-friendly front is
+`warmserve.engine.loop.EngineLoop`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from warmserve.config import EngineConfig
+from warmserve.engine.arch import ModelArch
+from warmserve.engine.block_manager import BlockManager
+from warmserve.engine.checkpoint import DTYPES, read_arch
+from warmserve.engine.loader import TensorProvider, TorchProvider, build_model
+from warmserve.engine.runner import ModelRunner
+from warmserve.engine.sampling import InvalidRequestError, SampledToken, SamplingParams
+from warmserve.engine.scheduler import Scheduler
+from warmserve.engine.sequence import FinishReason, Sequence
+from warmserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request (a delta; `finished` on the last one)."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    logprobs: list[SampledToken] = field(default_factory=list)
+    finished: bool = False
+    finish_reason: FinishReason | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_blocks_free: int
+    num_blocks_usable: int
+    num_blocks_lent: int
+    num_preemptions: int
+    tokens_per_s: float
+
+
+class _TextState:
+    """Detokenizes one request's output and applies its stop strings, holding back any text
+    that could still turn into a stop string."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...]) -> None:
+        self.detok = IncrementalDetokenizer(tokenizer)
+        self.stop = stop
+        self.hold = max((len(s) for s in stop), default=1) - 1
+        self.emitted = 0
+        self.stopped = False  # a stop string ended the text; nothing after it is emitted
+
+    def add(self, token_id: int) -> tuple[str, bool]:
+        self.detok.add(token_id)
+        text = self.detok.text
+        for stop in self.stop:
+            at = text.find(stop, max(0, self.emitted - len(stop)))
+            if at >= 0:
+                self.stopped = True
+                return self._emit(at), True
+        return self._emit(max(self.emitted, len(text) - self.hold)), False
+
+    def flush(self) -> str:
+        return self._emit(len(self.detok.text))
+
+    def _emit(self, end: int) -> str:
+        delta = self.detok.text[self.emitted:end]
+        self.emitted = max(self.emitted, end)
+        return delta
+
+
+class LLMEngine:
+    def __init__(self, runner: ModelRunner, scheduler: Scheduler, tokenizer: Tokenizer,
+                 max_context: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.runner = runner
+        self.scheduler = scheduler
+        self.tokenizer = tokenizer
+        self.max_context = max_context
+        self._clock = clock
+        self._seqs: dict[str, Sequence] = {}
+        self._text: dict[str, _TextState] = {}
+        self._num_preemptions = 0
+        self._token_times: list[tuple[float, int]] = []
+
+    @property
+    def block_manager(self) -> BlockManager:
+        return self.scheduler.block_manager
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise InvalidRequestError if this request can never run; touches no state."""
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise InvalidRequestError("prompt is empty")
+        if n + params.max_tokens > self.max_context:
+            raise InvalidRequestError(
+                f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds the model's "
+                f"context of {self.max_context} tokens"
+            )
+        bad = [t for t in prompt_token_ids if not 0 <= t < self.runner.model.arch.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"prompt holds token ids outside the vocabulary: {bad[:5]}")
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+                    ) -> None:
+        if request_id in self._seqs:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        self.validate(prompt_token_ids, params)
+        seq = Sequence(request_id, list(prompt_token_ids), params, self._clock())
+        if params.seed is not None:
+            seq.generator = torch.Generator(self.runner.device).manual_seed(params.seed)
+        self._seqs[request_id] = seq
+        self._text[request_id] = _TextState(self.tokenizer, params.stop)
+        self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        seq = self._seqs.get(request_id)
+        if seq is None:
+            return None
+        self.scheduler.finish(seq, FinishReason.ABORT)
+        return self._final(seq, [], "")
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        self._num_preemptions += len(sched.preempted)
+        outputs = [self._final(seq, [], "") for seq in sched.evicted]
+        if sched.is_empty:
+            return outputs
+        sample_seqs = sched.sequences_to_sample()
+        sampled = self.runner.execute(sched, sample_seqs)
+        self.scheduler.postprocess(sched)
+        self._count_tokens(len(sampled))
+        for seq, token in zip(sample_seqs, sampled, strict=True):
+            outputs.append(self._append(seq, token))
+        return outputs
+
+    def stats(self) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            num_blocks_free=bm.num_free_blocks, num_blocks_usable=bm.num_usable_blocks,
+            num_blocks_lent=bm.num_lent_blocks, num_preemptions=self._num_preemptions,
+            tokens_per_s=self._tokens_per_s(),
+        )
+
+    def _append(self, seq: Sequence, token: SampledToken) -> RequestOutput:
+        seq.output_token_ids.append(token.token_id)
+        if seq.params.logprobs is not None:
+            seq.output_logprobs.append(token)
+        text, hit_stop = self._text[seq.request_id].add(token.token_id)
+        reason = self._finish_reason(seq, token.token_id, hit_stop)
+        logprobs = [token] if seq.params.logprobs is not None else []
+        if reason is None:
+            return RequestOutput(seq.request_id, [token.token_id], text, logprobs,
+                                 num_prompt_tokens=len(seq.prompt_token_ids),
+                                 num_output_tokens=len(seq.output_token_ids))
+        self.scheduler.finish(seq, reason)
+        return self._final(seq, [token.token_id], text, logprobs)
+
+    def _finish_reason(self, seq: Sequence, token_id: int, hit_stop: bool) -> FinishReason | None:
+        params = seq.params
+        if hit_stop or token_id in params.stop_token_ids:
+            return FinishReason.STOP
+        if not params.ignore_eos and token_id in self.tokenizer.eos_token_ids:
+            return FinishReason.STOP
+        if len(seq.output_token_ids) >= params.max_tokens or seq.num_tokens >= self.max_context:
+            return FinishReason.LENGTH
+        return None
+
+    def _final(self, seq: Sequence, token_ids: list[int], text: str,
+               logprobs: list[SampledToken] | None = None) -> RequestOutput:
+        state = self._text.pop(seq.request_id)
+        self._seqs.pop(seq.request_id, None)
+        if not state.stopped:
+            text += state.flush()
+        return RequestOutput(
+            seq.request_id, token_ids, text, logprobs or [], True, seq.finish_reason,
+            len(seq.prompt_token_ids), len(seq.output_token_ids),
+        )
+
+    def _count_tokens(self, n: int) -> None:
+        now = self._clock()
+        self._token_times.append((now, n))
+        while self._token_times and self._token_times[0][0] < now - 10.0:
+            self._token_times.pop(0)
+
+    def _tokens_per_s(self) -> float:
+        if len(self._token_times) < 2:
+            return 0.0
+        span = self._token_times[-1][0] - self._token_times[0][0]
+        return sum(n for _, n in self._token_times[1:]) / span if span > 0 else 0.0
+
+
+def create_engine(checkpoint: Path, config: EngineConfig, dtype: str, device: str,
+                  max_context: int, provider: TensorProvider | None = None,
+                  kv_cache_bytes: int | None = None, seed: int = 0) -> LLMEngine:
+    """Load a checkpoint directory into a ready engine on `device`."""
+    arch = read_arch(checkpoint)
+    provider = provider or TorchProvider(device)
+    torch_dtype = DTYPES[dtype]
+    model = build_model(arch, checkpoint, torch_dtype, provider)
+    block_bytes = config.block_size_tokens * arch.kv_bytes_per_token * torch_dtype.itemsize
+    num_blocks = _num_kv_blocks(config, kv_cache_bytes, block_bytes, provider.device)
+    max_blocks_per_seq = -(-max_context // config.block_size_tokens)
+    if num_blocks < max_blocks_per_seq:
+        log.warning("KV cache holds %d blocks, fewer than one full context (%d)", num_blocks,
+                    max_blocks_per_seq)
+    block_shape = (arch.num_layers, 2, config.block_size_tokens, arch.num_kv_heads, arch.head_dim)
+    kv_cache = provider.kv_cache(num_blocks + 1, block_shape, torch_dtype)  # +1: scratch
+    runner = ModelRunner(
+        model, kv_cache, config.block_size_tokens, max_blocks_per_seq, scratch_block=num_blocks,
+        use_cuda_graphs=config.use_cuda_graphs,
+        max_graph_batch=min(config.max_cuda_graph_batch, config.max_num_seqs), seed=seed,
+    )
+    scheduler = Scheduler(BlockManager(num_blocks, config.block_size_tokens),
+                          config.max_num_seqs, config.max_tokens_per_step)
+    tokenizer = Tokenizer(checkpoint, arch)
+    return LLMEngine(runner, scheduler, tokenizer, min(max_context, arch.max_position))
+
+
+def _num_kv_blocks(config: EngineConfig, kv_cache_bytes: int | None, block_bytes: int,
+                   device: torch.device) -> int:
+    if kv_cache_bytes is None and config.kv_cache_gib is not None:
+        kv_cache_bytes = int(config.kv_cache_gib * (1 << 30))
+    if kv_cache_bytes is None:
+        if device.type != "cuda":
+            raise ValueError("engine.kv_cache_gib must be set for a CPU engine")
+        free, _ = torch.cuda.mem_get_info(device)
+        kv_cache_bytes = int(free * 0.85)
+    return max(1, kv_cache_bytes // block_bytes - 1)
+
+
+__all__ = ["EngineStats", "LLMEngine", "ModelArch", "RequestOutput", "create_engine"]

@@ -1,0 +1,1 @@
+"""Numerics of the Llama family: norms, rotary embeddings, tensor-parallel linears, attention."""

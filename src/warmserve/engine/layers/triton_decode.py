@@ -1,0 +1,118 @@
+"""Triton paged-attention decode (split over context partitions, flash-decoding style).
+
+One program per (sequence, KV head, partition of PARTITION_TOKENS tokens) computes the
+attention of the KV head's query group against its partition, with an online softmax; a small
+reduction merges the partitions. The grid depends only on the batch and the block-table width,
+and each program reads only blocks below the sequence's length: the launch is CUDA-graph safe.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+PARTITION_TOKENS = 512
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs
+    triton = None
+
+
+@functools.cache
+def available() -> bool:
+    return triton is not None and torch.cuda.is_available()
+
+
+def supports(block_size: int, head_dim: int) -> bool:
+    return block_size >= 16 and head_dim >= 16 and head_dim & (head_dim - 1) == 0
+
+
+if triton is not None:
+
+    @triton.jit
+    def _decode_kernel(
+        q_ptr, kv_ptr, tables_ptr, lens_ptr, out_ptr, m_ptr, l_ptr,
+        stride_qb, stride_qh,
+        stride_blk, stride_kv, stride_tok, stride_head,
+        stride_table,
+        stride_ob, stride_oh, stride_op,
+        stride_mb, stride_mh,
+        scale,
+        GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+        HEAD_DIM: tl.constexpr, PART_BLOCKS: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        seq = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        part = tl.program_id(2)
+        context_len = tl.load(lens_ptr + seq)
+        g = tl.arange(0, BLOCK_G)
+        d = tl.arange(0, HEAD_DIM)
+        t = tl.arange(0, BLOCK_SIZE)
+        heads = kv_head * GROUP + g
+        g_mask = g < GROUP
+        q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + d[None, :],
+                    mask=g_mask[:, None], other=0.0)  # [BLOCK_G, D]
+        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
+        first = part * PART_BLOCKS
+        last = tl.minimum(first + PART_BLOCKS, tl.cdiv(context_len, BLOCK_SIZE))
+        for i in range(PART_BLOCKS):
+            blk = first + i
+            if blk < last:
+                block_id = tl.load(tables_ptr + seq * stride_table + blk).to(tl.int64)
+                base = kv_ptr + block_id * stride_blk + kv_head * stride_head
+                offs = t[:, None] * stride_tok + d[None, :]
+                # Slots past the context may hold anything (NaN too): mask the loads.
+                valid = blk * BLOCK_SIZE + t < context_len  # [BLOCK_SIZE]
+                k = tl.load(base + offs, mask=valid[:, None], other=0.0)  # [BLOCK_SIZE, D]
+                v = tl.load(base + stride_kv + offs, mask=valid[:, None], other=0.0)
+                s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BLOCK_G, BS]
+                s = tl.where(valid[None, :], s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                alpha = tl.exp(m_i - m_new)
+                p = tl.exp(s - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+                m_i = m_new
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        o_offs = seq * stride_ob + heads[:, None] * stride_oh + part * stride_op + d[None, :]
+        tl.store(out_ptr + o_offs, out, mask=g_mask[:, None])
+        ml_offs = seq * stride_mb + heads * stride_mh + part
+        tl.store(m_ptr + ml_offs, m_i, mask=g_mask)
+        tl.store(l_ptr + ml_offs, l_i, mask=g_mask)
+
+
+def paged_decode(q: torch.Tensor, layer_cache: torch.Tensor, block_tables: torch.Tensor,
+                 context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [B, H, D]; layer_cache [NB, 2, bs, Hkv, D]; block_tables [B, max_blocks] -> [B, H, D]."""
+    batch, num_heads, head_dim = q.shape
+    _, _, block_size, num_kv_heads, _ = layer_cache.shape
+    group = num_heads // num_kv_heads
+    part_blocks = max(1, PARTITION_TOKENS // block_size)
+    num_parts = triton.cdiv(block_tables.shape[1], part_blocks)
+    partial = torch.empty(batch, num_heads, num_parts, head_dim, device=q.device,
+                          dtype=torch.float32)
+    maxes = torch.empty(batch, num_heads, num_parts, device=q.device, dtype=torch.float32)
+    sums = torch.empty_like(maxes)
+    _decode_kernel[(batch, num_kv_heads, num_parts)](
+        q, layer_cache, block_tables, context_lens, partial, maxes, sums,
+        q.stride(0), q.stride(1),
+        layer_cache.stride(0), layer_cache.stride(1), layer_cache.stride(2),
+        layer_cache.stride(3),
+        block_tables.stride(0),
+        partial.stride(0), partial.stride(1), partial.stride(2),
+        maxes.stride(0), maxes.stride(1),
+        scale,
+        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_SIZE=block_size,
+        HEAD_DIM=head_dim, PART_BLOCKS=part_blocks,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+    if num_parts == 1:
+        return partial[:, :, 0].to(q.dtype)
+    weights = sums * torch.exp(maxes - maxes.amax(dim=2, keepdim=True))  # [B, H, P]
+    out = (partial * weights.unsqueeze(-1)).sum(2) / weights.sum(2).unsqueeze(-1)
+    return out.to(q.dtype)

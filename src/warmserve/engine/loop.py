@@ -1,0 +1,195 @@
+"""The engine loop in its own thread, with a thread-safe, async-friendly front.
+
+Callers `submit` a prompt (text, chat messages or token ids) and get a `RequestStream` to
+iterate, synchronously or with `async for`. Commands cross into the loop thread through one
+queue; the engine itself is only ever touched by that thread. A request rejected by validation
+raises at `submit` and never reaches the batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+from warmserve.engine.engine import EngineStats, LLMEngine, RequestOutput
+from warmserve.engine.sampling import InvalidRequestError, SamplingParams
+from warmserve.engine.sequence import FinishReason
+
+log = logging.getLogger(__name__)
+
+_DONE = object()
+
+
+class RequestStream:
+    """The outputs of one request, in order; the last has `finished=True`."""
+
+    def __init__(self, request_id: str, num_prompt_tokens: int,
+                 abort: Callable[[str], None]) -> None:
+        self.request_id = request_id
+        self.num_prompt_tokens = num_prompt_tokens
+        self._abort = abort
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._aqueue: asyncio.Queue | None = None
+        with contextlib.suppress(RuntimeError):  # not inside an event loop: sync iteration
+            self._loop = asyncio.get_running_loop()
+            self._aqueue = asyncio.Queue()
+
+    def put(self, item: RequestOutput | object) -> None:
+        """Called by the loop thread."""
+        if self._loop is not None and self._aqueue is not None:
+            with contextlib.suppress(RuntimeError):  # the consumer's event loop has closed
+                self._loop.call_soon_threadsafe(self._aqueue.put_nowait, item)
+        else:
+            self._queue.put(item)
+
+    def abort(self) -> None:
+        self._abort(self.request_id)
+
+    def __iter__(self) -> Iterator[RequestOutput]:
+        while (item := self._queue.get()) is not _DONE:
+            yield item
+
+    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        if self._aqueue is None:
+            raise RuntimeError("this stream was created outside an event loop; iterate it sync")
+        while (item := await self._aqueue.get()) is not _DONE:
+            yield item
+
+    def collect(self) -> RequestOutput:
+        """Wait for the end and merge all outputs into one (synchronous streams)."""
+        parts = list(self)
+        last = parts[-1]
+        return RequestOutput(
+            self.request_id, [t for p in parts for t in p.token_ids],
+            "".join(p.text for p in parts),
+            [lp for p in parts for lp in p.logprobs], True, last.finish_reason,
+            last.num_prompt_tokens, last.num_output_tokens, last.error,
+        )
+
+
+class EngineLoop:
+    """Runs `engine.step()` in a daemon thread while there is work."""
+
+    def __init__(self, engine: LLMEngine, name: str = "engine") -> None:
+        self.engine = engine
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, RequestStream] = {}
+        self._ids = itertools.count()
+        self._name = name
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"{name}-loop", daemon=True)
+        self._thread.start()
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def submit(self, prompt: str | list[int] | list[dict[str, Any]], params: SamplingParams,
+               request_id: str | None = None) -> RequestStream:
+        """Queue a request; raises InvalidRequestError for bad input (nothing is queued)."""
+        if self._stopping.is_set():
+            raise RuntimeError(f"engine {self._name!r} is shut down")
+        token_ids = self._encode(prompt)
+        self.engine.validate(token_ids, params)
+        request_id = request_id or f"{self._name}-{next(self._ids)}"
+        stream = RequestStream(request_id, len(token_ids), self.abort)
+        self._commands.put(("add", (request_id, token_ids, params, stream)))
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+
+    def call(self, fn: Callable[[LLMEngine], Any], timeout_s: float = 30.0) -> Any:
+        """Run `fn(engine)` on the loop thread between steps and return its result."""
+        done: queue.SimpleQueue = queue.SimpleQueue()
+        self._commands.put(("call", (fn, done)))
+        ok, value = done.get(timeout=timeout_s)
+        if not ok:
+            raise value
+        return value
+
+    def stats(self) -> EngineStats:
+        return self.call(lambda engine: engine.stats())
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        self._stopping.set()
+        self._commands.put(("stop", None))
+        self._thread.join(timeout_s)
+
+    def _encode(self, prompt: str | list[int] | list[dict[str, Any]]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        if prompt and all(isinstance(t, int) for t in prompt):
+            return list(prompt)
+        if prompt and all(isinstance(m, dict) for m in prompt):
+            return self.tokenizer.encode_chat(prompt)
+        raise InvalidRequestError("prompt must be text, token ids or chat messages, not empty")
+
+    def _run(self) -> None:
+        while True:
+            block = not self.engine.has_work()
+            try:
+                while True:
+                    kind, arg = self._commands.get(block=block)
+                    block = False
+                    if kind == "stop":
+                        self._fail_all("engine shut down")
+                        return
+                    self._handle(kind, arg)
+            except queue.Empty:
+                pass
+            if self.engine.has_work():
+                self._step()
+
+    def _handle(self, kind: str, arg: Any) -> None:
+        if kind == "add":
+            request_id, token_ids, params, stream = arg
+            try:
+                self.engine.add_request(request_id, token_ids, params)
+                self._streams[request_id] = stream
+            except InvalidRequestError as exc:
+                stream.put(RequestOutput(request_id, [], "", finished=True,
+                                         finish_reason=FinishReason.ERROR, error=str(exc)))
+                stream.put(_DONE)
+        elif kind == "abort":
+            output = self.engine.abort_request(arg)
+            if output is not None:
+                self._deliver(output)
+        elif kind == "call":
+            fn, done = arg
+            try:
+                done.put((True, fn(self.engine)))
+            except Exception as exc:  # handed back to the caller's thread
+                done.put((False, exc))
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:
+            log.exception("engine step failed; failing its requests")
+            self._fail_all(f"engine step failed: {exc}")
+            return
+        for output in outputs:
+            self._deliver(output)
+
+    def _deliver(self, output: RequestOutput) -> None:
+        stream = self._streams.get(output.request_id)
+        if stream is None:
+            return
+        stream.put(output)
+        if output.finished:
+            stream.put(_DONE)
+            del self._streams[output.request_id]
+
+    def _fail_all(self, message: str) -> None:
+        for request_id in list(self._streams):
+            self.engine.abort_request(request_id)
+            self._deliver(RequestOutput(request_id, [], "", finished=True,
+                                        finish_reason=FinishReason.ERROR, error=message))

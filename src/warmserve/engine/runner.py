@@ -1,0 +1,174 @@
+"""The model runner: turns a `SchedulerOutput` into tensors, runs the model, samples.
+
+It never decides anything. On CUDA, pure-decode steps replay CUDA graphs captured per batch
+bucket over fixed-shape buffers; padded rows write into a scratch block past the blocks the
+block manager hands out, so they never touch a sequence's cache.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from warmserve.engine.layers import triton_decode
+from warmserve.engine.layers.attention import AttentionMetadata, PrefillSpan
+from warmserve.engine.sampling import SampledToken, Sampler
+from warmserve.engine.scheduler import SchedulerOutput
+from warmserve.engine.sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    logits: torch.Tensor  # [bucket, V] output buffer
+
+
+class ModelRunner:
+    def __init__(self, model: nn.Module, kv_cache: torch.Tensor, block_size: int,
+                 max_blocks_per_seq: int, scratch_block: int, use_cuda_graphs: bool = False,
+                 max_graph_batch: int = 64, seed: int = 0) -> None:
+        self.model = model
+        self.kv_cache = kv_cache  # [num_blocks + 1, L, 2, bs, Hkv, D]; the last is scratch
+        self.block_size = block_size
+        self.max_blocks_per_seq = max_blocks_per_seq
+        self.scratch_block = scratch_block
+        self.device = kv_cache.device
+        self.sampler = Sampler(self.device, seed)
+        self._graphs: dict[int, _Graph] = {}
+        can_graph = (
+            use_cuda_graphs and self.device.type == "cuda"
+            and triton_decode.available()
+            and triton_decode.supports(block_size, model.arch.head_dim)
+        )
+        if can_graph:
+            self._capture_graphs(max_graph_batch)
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput, sample_seqs: list[Sequence]) -> list[SampledToken]:
+        """Run one step; sample a token for each of `sample_seqs` (in that order)."""
+        bucket = None if out.prefills else self._bucket(len(out.decodes))
+        if bucket is not None:
+            logits = self._replay(out.decodes, bucket)
+            row_of = {seq.request_id: i for i, seq in enumerate(out.decodes)}
+            logits = logits[[row_of[s.request_id] for s in sample_seqs]]
+        else:
+            ids, positions, meta, row_of = self._prepare(out)
+            hidden = self.model(ids, positions, self.kv_cache, meta)
+            if not sample_seqs:
+                return []
+            logits = self.model.compute_logits(hidden[[row_of[s.request_id] for s in sample_seqs]])
+        return self.sampler.sample(
+            logits, [s.params for s in sample_seqs], [s.generator for s in sample_seqs]
+        )
+
+    def _prepare(self, out: SchedulerOutput
+                 ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, dict[str, int]]:
+        ids: list[int] = []
+        positions: list[int] = []
+        row_of: dict[str, int] = {}
+        for seq in out.decodes:
+            pos = seq.num_computed_tokens
+            row_of[seq.request_id] = len(ids)
+            ids.append(seq.token_ids(pos, pos + 1)[0])
+            positions.append(pos)
+        spans = []
+        for seq, n in out.prefills:
+            start = seq.num_computed_tokens
+            spans.append(PrefillSpan(len(ids), n, start, self._tensor(seq.block_table)))
+            ids.extend(seq.token_ids(start, start + n))
+            positions.extend(range(start, start + n))
+            row_of[seq.request_id] = len(ids) - 1
+        tables = [seq.block_table for seq in out.decodes]
+        width = max((len(t) for t in tables), default=1)
+        meta = AttentionMetadata(
+            slot_mapping=self._slots(list(out.decodes) + [s for s, _ in out.prefills], out),
+            num_decodes=len(out.decodes),
+            decode_block_tables=self._tensor(
+                [t + [self.scratch_block] * (width - len(t)) for t in tables], torch.int32),
+            decode_context_lens=self._tensor(
+                [s.num_computed_tokens + 1 for s in out.decodes], torch.int32),
+            prefills=spans,
+        )
+        return self._tensor(ids), self._tensor(positions), meta, row_of
+
+    def _slots(self, seqs: list[Sequence], out: SchedulerOutput) -> torch.Tensor:
+        chunk = {s.request_id: n for s, n in out.prefills}
+        slots = []
+        for seq in seqs:
+            start = seq.num_computed_tokens
+            for pos in range(start, start + chunk.get(seq.request_id, 1)):
+                slots.append(seq.block_table[pos // self.block_size] * self.block_size
+                             + pos % self.block_size)
+        return self._tensor(slots)
+
+    def _tensor(self, data: list, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+        return torch.tensor(data, dtype=dtype).to(self.device, non_blocking=True)
+
+    # --- CUDA graphs for decode -------------------------------------------------------------
+
+    def _bucket(self, batch: int) -> int | None:
+        return next((b for b in sorted(self._graphs) if b >= batch), None)
+
+    def _capture_graphs(self, max_batch: int) -> None:
+        n, w = max_batch, self.max_blocks_per_seq
+        self._ids = torch.zeros(n, dtype=torch.int64, device=self.device)
+        self._pos = torch.zeros(n, dtype=torch.int64, device=self.device)
+        self._slot = torch.zeros(n, dtype=torch.int64, device=self.device)
+        self._tables = torch.full((n, w), self.scratch_block, dtype=torch.int32,
+                                  device=self.device)
+        self._lens = torch.ones(n, dtype=torch.int32, device=self.device)
+        buckets = sorted({b for b in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+                          if b < max_batch} | {max_batch}, reverse=True)
+        pool = torch.cuda.graph_pool_handle()
+        self._reset_padding(max_batch)
+        for bucket in buckets:
+            meta = AttentionMetadata(self._slot[:bucket], bucket, self._tables[:bucket],
+                                     self._lens[:bucket], [])
+            with torch.inference_mode():
+                for _ in range(2):  # warm up (Triton compile, cuBLAS handles)
+                    self._decode_forward(bucket, meta)
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    logits = self._decode_forward(bucket, meta)
+            self._graphs[bucket] = _Graph(graph, logits)
+        torch.cuda.synchronize()
+        log.info("captured decode CUDA graphs for batch sizes %s", sorted(self._graphs))
+
+    def _decode_forward(self, bucket: int, meta: AttentionMetadata) -> torch.Tensor:
+        hidden = self.model(self._ids[:bucket], self._pos[:bucket], self.kv_cache, meta)
+        return self.model.compute_logits(hidden)
+
+    def _reset_padding(self, start: int) -> None:
+        scratch_slot = self.scratch_block * self.block_size
+        self._ids[start:] = 0
+        self._pos[start:] = 0
+        self._slot[start:] = scratch_slot
+        self._tables[start:] = self.scratch_block
+        self._lens[start:] = 1
+
+    def _replay(self, decodes: list[Sequence], bucket: int) -> torch.Tensor:
+        b = len(decodes)
+        ids, pos, slots, lens = [], [], [], []
+        table = torch.full((b, self.max_blocks_per_seq), self.scratch_block, dtype=torch.int32)
+        for i, seq in enumerate(decodes):
+            p = seq.num_computed_tokens
+            ids.append(seq.token_ids(p, p + 1)[0])
+            pos.append(p)
+            slots.append(seq.block_table[p // self.block_size] * self.block_size
+                         + p % self.block_size)
+            lens.append(p + 1)
+            table[i, : len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.int32)
+        self._ids[:b].copy_(torch.tensor(ids), non_blocking=True)
+        self._pos[:b].copy_(torch.tensor(pos), non_blocking=True)
+        self._slot[:b].copy_(torch.tensor(slots), non_blocking=True)
+        self._lens[:b].copy_(torch.tensor(lens, dtype=torch.int32), non_blocking=True)
+        self._tables[:b].copy_(table, non_blocking=True)
+        self._reset_padding(b)
+        self._graphs[bucket].graph.replay()
+        return self._graphs[bucket].logits[:b]

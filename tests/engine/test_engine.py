@@ -1,0 +1,209 @@
+"""Engine behaviour: batching, chunking and preemption never change greedy outputs; bad input
+fails alone; stops, aborts and lending keep the accounting exact."""
+
+from __future__ import annotations
+
+import pytest
+from tests.engine.conftest import run_all
+
+from warmserve.engine.sampling import InvalidRequestError, SamplingParams
+from warmserve.engine.sequence import FinishReason
+
+GREEDY = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+PROMPTS = {f"r{i}": list(range(10 + i, 10 + i + 5 + 7 * i)) for i in range(6)}
+BLOCK_BYTES = 4 * 2 * 2 * 2 * 16 * 4  # block of 4 tokens, tiny shape, fp32
+
+
+def _alone(make_engine) -> dict[str, list[int]]:
+    results = {}
+    for rid, prompt in PROMPTS.items():
+        engine = make_engine()
+        engine.add_request(rid, prompt, GREEDY)
+        results |= run_all(engine)
+    return results
+
+
+def test_batching_chunking_and_preemption_keep_greedy_outputs(make_engine):
+    alone = _alone(make_engine)
+    # Few blocks (forces preemption) and a small token budget (forces chunked prefill).
+    engine = make_engine(kv_cache_bytes=BLOCK_BYTES * 30, max_tokens_per_step=16)
+    for rid, prompt in PROMPTS.items():
+        engine.add_request(rid, prompt, GREEDY)
+    together = run_all(engine)
+    assert together == alone
+    assert engine.stats().num_preemptions > 0
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_usable_blocks
+
+
+def test_requests_joining_mid_decode_match(make_engine):
+    alone = _alone(make_engine)
+    engine = make_engine()
+    tokens: dict[str, list[int]] = {}
+    pending = list(PROMPTS.items())
+    while pending or engine.has_work():
+        if pending:
+            rid, prompt = pending.pop(0)
+            engine.add_request(rid, prompt, GREEDY)
+        for out in engine.step():
+            tokens.setdefault(out.request_id, []).extend(out.token_ids)
+    assert tokens == alone
+
+
+@pytest.mark.parametrize(
+    ("prompt", "params", "message"),
+    [
+        ([], SamplingParams(), "prompt is empty"),
+        (list(range(250)), SamplingParams(max_tokens=10), "exceeds the model's context of 256"),
+        ([1, 2, 999], SamplingParams(), "outside the vocabulary"),
+    ],
+)
+def test_bad_request_fails_alone(make_engine, prompt, params, message):
+    engine = make_engine()
+    engine.add_request("good", PROMPTS["r1"], GREEDY)
+    first = [t for o in engine.step() for t in o.token_ids]
+    with pytest.raises(InvalidRequestError, match=message):
+        engine.add_request("bad", prompt, params)
+    assert first + run_all(engine)["good"] == _alone(make_engine)["r1"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"max_tokens": 0}, "max_tokens=0"), ({"temperature": -1}, "temperature=-1"),
+     ({"top_p": 0.0}, "top_p=0.0"), ({"top_k": -2}, "top_k=-2"),
+     ({"logprobs": 50}, "logprobs=50"), ({"stop": ("",)}, "stop=")],
+)
+def test_sampling_params_validate(kwargs, message):
+    with pytest.raises(InvalidRequestError, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_duplicate_request_id_rejected(make_engine):
+    engine = make_engine()
+    engine.add_request("a", [1, 2, 3], GREEDY)
+    with pytest.raises(InvalidRequestError, match="already in use"):
+        engine.add_request("a", [1, 2, 3], GREEDY)
+
+
+def test_max_tokens_and_stop_token_ids(make_engine):
+    engine = make_engine()
+    engine.add_request("a", PROMPTS["r2"], SamplingParams(max_tokens=5, temperature=0))
+    finals = []
+    while engine.has_work():
+        finals += [o for o in engine.step() if o.finished]
+    assert finals[0].finish_reason in (FinishReason.LENGTH, FinishReason.STOP)
+    first = _alone(make_engine)["r2"]
+    engine = make_engine()
+    engine.add_request("b", PROMPTS["r2"], SamplingParams(
+        max_tokens=20, temperature=0, ignore_eos=True, stop_token_ids=(first[3],)))
+    out = run_all(engine)["b"]
+    assert out == first[: first.index(first[3]) + 1]
+
+
+def test_stop_string_is_cut_and_never_streamed(make_engine):
+    engine = make_engine()
+    engine.add_request("a", PROMPTS["r3"], GREEDY)
+    full = ""
+    while engine.has_work():
+        full += "".join(o.text for o in engine.step())
+    stop = full[5:7]
+    assert stop
+    engine = make_engine()
+    engine.add_request("b", PROMPTS["r3"], SamplingParams(
+        max_tokens=20, temperature=0, ignore_eos=True, stop=(stop,)))
+    pieces, last = [], None
+    while engine.has_work():
+        for o in engine.step():
+            pieces.append(o.text)
+            last = o
+    assert "".join(pieces) == full[: full.find(stop)]
+    assert last.finish_reason is FinishReason.STOP
+
+
+def test_abort_frees_blocks_and_spares_others(make_engine):
+    engine = make_engine()
+    engine.add_request("a", PROMPTS["r4"], GREEDY)
+    engine.add_request("b", PROMPTS["r1"], GREEDY)
+    first = [t for o in engine.step() if o.request_id == "b" for t in o.token_ids]
+    out = engine.abort_request("a")
+    assert out.finished and out.finish_reason is FinishReason.ABORT
+    assert engine.abort_request("a") is None
+    assert first + run_all(engine)["b"] == _alone(make_engine)["r1"]
+    bm = engine.block_manager
+    assert bm.num_free_blocks == bm.num_usable_blocks == bm.num_blocks
+
+
+def test_seeded_sampling_is_reproducible_and_independent_of_batch(make_engine):
+    params = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=11, ignore_eos=True)
+    engine = make_engine()
+    engine.add_request("s", PROMPTS["r2"], params)
+    alone = run_all(engine)["s"]
+    engine = make_engine()
+    engine.add_request("other", PROMPTS["r3"], SamplingParams(max_tokens=8, temperature=1.0))
+    engine.add_request("s", PROMPTS["r2"], params)
+    assert run_all(engine)["s"] == alone
+
+
+def test_top_k_one_is_greedy_and_logprobs(make_engine):
+    engine = make_engine()
+    engine.add_request("k", PROMPTS["r1"], SamplingParams(
+        max_tokens=20, temperature=0.7, top_k=1, ignore_eos=True, logprobs=3))
+    logprobs = []
+    while engine.has_work():
+        for out in engine.step():
+            logprobs += out.logprobs
+    assert [lp.token_id for lp in logprobs] == _alone(make_engine)["r1"]
+    for lp in logprobs:
+        assert len(lp.top_logprobs) == 3
+        assert lp.top_logprobs[0][0] == lp.token_id
+        assert lp.logprob == pytest.approx(lp.top_logprobs[0][1])
+        assert lp.logprob <= 0
+
+
+def test_lend_and_reclaim_while_decoding(make_engine):
+    engine = make_engine(kv_cache_bytes=BLOCK_BYTES * 65)
+    bm = engine.block_manager
+    tokens: dict[str, list[int]] = {}
+
+    def step():
+        for out in engine.step():
+            tokens.setdefault(out.request_id, []).extend(out.token_ids)
+
+    for rid in ("r0", "r1"):
+        engine.add_request(rid, PROMPTS[rid], GREEDY)
+    step()
+    held = {b for s in engine.scheduler.running for b in s.block_table}
+    lent = bm.lend(bm.num_free_blocks - 10)
+    assert not held & set(lent)
+    assert max(lent) == bm.num_blocks - 1  # the highest ids go first
+    with pytest.raises(ValueError, match="cannot lend"):
+        bm.lend(bm.num_free_blocks + 1)
+    step()
+    bm.reclaim(lent)
+    with pytest.raises(ValueError, match="were not lent"):
+        bm.reclaim(lent[:1])
+    while engine.has_work():
+        step()
+    alone = _alone(make_engine)
+    assert tokens["r0"] == alone["r0"] and tokens["r1"] == alone["r1"]
+
+
+def test_sequence_larger_than_cache_finishes_with_length(make_engine):
+    engine = make_engine(kv_cache_bytes=BLOCK_BYTES * 4)  # 3 usable blocks = 12 tokens
+    engine.add_request("big", list(range(1, 11)), SamplingParams(max_tokens=30, temperature=0,
+                                                                 ignore_eos=True))
+    outs = []
+    while engine.has_work():
+        outs += engine.step()
+    assert outs[-1].finished and outs[-1].finish_reason is FinishReason.LENGTH
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_stats(make_engine):
+    engine = make_engine()
+    engine.add_request("a", PROMPTS["r0"], GREEDY)
+    engine.add_request("b", PROMPTS["r1"], GREEDY)
+    stats = engine.stats()
+    assert (stats.num_waiting, stats.num_running) == (2, 0)
+    engine.step()
+    stats = engine.stats()
+    assert stats.num_running == 2 and stats.num_blocks_free < stats.num_blocks_usable
