@@ -116,6 +116,21 @@ def hf_reference(path: Path, device: str, dtype: torch.dtype, lengths: list[int]
     return results
 
 
+def graph_replay_s(engine: LLMEngine, bucket: int) -> float | None:
+    """GPU time of one captured decode step alone (no host work): the engine's device floor."""
+    graphs = engine.runner._graphs
+    if bucket not in graphs:
+        return None
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    graphs[bucket].graph.replay()
+    start.record()
+    for _ in range(20):
+        graphs[bucket].graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 20 / 1000
+
+
 def copy_bandwidth(device: str) -> float:
     """Device-to-device copy, bytes read plus written per second."""
     a = torch.empty(1 << 30, dtype=torch.uint8, device=device)
@@ -170,6 +185,9 @@ def main() -> None:
         results[f"ttft_{n}_s"] = ttft(engine, n, args.device, reps=3 if args.quick else 5)
     for batch in (1, 8) if args.quick else (1, 32):
         results[f"tpot_b{batch}_s"] = tpot(engine, batch, args.device, 16 if args.quick else 64)
+    if args.device.startswith("cuda"):
+        for bucket in (1, 32):
+            results[f"graph_replay_b{bucket}_s"] = graph_replay_s(engine, bucket)
     num, plen, olen = (16, 64, 32) if args.quick else (256, 512, 128)
     out_tps, total_tps = saturation(engine, args.device, num, plen, olen)
     results |= {"saturation_output_tok_s": out_tps, "saturation_total_tok_s": total_tps,
@@ -185,6 +203,8 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(results, indent=2))
     print(f"\n{'metric':32s} value")
     for key, value in results.items():
+        if value is None:
+            continue
         shown = f"{value * 1000:.2f} ms" if key.endswith("_s") and value < 10 else value
         if isinstance(shown, float):
             shown = f"{shown:.2f}"

@@ -12,7 +12,7 @@ import importlib.util
 import json
 import logging
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -98,19 +98,33 @@ def tensor_index(path: Path) -> dict[str, Path]:
     return index
 
 
-def iter_tensors(path: Path, names: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) from a checkpoint directory, file by file (memory-mapped reads)."""
-    index = tensor_index(path)
-    wanted = index.keys() if names is None else names
-    by_file: dict[Path, list[str]] = {}
-    for name in wanted:
-        if name not in index:
-            raise CheckpointError(f"{path}: tensor {name!r} is missing")
-        by_file.setdefault(index[name], []).append(name)
-    for file, file_names in by_file.items():
-        with safe_open(str(file), framework="pt") as handle:
-            for name in file_names:
-                yield name, handle.get_tensor(name)
+class CheckpointReader:
+    """Random access to a checkpoint directory's tensors (files opened once, memory-mapped)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._index = tensor_index(path)
+        self._handles: dict[Path, object] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._index
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self._index:
+            raise CheckpointError(f"{self.path}: tensor {name!r} is missing")
+        file = self._index[name]
+        if file not in self._handles:
+            self._handles[file] = safe_open(str(file), framework="pt")
+        return self._handles[file].get_tensor(name)
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def hf_tensor_shapes(arch: ModelArch) -> dict[str, tuple[int, ...]]:

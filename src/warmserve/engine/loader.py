@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from warmserve.engine.arch import ModelArch
-from warmserve.engine.checkpoint import iter_tensors
+from warmserve.engine.checkpoint import CheckpointReader
 from warmserve.engine.models import MODEL_CLASSES
 
 
@@ -63,21 +63,34 @@ def build_model(arch: ModelArch, checkpoint: Path, dtype: torch.dtype, provider:
     """Instantiate on meta, then fill every parameter from the checkpoint via the provider."""
     with torch.device("meta"):
         model = MODEL_CLASSES[arch.architecture](arch, tp_rank, tp_size)
-    params = dict(model.named_parameters())
-    for name, source in iter_tensors(checkpoint, list(params)):
-        module_name, _, attr = name.rpartition(".")
-        module = model.get_submodule(module_name)
-        shard = _shard(source, getattr(module, "shard_dim", None), tp_rank, tp_size)
-        if shard.shape != params[name].shape:
-            raise ValueError(
-                f"{checkpoint}: tensor {name} has shape {tuple(shard.shape)}, "
-                f"expected {tuple(params[name].shape)}"
-            )
-        target = provider.weight(name, tuple(shard.shape), dtype)
-        target.copy_(shard)
-        setattr(module, attr, nn.Parameter(target, requires_grad=False))
+    with CheckpointReader(checkpoint) as reader:
+        for name, param in list(model.named_parameters()):
+            module_name, _, attr = name.rpartition(".")
+            module = model.get_submodule(module_name)
+            target = provider.weight(name, tuple(param.shape), dtype)
+            offset = 0
+            for source_name, rows in _sources(module_name, attr, module, param):
+                shard = _shard(reader.get(source_name), getattr(module, "shard_dim", None),
+                               tp_rank, tp_size)
+                expected = (rows, *param.shape[1:])
+                if tuple(shard.shape) != expected:
+                    raise ValueError(f"{checkpoint}: tensor {source_name} has shape "
+                                     f"{tuple(shard.shape)}, expected {expected}")
+                target[offset: offset + rows].copy_(shard)
+                offset += rows
+            setattr(module, attr, nn.Parameter(target, requires_grad=False))
     model.rotary.build(provider.device)
     return model.eval()
+
+
+def _sources(module_name: str, attr: str, module: nn.Module, param: torch.Tensor
+             ) -> list[tuple[str, int]]:
+    """Checkpoint tensors that fill a parameter, with their rows: one, or a merged layer's parts."""
+    parts = getattr(module, "parts", None)
+    if parts is None:
+        return [(f"{module_name}.{attr}", param.shape[0])]
+    parent = module_name.rpartition(".")[0]
+    return [(f"{parent}.{part}.{attr}", rows) for part, rows in parts]
 
 
 def _shard(tensor: torch.Tensor, dim: int | None, rank: int, size: int) -> torch.Tensor:

@@ -115,17 +115,18 @@ class ModelRunner:
         return next((b for b in sorted(self._graphs) if b >= batch), None)
 
     def _capture_graphs(self, max_batch: int) -> None:
+        # All decode inputs live in one int64 buffer, filled by one host-to-device copy a step:
+        # [ids | positions | slots | context lens | block tables (n x w)].
         n, w = max_batch, self.max_blocks_per_seq
-        self._ids = torch.zeros(n, dtype=torch.int64, device=self.device)
-        self._pos = torch.zeros(n, dtype=torch.int64, device=self.device)
-        self._slot = torch.zeros(n, dtype=torch.int64, device=self.device)
-        self._tables = torch.full((n, w), self.scratch_block, dtype=torch.int32,
-                                  device=self.device)
-        self._lens = torch.ones(n, dtype=torch.int32, device=self.device)
+        self._host = torch.empty(n * (4 + w), dtype=torch.int64, pin_memory=True)
+        self._static = torch.empty_like(self._host, device=self.device)
+        self._ids, self._pos, self._slot, self._lens = self._static[: 4 * n].view(4, n)
+        self._tables = self._static[4 * n:].view(n, w)
+        self._fill_host([])
+        self._static.copy_(self._host)
         buckets = sorted({b for b in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
                           if b < max_batch} | {max_batch}, reverse=True)
         pool = torch.cuda.graph_pool_handle()
-        self._reset_padding(max_batch)
         for bucket in buckets:
             meta = AttentionMetadata(self._slot[:bucket], bucket, self._tables[:bucket],
                                      self._lens[:bucket], [])
@@ -144,31 +145,24 @@ class ModelRunner:
         hidden = self.model(self._ids[:bucket], self._pos[:bucket], self.kv_cache, meta)
         return self.model.compute_logits(hidden)
 
-    def _reset_padding(self, start: int) -> None:
-        scratch_slot = self.scratch_block * self.block_size
-        self._ids[start:] = 0
-        self._pos[start:] = 0
-        self._slot[start:] = scratch_slot
-        self._tables[start:] = self.scratch_block
-        self._lens[start:] = 1
-
-    def _replay(self, decodes: list[Sequence], bucket: int) -> torch.Tensor:
-        b = len(decodes)
-        ids, pos, slots, lens = [], [], [], []
-        table = torch.full((b, self.max_blocks_per_seq), self.scratch_block, dtype=torch.int32)
+    def _fill_host(self, decodes: list[Sequence]) -> None:
+        """Decode inputs for `decodes`; the rows past them point at the scratch block."""
+        n, w = self._ids.shape[0], self.max_blocks_per_seq
+        host = self._host.numpy()
+        ids, pos, slots, lens = host[: 4 * n].reshape(4, n)
+        tables = host[4 * n:].reshape(n, w)
+        ids[:], pos[:], slots[:], lens[:] = 0, 0, self.scratch_block * self.block_size, 1
+        tables[:] = self.scratch_block
+        bs = self.block_size
         for i, seq in enumerate(decodes):
             p = seq.num_computed_tokens
-            ids.append(seq.token_ids(p, p + 1)[0])
-            pos.append(p)
-            slots.append(seq.block_table[p // self.block_size] * self.block_size
-                         + p % self.block_size)
-            lens.append(p + 1)
-            table[i, : len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.int32)
-        self._ids[:b].copy_(torch.tensor(ids), non_blocking=True)
-        self._pos[:b].copy_(torch.tensor(pos), non_blocking=True)
-        self._slot[:b].copy_(torch.tensor(slots), non_blocking=True)
-        self._lens[:b].copy_(torch.tensor(lens, dtype=torch.int32), non_blocking=True)
-        self._tables[:b].copy_(table, non_blocking=True)
-        self._reset_padding(b)
+            ids[i] = seq.token_ids(p, p + 1)[0]
+            pos[i], lens[i] = p, p + 1
+            slots[i] = seq.block_table[p // bs] * bs + p % bs
+            tables[i, : len(seq.block_table)] = seq.block_table
+
+    def _replay(self, decodes: list[Sequence], bucket: int) -> torch.Tensor:
+        self._fill_host(decodes)
+        self._static.copy_(self._host, non_blocking=True)
         self._graphs[bucket].graph.replay()
-        return self._graphs[bucket].logits[:b]
+        return self._graphs[bucket].logits[: len(decodes)]

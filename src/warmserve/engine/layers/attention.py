@@ -50,16 +50,16 @@ def write_kv(layer_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_cache: torch.Tensor,
                     meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """q [T, H, D], k/v [T, Hkv, D] -> [T, H, D]; writes k/v into the cache first."""
-    write_kv(layer_cache, k, v, meta.slot_mapping)
+    """q [T, H, D], k/v [T, Hkv, D] -> [T, H, D]; the step's k/v are already in the cache."""
     out = torch.empty_like(q)
     nd = meta.num_decodes
     if nd:
         if q.is_cuda and triton_decode.available() and triton_decode.supports(
             layer_cache.shape[2], q.shape[-1]
         ):
-            out[:nd] = triton_decode.paged_decode(
-                q[:nd], layer_cache, meta.decode_block_tables, meta.decode_context_lens, scale
+            triton_decode.paged_decode(
+                q[:nd], layer_cache, meta.decode_block_tables, meta.decode_context_lens, scale,
+                out=out[:nd],
             )
         else:
             out[:nd] = decode_reference(
@@ -96,6 +96,7 @@ def decode_reference(q: torch.Tensor, layer_cache: torch.Tensor, block_tables: t
 def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_cache: torch.Tensor,
              span: PrefillSpan, scale: float) -> torch.Tensor:
     # q [S, H, D]; k/v [S, Hkv, D]
+    mask = None
     if span.num_cached:
         total = span.num_cached + span.query_len
         kv = layer_cache[span.block_table]  # [nb, 2, bs, Hkv, D]
@@ -103,13 +104,12 @@ def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_cache: tor
         v = kv[:, 1].flatten(0, 1)[:total]
         query_pos = torch.arange(span.num_cached, total, device=q.device)
         mask = torch.arange(total, device=q.device)[None, :] <= query_pos[:, None]  # [S, total]
-        out = F.scaled_dot_product_attention(
-            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask,
-            scale=scale, enable_gqa=True,
-        )
-    else:
-        out = F.scaled_dot_product_attention(
-            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True,
-            scale=scale, enable_gqa=True,
-        )
-    return out.transpose(0, 1)  # [S, H, D]
+    group = q.shape[1] // k.shape[1]
+    if group > 1:  # expanded heads keep SDPA on its flash kernel (enable_gqa may not)
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    # 4-D [1, H, S, D] inputs: SDPA's flash and memory-efficient kernels take no other rank.
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+        attn_mask=mask, is_causal=mask is None, scale=scale,
+    )
+    return out[0].transpose(0, 1)  # [S, H, D]

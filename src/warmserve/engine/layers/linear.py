@@ -34,6 +34,26 @@ class ColumnParallelLinear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Column-parallel projections of one input stored as one weight `[sum(rows), in]`.
+
+    One matrix product instead of several (at decode, one launch that streams all the rows).
+    `parts` names each checkpoint projection and its rows on this rank; the loader copies each
+    checkpoint tensor into its row range, so every part is still a view of provider memory.
+    """
+
+    def __init__(self, in_features: int, parts: tuple[tuple[str, int], ...], bias: bool = False,
+                 tp_rank: int = 0, tp_size: int = 1) -> None:
+        for name, rows in parts:
+            if rows % tp_size:
+                raise ValueError(f"{name}: {rows} rows not divisible by tp_size={tp_size}")
+        super().__init__(in_features, sum(rows for _, rows in parts), bias, tp_rank, tp_size)
+        self.parts = tuple((name, rows // tp_size) for name, rows in parts)
+
+    def split(self, out: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return out.split([rows for _, rows in self.parts], dim=-1)
+
+
 class RowParallelLinear(nn.Module):
     shard_dim = 1
 

@@ -12,7 +12,7 @@ import functools
 
 import torch
 
-PARTITION_TOKENS = 512
+PARTITION_TOKENS = 256
 
 try:
     import triton
@@ -86,9 +86,33 @@ if triton is not None:
         tl.store(l_ptr + ml_offs, l_i, mask=g_mask)
 
 
+if triton is not None:
+
+    @triton.jit
+    def _combine_kernel(partial_ptr, m_ptr, l_ptr, out_ptr, stride_pb, stride_ph, stride_pp,
+                        stride_mb, stride_mh, stride_ob, stride_oh, num_parts,
+                        HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr):
+        seq = tl.program_id(0)
+        head = tl.program_id(1)
+        p = tl.arange(0, BLOCK_P)
+        d = tl.arange(0, HEAD_DIM)
+        p_mask = p < num_parts
+        ml = seq * stride_mb + head * stride_mh + p
+        m = tl.load(m_ptr + ml, mask=p_mask, other=float("-inf"))
+        weights = tl.load(l_ptr + ml, mask=p_mask, other=0.0) * tl.exp(m - tl.max(m, 0))
+        weights = tl.where(p_mask, weights, 0.0)  # [BLOCK_P]
+        parts = tl.load(partial_ptr + seq * stride_pb + head * stride_ph
+                        + p[:, None] * stride_pp + d[None, :], mask=p_mask[:, None], other=0.0)
+        out = tl.sum(parts * weights[:, None], 0) / tl.sum(weights, 0)
+        tl.store(out_ptr + seq * stride_ob + head * stride_oh + d,
+                 out.to(out_ptr.dtype.element_ty))
+
+
 def paged_decode(q: torch.Tensor, layer_cache: torch.Tensor, block_tables: torch.Tensor,
-                 context_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """q [B, H, D]; layer_cache [NB, 2, bs, Hkv, D]; block_tables [B, max_blocks] -> [B, H, D]."""
+                 context_lens: torch.Tensor, scale: float, out: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+    """q [B, H, D]; layer_cache [NB, 2, bs, Hkv, D]; block_tables [B, max_blocks] -> [B, H, D]
+    (written into `out` when given)."""
     batch, num_heads, head_dim = q.shape
     _, _, block_size, num_kv_heads, _ = layer_cache.shape
     group = num_heads // num_kv_heads
@@ -111,8 +135,11 @@ def paged_decode(q: torch.Tensor, layer_cache: torch.Tensor, block_tables: torch
         HEAD_DIM=head_dim, PART_BLOCKS=part_blocks,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
-    if num_parts == 1:
-        return partial[:, :, 0].to(q.dtype)
-    weights = sums * torch.exp(maxes - maxes.amax(dim=2, keepdim=True))  # [B, H, P]
-    out = (partial * weights.unsqueeze(-1)).sum(2) / weights.sum(2).unsqueeze(-1)
-    return out.to(q.dtype)
+    out = torch.empty_like(q) if out is None else out
+    _combine_kernel[(batch, num_heads)](
+        partial, maxes, sums, out,
+        partial.stride(0), partial.stride(1), partial.stride(2),
+        maxes.stride(0), maxes.stride(1), out.stride(0), out.stride(1), num_parts,
+        HEAD_DIM=head_dim, BLOCK_P=triton.next_power_of_2(num_parts),
+    )
+    return out
