@@ -12,6 +12,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
 from warmserve.engine.arch import ModelArch
+from warmserve.engine.sampling import InvalidRequestError
 
 # Used when a checkpoint ships no chat template (synthetic checkpoints, base models).
 PLAIN_CHAT_TEMPLATE = (
@@ -20,7 +21,7 @@ PLAIN_CHAT_TEMPLATE = (
 )
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(InvalidRequestError):
     """Messages could not be rendered by the model's chat template."""
 
 
@@ -59,6 +60,13 @@ class Tokenizer:
 
     def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
                     ) -> str:
+        if not messages:
+            raise ChatTemplateError("messages is empty")
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+                raise ChatTemplateError(f"messages[{i}] has no 'role' string")
+            if not isinstance(message.get("content", ""), str):
+                raise ChatTemplateError(f"messages[{i}].content must be a string")
         try:
             return self._template.render(
                 messages=messages, add_generation_prompt=add_generation_prompt,

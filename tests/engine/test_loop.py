@@ -1,0 +1,84 @@
+"""The threaded engine loop: sync and async streams, bad input, abort, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from warmserve.engine.loop import EngineLoop
+from warmserve.engine.sampling import InvalidRequestError, SamplingParams
+from warmserve.engine.sequence import FinishReason
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture
+def loop(make_engine):
+    loop = EngineLoop(make_engine(), "tiny")
+    yield loop
+    loop.shutdown()
+
+
+def test_sync_stream_collects_tokens_and_text(loop):
+    result = loop.submit("hello there", GREEDY).collect()
+    assert len(result.token_ids) == 12
+    assert result.finish_reason is FinishReason.LENGTH
+    assert result.num_prompt_tokens == len("hello there")  # byte-level tokenizer
+
+
+def test_chat_messages_and_token_ids_are_accepted(loop):
+    chat = loop.submit([{"role": "user", "content": "hi"}], GREEDY).collect()
+    ids = loop.submit(list(range(3, 9)), GREEDY).collect()
+    assert chat.num_output_tokens == ids.num_output_tokens == 12
+
+
+def test_async_streams_run_concurrently(loop):
+    async def run():
+        streams = [loop.submit(f"prompt {i}", GREEDY) for i in range(4)]
+
+        async def consume(stream):
+            return [t async for out in stream for t in out.token_ids]
+
+        return await asyncio.gather(*(consume(s) for s in streams))
+
+    results = asyncio.run(run())
+    assert [len(r) for r in results] == [12] * 4
+    alone = loop.submit("prompt 2", GREEDY).collect().token_ids
+    assert results[2] == alone
+
+
+@pytest.mark.parametrize("prompt", ["", [], [{"role": "user"}, 3]])
+def test_bad_prompt_raises_before_queueing(loop, prompt):
+    with pytest.raises((InvalidRequestError, ValueError)):
+        loop.submit(prompt, GREEDY)
+    assert loop.submit("still fine", GREEDY).collect().num_output_tokens == 12
+
+
+def test_abort_ends_stream_and_others_continue(loop):
+    long = loop.submit("abort me", SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))
+    other = loop.submit("keep me", GREEDY)
+    first = next(iter(long))
+    assert not first.finished
+    long.abort()
+    rest = list(long)
+    assert rest[-1].finished and rest[-1].finish_reason is FinishReason.ABORT
+    assert other.collect().num_output_tokens == 12
+    stats = loop.stats()
+    assert stats.num_running == 0 and stats.num_blocks_free == stats.num_blocks_usable
+
+
+def test_call_runs_on_loop_thread_and_propagates_errors(loop):
+    assert loop.call(lambda engine: engine.block_manager.num_blocks) > 0
+    with pytest.raises(ValueError, match="cannot lend"):
+        loop.call(lambda engine: engine.block_manager.lend(10**9))
+
+
+def test_shutdown_fails_pending_and_refuses_new(make_engine):
+    loop = EngineLoop(make_engine(), "t")
+    stream = loop.submit("x", SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))
+    loop.shutdown()
+    outputs = list(stream)
+    assert outputs[-1].finished
+    with pytest.raises(RuntimeError, match="shut down"):
+        loop.submit("y", GREEDY)

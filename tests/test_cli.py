@@ -1,0 +1,52 @@
+"""The command line, through typer's runner."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from warmserve.cli import app
+
+runner = CliRunner()
+
+
+def test_help_lists_verbs():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    assert "models" in result.output
+
+
+def test_models_list_json(tmp_path):
+    result = runner.invoke(app, ["--cache-dir", str(tmp_path), "models", "list", "--json"])
+    assert result.exit_code == 0
+    data = json.loads(result.output)
+    assert [m["name"] for m in data["models"]] == ["smollm2-135m-instruct",
+                                                   "smollm2-135m-instruct-b"]
+
+
+def test_models_synth_then_generate(tmp_path):
+    result = runner.invoke(app, ["--cache-dir", str(tmp_path), "models", "synth", "tiny"])
+    assert result.exit_code == 0, result.output
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        "models:\n  - {name: tiny, checkpoint: 'synth:tiny', dtype: float32, max_context: 256}\n"
+        "engine: {kv_cache_gib: 0.01}\n")
+    result = runner.invoke(app, ["--cache-dir", str(tmp_path), "models", "generate", "tiny",
+                                 "--config", str(config), "--max-tokens", "5", "--no-chat",
+                                 "-p", "abc"])
+    assert result.exit_code == 0, result.output
+    assert "5 tokens" in result.output
+
+
+def test_errors_are_clear(tmp_path):
+    result = runner.invoke(app, ["--log-level", "loud", "models", "list"])
+    assert result.exit_code == 2 and "log level 'loud'" in result.output
+    result = runner.invoke(app, ["models", "list", "--config", str(tmp_path / "none.yaml")])
+    assert result.exit_code == 2 and "neither a file nor a built-in name" in result.output
+    result = runner.invoke(app, ["models", "generate", "nope"])
+    assert result.exit_code == 2 and "unknown model 'nope'" in result.output
+    result = runner.invoke(app, ["models", "import", "synth:tiny"])
+    assert result.exit_code == 2 and "expected gguf:FILE or package:NAME" in result.output
+    result = runner.invoke(app, ["--cache-dir", str(tmp_path), "models", "synth", "gpt-9"])
+    assert result.exit_code == 2 and "unknown synthetic shape" in result.output
