@@ -1,0 +1,61 @@
+"""How well the forecaster predicts a workload's windows, against two naive predictors."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from warmserve.control.predictor import ModelForecaster, mean_relative_error
+from warmserve.workload.builder import Workload
+
+
+def evaluate_forecasts(workload: Workload, error_windows: int = 10) -> dict:
+    """Replay each model's simulated span window by window: forecast, then observe.
+
+    Returns {"overall": {...}, "models": {name: {...}}} with mean relative errors of the peak
+    and average concurrency forecasts, and of two naive peak predictors (last window; same slot
+    of the previous day, where there is one).
+    """
+    models = {}
+    for name in workload.models:
+        actual = workload.actual[name]
+        n = workload.num_windows
+        forecaster = ModelForecaster(n, error_windows)
+        history = workload.history.get(name)
+        if history is not None:
+            forecaster.seed({"avg_concurrency": history.avg_concurrency,
+                             "peak_concurrency": history.peak_concurrency,
+                             "rate_rps": history.rate_rps})
+        peak_pred, avg_pred = np.zeros(n), np.zeros(n)
+        for w in range(n):
+            forecast = forecaster.forecast()
+            peak_pred[w], avg_pred[w] = forecast.peak_concurrency, forecast.avg_concurrency
+            forecaster.observe(actual.avg_concurrency[0, w], actual.peak_concurrency[0, w],
+                               actual.rate_rps[0, w])
+        peak = actual.peak_concurrency[0]
+        last = np.concatenate([[np.nan], peak[:-1]])
+        entry = {
+            "peak_mre": mean_relative_error(peak_pred, peak),
+            "avg_mre": mean_relative_error(avg_pred, actual.avg_concurrency[0]),
+            "naive_last_window_peak_mre": mean_relative_error(last[1:], peak[1:]),
+            "naive_same_slot_yesterday_peak_mre": (
+                mean_relative_error(history.peak_concurrency[-1], peak)
+                if history is not None else None),
+            "has_history": history is not None,
+            "windows": n,
+            "mean_peak_concurrency": float(peak.mean()),
+        }
+        models[name] = entry
+    return {"overall": _overall(models), "models": models}
+
+
+def _overall(models: dict) -> dict:
+    keys = ("peak_mre", "avg_mre", "naive_last_window_peak_mre",
+            "naive_same_slot_yesterday_peak_mre")
+    overall = {}
+    for key in keys:
+        values = [m[key] for m in models.values() if m[key] is not None and not np.isnan(m[key])]
+        overall[key] = float(np.mean(values)) if values else None
+    with_history = [m for m in models.values() if m["has_history"]]
+    overall["models_with_history"] = len(with_history)
+    overall["models"] = len(models)
+    return overall

@@ -1,0 +1,120 @@
+"""Load forecasting: a seasonal same-slot baseline plus exponentially weighted error correction.
+
+For window w, the baseline is the mean of the values observed at the same slot of earlier
+periods (days); the correction adds the weighted mean of the last ≤ K windows' baseline errors
+(weights 1, 1/2, 1/4, … newest first) — the published predictor. With no same-slot history it
+falls back to the last observed window.
+
+Beyond the paper (`ensemble=True`, the default): the seasonal forecast is blended with the
+last window's value, each weighted by the inverse of its own recent mean absolute error, so a
+trace whose days repeat leans on the seasonal term and one whose windows drift leans on the
+last window, without a knob per trace.
+
+The forecaster learns online: `observe` appends each closed window. No clock, no I/O: windows
+are integers handed in by the caller.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+METRICS = ("avg_concurrency", "peak_concurrency", "rate_rps")
+
+
+@dataclass
+class SeriesForecaster:
+    """One metric of one model. Window index 0 is the first window of the oldest period."""
+
+    windows_per_period: int
+    error_windows: int = 10
+    max_periods: int = 7
+    ensemble: bool = True
+    values: list[float] = field(default_factory=list)  # observed, by absolute window index
+    errors: list[float] = field(default_factory=list)  # actual - baseline, by window
+    seasonal_abs_errors: list[float] = field(default_factory=list)
+    last_abs_errors: list[float] = field(default_factory=list)
+
+    def baseline(self, window: int) -> float:
+        same_slot = [self.values[w] for w in range(window - self.windows_per_period, -1,
+                                                  -self.windows_per_period)
+                     if w < len(self.values)][: self.max_periods]
+        if same_slot:
+            return float(np.mean(same_slot))
+        if self.values:
+            return self.values[min(window, len(self.values)) - 1]
+        return 0.0
+
+    def seasonal(self, window: int) -> float:
+        """The published forecast: baseline plus weighted mean of recent baseline errors."""
+        recent = self.errors[-self.error_windows:][::-1] if self.error_windows else []
+        correction = 0.0
+        if recent:
+            weights = 0.5 ** np.arange(len(recent))
+            correction = float(np.dot(weights, recent) / weights.sum())
+        return max(0.0, self.baseline(window) + correction)
+
+    def forecast(self, window: int) -> float:
+        seasonal = self.seasonal(window)
+        if not self.ensemble or not self.values or not self.last_abs_errors:
+            return seasonal
+        k = self.error_windows or 1
+        w_seasonal = 1.0 / (np.mean(self.seasonal_abs_errors[-k:]) + 1e-6)
+        w_last = 1.0 / (np.mean(self.last_abs_errors[-k:]) + 1e-6)
+        last = self.values[-1]
+        return float((w_seasonal * seasonal + w_last * last) / (w_seasonal + w_last))
+
+    def observe(self, value: float) -> None:
+        """Record the next window's actual value (windows arrive in order)."""
+        window = len(self.values)
+        if self.values:
+            self.seasonal_abs_errors.append(abs(value - self.seasonal(window)))
+            self.last_abs_errors.append(abs(value - self.values[-1]))
+        self.errors.append(value - self.baseline(window))
+        self.values.append(float(value))
+
+
+@dataclass(frozen=True)
+class Forecast:
+    avg_concurrency: float
+    peak_concurrency: float
+    rate_rps: float
+
+
+class ModelForecaster:
+    """Forecasts of average and peak concurrency and request rate for one model."""
+
+    def __init__(self, windows_per_period: int, error_windows: int = 10) -> None:
+        self.series = {m: SeriesForecaster(windows_per_period, error_windows) for m in METRICS}
+
+    @property
+    def num_windows(self) -> int:
+        return len(self.series["rate_rps"].values)
+
+    def seed(self, history: dict[str, np.ndarray]) -> None:
+        """Feed earlier periods: each metric a [periods, windows_per_period] array."""
+        for metric, rows in history.items():
+            for value in np.asarray(rows).ravel():
+                self.series[metric].observe(float(value))
+        for s in self.series.values():  # corrections learn from the current period only
+            s.errors.clear()
+            s.seasonal_abs_errors.clear()
+            s.last_abs_errors.clear()
+
+    def observe(self, avg_concurrency: float, peak_concurrency: float, rate_rps: float) -> None:
+        for metric, value in zip(METRICS, (avg_concurrency, peak_concurrency, rate_rps),
+                                 strict=True):
+            self.series[metric].observe(value)
+
+    def forecast(self, window: int | None = None) -> Forecast:
+        window = self.num_windows if window is None else window
+        return Forecast(*(self.series[m].forecast(window) for m in METRICS))
+
+
+def mean_relative_error(predicted: np.ndarray, actual: np.ndarray, floor: float = 1.0) -> float:
+    """Mean of |p - a| / a over windows whose actual value is at least `floor`."""
+    mask = actual >= floor
+    if not mask.any():
+        return float("nan")
+    return float(np.mean(np.abs(predicted[mask] - actual[mask]) / actual[mask]))

@@ -1,0 +1,243 @@
+"""Multi-model workloads built from real traces, the way the paper builds them.
+
+N models share a total rate R by a power law (share_i ∝ (i+1)^-α). Each model follows its own
+period of a multi-day rate shape (ServeGen's 14 days, or one day of an Azure Functions
+function), time-compressed by `time_scale` (trace seconds per simulated second). Within that
+envelope, arrival times and token lengths come from the Azure LLM inference trace (one real
+hour, looped from a per-model offset and thinned to the envelope) — the Azure trace of 2023
+has no earlier days, so the multi-day shape must come from elsewhere. Each model's earlier
+periods ("days") are built the same way and summarised per forecast window: that is the
+history the forecaster learns from. Everything is seeded and reproducible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from warmserve.workload.traces import (
+    SERVEGEN_WINDOW_S,
+    LLMTrace,
+    load_azure_functions,
+    load_azure_llm,
+    load_servegen_rates,
+)
+
+DAY_S = 86400.0
+SERVEGEN_SERIES = ("m-large", "m-mid", "m-small")
+ServiceTime = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+def default_service_time(input_tokens: np.ndarray, output_tokens: np.ndarray) -> np.ndarray:
+    """An unloaded request's duration (s), for concurrency: ~0.1 ms/prompt token, 25 ms/token."""
+    return 1e-4 * input_tokens + 0.025 * output_tokens
+
+
+@dataclass(frozen=True)
+class WorkloadSpec:
+    """How to build a workload; presets are instances of this."""
+
+    models: tuple[str, ...]
+    total_rate_rps: float
+    duration_s: float
+    alpha: float = 1.0
+    arrivals: str = "conv"  # Azure LLM trace for arrivals and token lengths: conv or code
+    shape: str = "servegen"  # servegen | functions | mixed (alternating) | flat
+    time_scale: float = 72.0  # trace seconds per simulated second (72: a day in 20 minutes)
+    start_hour: float = 6.0  # time of day (trace) at which the simulated period starts
+    history_periods: int = 3
+    input_cap: int = 1024
+    window_s: float = 60.0  # forecast window, simulated seconds
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            raise ValueError("a workload needs at least one model")
+        for name, value in (("total_rate_rps", self.total_rate_rps),
+                            ("duration_s", self.duration_s), ("time_scale", self.time_scale),
+                            ("window_s", self.window_s)):
+            if value <= 0:
+                raise ValueError(f"{name}={value} must be > 0")
+        if self.shape not in ("servegen", "functions", "mixed", "flat"):
+            raise ValueError(f"shape={self.shape!r}: one of servegen, functions, mixed, flat")
+
+    @property
+    def period_s(self) -> float:
+        """One trace day in simulated seconds."""
+        return DAY_S / self.time_scale
+
+    def shares(self) -> np.ndarray:
+        weights = (np.arange(len(self.models)) + 1.0) ** -self.alpha
+        return weights / weights.sum()
+
+
+@dataclass(frozen=True)
+class WindowSeries:
+    """Per-window load of one model: [periods, windows] arrays (period 0 is the oldest)."""
+
+    avg_concurrency: np.ndarray
+    peak_concurrency: np.ndarray
+    rate_rps: np.ndarray
+
+
+@dataclass(frozen=True)
+class Workload:
+    spec: WorkloadSpec
+    models: tuple[str, ...]
+    arrival_s: np.ndarray  # [N] float64, sorted
+    model_index: np.ndarray  # [N] int32
+    input_tokens: np.ndarray  # [N] int32
+    output_tokens: np.ndarray  # [N] int32
+    history: dict[str, WindowSeries] = field(default_factory=dict)  # earlier periods
+    actual: dict[str, WindowSeries] = field(default_factory=dict)  # the simulated period
+    notes: tuple[str, ...] = ()
+
+    @property
+    def num_requests(self) -> int:
+        return len(self.arrival_s)
+
+    @property
+    def window_s(self) -> float:
+        return self.spec.window_s
+
+    @property
+    def num_windows(self) -> int:
+        """Forecast windows in the simulated span (and in each history row: the same span of
+        an earlier day, so that a row's slot k is the same time of day as window k)."""
+        return max(1, int(np.ceil(self.spec.duration_s / self.spec.window_s)))
+
+
+class _Shapes:
+    """Rate multipliers (mean 1 over the source) as functions of trace time, one per model."""
+
+    def __init__(self, spec: WorkloadSpec) -> None:
+        self.spec = spec
+        self._servegen = load_servegen_rates() if spec.shape in ("servegen", "mixed") else {}
+        self._functions = (load_azure_functions(top=4 * len(spec.models))
+                           if spec.shape in ("functions", "mixed") else None)
+
+    def kind(self, i: int) -> str:
+        if self.spec.shape == "mixed":
+            return "servegen" if i % 2 == 0 else "functions"
+        return self.spec.shape
+
+    def has_history(self, i: int) -> bool:
+        return self.kind(i) in ("servegen", "flat")
+
+    def multiplier(self, i: int, trace_s: np.ndarray) -> np.ndarray:
+        kind = self.kind(i)
+        if kind == "flat":
+            return np.ones_like(trace_s)
+        if kind == "servegen":
+            series = self._servegen[SERVEGEN_SERIES[i % 3]]
+            series = series / series.mean()
+            centers = (np.arange(len(series)) + 0.5) * SERVEGEN_WINDOW_S
+            return np.interp(trace_s % (len(series) * SERVEGEN_WINDOW_S), centers, series)
+        counts = self._functions[(i // 2 if self.spec.shape == "mixed" else i)
+                                 % len(self._functions)].astype(float)
+        counts = counts / max(counts.mean(), 1e-9)
+        minute = (trace_s % DAY_S) / 60.0
+        return np.interp(minute, np.arange(len(counts)) + 0.5, counts)
+
+    def day_of(self, i: int, period: int) -> float:
+        """Trace start (s) of model i's simulated period `period` (0 = the simulated one)."""
+        days = 14 if self.kind(i) == "servegen" else 1
+        day = (3 + 2 * i + (i // 3)) % days  # different models, different days
+        return ((day + period) % days) * DAY_S + self.spec.start_hour * 3600.0
+
+
+def build_workload(spec: WorkloadSpec, service_time: ServiceTime = default_service_time
+                   ) -> Workload:
+    """Requests for the simulated period plus each model's per-window history."""
+    base = load_azure_llm(spec.arrivals)
+    shapes = _Shapes(spec)
+    rng = np.random.default_rng(spec.seed)
+    shares = spec.shares()
+    parts, history, actual = [], {}, {}
+    for i, name in enumerate(spec.models):
+        rate = spec.total_rate_rps * shares[i]
+        t, n_in, n_out = _model_requests(base, shapes, i, 0, rate, spec, rng)
+        parts.append((t, np.full(len(t), i, np.int32), n_in, n_out))
+        actual[name] = _window_series([(t, n_in, n_out)], spec, service_time)
+        if shapes.has_history(i) and spec.history_periods:
+            past = [_model_requests(base, shapes, i, -p, rate, spec, rng)
+                    for p in range(spec.history_periods, 0, -1)]
+            history[name] = _window_series(past, spec, service_time)
+    arrival = np.concatenate([p[0] for p in parts])
+    order = np.argsort(arrival, kind="stable")
+    notes = [f"arrivals and token lengths: Azure LLM inference 2023 ({spec.arrivals}), one hour "
+             f"looped per model from its own offset"]
+    if spec.shape in ("servegen", "mixed"):
+        notes.append("multi-day rate shape: ServeGen per-model aggregate (14 days), one day per "
+                     "model; the Azure LLM trace has no earlier days")
+    if spec.shape in ("functions", "mixed"):
+        notes.append("Azure Functions 2019 shapes cover one day: those models have no history")
+    return Workload(
+        spec=spec, models=tuple(spec.models), arrival_s=arrival[order],
+        model_index=np.concatenate([p[1] for p in parts])[order],
+        input_tokens=np.concatenate([p[2] for p in parts])[order].astype(np.int32),
+        output_tokens=np.concatenate([p[3] for p in parts])[order].astype(np.int32),
+        history=history, actual=actual, notes=tuple(notes),
+    )
+
+
+def _model_requests(base: LLMTrace, shapes: _Shapes, i: int, period: int, rate_rps: float,
+                    spec: WorkloadSpec, rng: np.random.Generator
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One model's arrivals over [0, duration) of a period, with token lengths."""
+    duration = spec.duration_s
+    grid = np.linspace(0.0, duration, 512)
+    trace_start = shapes.day_of(i, period)
+    envelope = shapes.multiplier(i, trace_start + grid * spec.time_scale)
+    peak = max(float(envelope.max()), 1e-9)
+    # The base trace, rescaled to the envelope's peak rate, looped from a random offset.
+    base_rate = len(base.arrival_s) / max(base.duration_s, 1.0)
+    stretch = base_rate / (rate_rps * peak)  # simulated seconds per trace second
+    gaps = np.diff(base.arrival_s, append=base.arrival_s[-1] + 1.0 / base_rate) * stretch
+    needed = int(duration / gaps.mean() * 1.2) + 16
+    start = int(rng.integers(len(gaps)))
+    index = (start + np.arange(needed)) % len(gaps)
+    times = np.cumsum(gaps[index]) - gaps[index[0]]
+    while times[-1] < duration:  # rare: extend the loop
+        more = (index[-1] + 1 + np.arange(needed)) % len(gaps)
+        times = np.concatenate([times, times[-1] + np.cumsum(gaps[more])])
+        index = np.concatenate([index, more])
+    keep = times < duration
+    times, index = times[keep], index[keep]
+    accept = rng.random(len(times)) < np.interp(times, grid, envelope) / peak
+    index = index[accept]
+    return (times[accept], np.minimum(base.input_tokens[index], spec.input_cap),
+            base.output_tokens[index])
+
+
+def _window_series(periods: list[tuple[np.ndarray, np.ndarray, np.ndarray]], spec: WorkloadSpec,
+                   service_time: ServiceTime) -> WindowSeries:
+    n = max(1, int(np.ceil(spec.duration_s / spec.window_s)))
+    avg, peak, rate = (np.zeros((len(periods), n)) for _ in range(3))
+    for p, (t, n_in, n_out) in enumerate(periods):
+        avg[p], peak[p], rate[p] = concurrency_by_window(
+            t, t + service_time(n_in, n_out), spec.window_s, n)
+    return WindowSeries(avg, peak, rate)
+
+
+def concurrency_by_window(start: np.ndarray, end: np.ndarray, window_s: float, num_windows: int
+                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Time-weighted mean and peak number of intervals [start, end) open, and arrival rate,
+    per window."""
+    horizon = window_s * num_windows
+    times = np.concatenate([start, end, np.arange(num_windows + 1) * window_s])
+    deltas = np.concatenate([np.ones(len(start)), -np.ones(len(end)), np.zeros(num_windows + 1)])
+    order = np.lexsort((-deltas, times))  # at equal times, arrivals before departures
+    times, level = times[order], np.cumsum(deltas[order])
+    keep = times <= horizon
+    times, level = times[keep], level[keep]
+    widths = np.diff(times, append=horizon)
+    window = np.minimum((times // window_s).astype(int), num_windows - 1)
+    avg = np.bincount(window, weights=level * widths, minlength=num_windows) / window_s
+    peak = np.zeros(num_windows)
+    np.maximum.at(peak, window, level)
+    arrivals = np.bincount(np.minimum((start // window_s).astype(int), num_windows - 1),
+                           minlength=num_windows)[:num_windows]
+    return avg, peak, arrivals / window_s

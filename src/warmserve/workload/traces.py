@@ -1,0 +1,168 @@
+"""Loaders for the real traces, one function per source, and the generic request file.
+
+Every loader names the file and line of a malformed row. Rows that are well-formed but unusable
+(negative token counts, say) are skipped and counted in the result's `skipped`, never silently.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+AZURE_LLM_FILES = {
+    "conv": "AzureLLMInferenceTrace_conv.csv",
+    "code": "AzureLLMInferenceTrace_code.csv",
+}
+SERVEGEN_FILE = "servegen_aggregate_rate_per_model.csv"
+FUNCTIONS_FILE = "azure_functions_2019_1000_inv.csv"
+SERVEGEN_WINDOW_S = 600.0
+
+
+class TraceError(ValueError):
+    """A trace file is missing, truncated or malformed; the message names file and line."""
+
+
+@dataclass(frozen=True)
+class LLMTrace:
+    """Arrivals (seconds from the first) and token lengths of an LLM request trace."""
+
+    arrival_s: np.ndarray  # [N] float64, sorted
+    input_tokens: np.ndarray  # [N] int64
+    output_tokens: np.ndarray  # [N] int64
+    source: str
+    skipped: int = 0
+
+    @property
+    def duration_s(self) -> float:
+        return float(self.arrival_s[-1] - self.arrival_s[0]) if len(self.arrival_s) else 0.0
+
+
+@dataclass(frozen=True)
+class RequestFile:
+    """A generic request file: `arrival_s,model,input_tokens,output_tokens` (extra columns ok)."""
+
+    arrival_s: np.ndarray
+    model: list[str]
+    input_tokens: np.ndarray
+    output_tokens: np.ndarray
+    skipped: int = 0
+
+
+def shipped(name: str) -> Path:
+    return Path(str(resources.files("warmserve.workload").joinpath("data", name)))
+
+
+def load_azure_llm(kind_or_path: str | Path) -> LLMTrace:
+    """The Azure LLM inference trace 2023 (`conv`, `code`, or a path to a file like them)."""
+    path = shipped(AZURE_LLM_FILES[kind_or_path]) if kind_or_path in AZURE_LLM_FILES else Path(
+        kind_or_path)
+    times, inputs, outputs, skipped = [], [], [], 0
+    for line, row in _rows(path, ("TIMESTAMP", "ContextTokens", "GeneratedTokens")):
+        try:
+            stamp = datetime.fromisoformat(row["TIMESTAMP"][:26])
+            n_in, n_out = int(row["ContextTokens"]), int(row["GeneratedTokens"])
+        except (TypeError, ValueError) as exc:
+            raise TraceError(f"{path}:{line}: {exc}") from None
+        if n_in <= 0 or n_out <= 0:
+            skipped += 1
+            continue
+        times.append(stamp.timestamp())
+        inputs.append(n_in)
+        outputs.append(n_out)
+    if not times:
+        raise TraceError(f"{path}: no usable requests")
+    order = np.argsort(times, kind="stable")
+    t = np.asarray(times)[order]
+    _report_skipped(path, skipped)
+    return LLMTrace(t - t[0], np.asarray(inputs)[order], np.asarray(outputs)[order], str(path),
+                    skipped)
+
+
+def load_servegen_rates(path: Path | None = None) -> dict[str, np.ndarray]:
+    """ServeGen per-model aggregate rate (requests/s) per 10-minute window, by model name."""
+    path = path or shipped(SERVEGEN_FILE)
+    series: dict[str, list[tuple[float, float]]] = {}
+    for line, row in _rows(path, ("model", "window_start_s", "total_rate_rps")):
+        try:
+            start, rate = float(row["window_start_s"]), float(row["total_rate_rps"])
+        except (TypeError, ValueError) as exc:
+            raise TraceError(f"{path}:{line}: {exc}") from None
+        series.setdefault(row["model"], []).append((start, max(rate, 0.0)))
+    out = {}
+    for model, points in series.items():
+        points.sort()
+        starts = np.array([p[0] for p in points])
+        if np.any(np.diff(starts) != SERVEGEN_WINDOW_S):
+            raise TraceError(f"{path}: model {model!r} has missing or repeated windows")
+        out[model] = np.array([p[1] for p in points])
+    return out
+
+
+def load_azure_functions(path: Path | None = None, top: int | None = None) -> np.ndarray:
+    """Per-minute invocation counts `[functions, 1440]`, busiest function first."""
+    path = path or shipped(FUNCTIONS_FILE)
+    rows = []
+    for line, row in _rows(path, ("HashFunction", "minute_1", "minute_1440")):
+        try:
+            rows.append([int(row[f"minute_{m}"]) for m in range(1, 1441)])
+        except (TypeError, ValueError, KeyError) as exc:
+            raise TraceError(f"{path}:{line}: {exc}") from None
+    counts = np.asarray(rows, dtype=np.int64)
+    counts = counts[np.argsort(-counts.sum(axis=1), kind="stable")]
+    return counts[:top] if top else counts
+
+
+def load_request_file(path: Path) -> RequestFile:
+    """A CSV with header `arrival_s,model,input_tokens,output_tokens`."""
+    times, models, inputs, outputs, skipped = [], [], [], [], 0
+    for line, row in _rows(path, ("arrival_s", "model", "input_tokens", "output_tokens")):
+        try:
+            t = float(row["arrival_s"])
+            n_in, n_out = int(row["input_tokens"]), int(row["output_tokens"])
+        except (TypeError, ValueError) as exc:
+            raise TraceError(f"{path}:{line}: {exc}") from None
+        if not row["model"] or t < 0 or n_in <= 0 or n_out <= 0:
+            skipped += 1
+            continue
+        times.append(t)
+        models.append(row["model"])
+        inputs.append(n_in)
+        outputs.append(n_out)
+    if not times:
+        raise TraceError(f"{path}: no usable requests")
+    order = np.argsort(times, kind="stable")
+    _report_skipped(path, skipped)
+    return RequestFile(np.asarray(times)[order], [models[i] for i in order],
+                       np.asarray(inputs)[order], np.asarray(outputs)[order], skipped)
+
+
+def _rows(path: Path, required: tuple[str, ...]):
+    """Yield (line number, row dict); errors name the file and line."""
+    try:
+        handle = open(path, newline="")  # noqa: SIM115 (closed below, generator)
+    except OSError as exc:
+        raise TraceError(f"{path}: cannot open: {exc.strerror}") from None
+    with handle:
+        reader = csv.DictReader(handle)
+        missing = [c for c in required if c not in (reader.fieldnames or [])]
+        if missing:
+            raise TraceError(f"{path}:1: header lacks column(s) {', '.join(missing)}")
+        width = len(reader.fieldnames or [])
+        for row in reader:
+            if None in row or len(row) != width or any(v is None for v in row.values()):
+                raise TraceError(f"{path}:{reader.line_num}: expected {width} fields "
+                                 f"(truncated or malformed row)")
+            yield reader.line_num, row
+
+
+def _report_skipped(path: Path, skipped: int) -> None:
+    if skipped:
+        log.warning("%s: skipped %d unusable rows", path, skipped)
