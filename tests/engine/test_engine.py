@@ -4,8 +4,8 @@ fails alone; stops, aborts and lending keep the accounting exact."""
 from __future__ import annotations
 
 import pytest
-from tests.engine.conftest import run_all
 
+from tests.engine.conftest import run_all
 from warmserve.engine.sampling import InvalidRequestError, SamplingParams
 from warmserve.engine.sequence import FinishReason
 

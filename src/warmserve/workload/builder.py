@@ -27,12 +27,14 @@ from warmserve.workload.traces import (
 
 DAY_S = 86400.0
 SERVEGEN_SERIES = ("m-large", "m-mid", "m-small")
-ServiceTime = Callable[[np.ndarray, np.ndarray], np.ndarray]
+# (model index, input tokens, output tokens) -> how long a request stays in the system (s)
+ServiceTime = Callable[[int, np.ndarray, np.ndarray], np.ndarray]
 
 
-def default_service_time(input_tokens: np.ndarray, output_tokens: np.ndarray) -> np.ndarray:
-    """An unloaded request's duration (s), for concurrency: ~0.1 ms/prompt token, 25 ms/token."""
-    return 1e-4 * input_tokens + 0.025 * output_tokens
+def default_service_time(model: int, input_tokens: np.ndarray, output_tokens: np.ndarray
+                         ) -> np.ndarray:
+    """A request's duration when no cost profile is given: 0.1 ms/prompt token, 10 ms/token."""
+    return 1e-4 * input_tokens + 0.010 * output_tokens
 
 
 @dataclass(frozen=True)
@@ -160,11 +162,11 @@ def build_workload(spec: WorkloadSpec, service_time: ServiceTime = default_servi
         rate = spec.total_rate_rps * shares[i]
         t, n_in, n_out = _model_requests(base, shapes, i, 0, rate, spec, rng)
         parts.append((t, np.full(len(t), i, np.int32), n_in, n_out))
-        actual[name] = _window_series([(t, n_in, n_out)], spec, service_time)
+        actual[name] = _window_series([(t, n_in, n_out)], spec, service_time, i)
         if shapes.has_history(i) and spec.history_periods:
             past = [_model_requests(base, shapes, i, -p, rate, spec, rng)
                     for p in range(spec.history_periods, 0, -1)]
-            history[name] = _window_series(past, spec, service_time)
+            history[name] = _window_series(past, spec, service_time, i)
     arrival = np.concatenate([p[0] for p in parts])
     order = np.argsort(arrival, kind="stable")
     notes = [f"arrivals and token lengths: Azure LLM inference 2023 ({spec.arrivals}), one hour "
@@ -213,12 +215,12 @@ def _model_requests(base: LLMTrace, shapes: _Shapes, i: int, period: int, rate_r
 
 
 def _window_series(periods: list[tuple[np.ndarray, np.ndarray, np.ndarray]], spec: WorkloadSpec,
-                   service_time: ServiceTime) -> WindowSeries:
+                   service_time: ServiceTime, model: int) -> WindowSeries:
     n = max(1, int(np.ceil(spec.duration_s / spec.window_s)))
     avg, peak, rate = (np.zeros((len(periods), n)) for _ in range(3))
     for p, (t, n_in, n_out) in enumerate(periods):
         avg[p], peak[p], rate[p] = concurrency_by_window(
-            t, t + service_time(n_in, n_out), spec.window_s, n)
+            t, t + service_time(model, n_in, n_out), spec.window_s, n)
     return WindowSeries(avg, peak, rate)
 
 

@@ -1,0 +1,124 @@
+"""The control policies, as pure functions of plain records (the simulator and the live
+controller call the same ones): replica planning and scoring, evict-aware placement of
+prewarmed replicas, KV-cache reservation, the reactive autoscaler and the router."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from warmserve.control.predictor import Forecast
+
+
+@dataclass(frozen=True)
+class ReplicaRequest:
+    """One prewarmed replica a model would like, with its priority score."""
+
+    model: str
+    tp: int
+    bytes_per_gpu: int
+    score: float
+    burst: bool
+
+
+@dataclass(frozen=True)
+class GpuCapacity:
+    """What a GPU offers prewarms: free pool bytes (a free GPU) or lendable KV bytes."""
+
+    gpu: int
+    node: int
+    capacity_bytes: int
+    models: frozenset[str]  # models with a serving instance on this GPU
+
+
+@dataclass(frozen=True)
+class Placement:
+    model: str
+    gpus: tuple[int, ...]
+    score: float
+
+
+def replica_plan(model: str, forecast: Forecast, running: int, capacity: int, tp: int,
+                 bytes_per_gpu: int, cold_start_s: float) -> list[ReplicaRequest]:
+    """Foundation and burst replicas for the next window, scored as published:
+    score_i = exp(-i / (f + b)) x cold-start time, burst replicas also x peak / avg."""
+    foundation = max(math.ceil(forecast.avg_concurrency / capacity) - running, 0)
+    burst = max(math.ceil(forecast.peak_concurrency / capacity) - running - foundation, 0)
+    total = foundation + burst
+    ratio = forecast.peak_concurrency / max(forecast.avg_concurrency, 1e-9)
+    out = []
+    for i in range(total):
+        score = math.exp(-i / total) * cold_start_s
+        is_burst = i >= foundation
+        out.append(ReplicaRequest(model, tp, bytes_per_gpu, score * ratio if is_burst else score,
+                                  is_burst))
+    return out
+
+
+def aligned_groups(gpus_per_node: int, num_nodes: int, tp: int) -> list[tuple[int, ...]]:
+    """GPU groups of size tp, aligned within a node: aligned groups always nest, so overlapping
+    replicas of equal degree share all GPUs and smaller ones lie inside larger ones."""
+    return [tuple(node * gpus_per_node + start + j for j in range(tp))
+            for node in range(num_nodes) for start in range(0, gpus_per_node - tp + 1, tp)]
+
+
+def place_prewarms(requests: Sequence[ReplicaRequest], gpus: Sequence[GpuCapacity],
+                   gpus_per_node: int, round_robin: bool = False) -> list[Placement]:
+    """Evict-aware placement, replicas in score order. A replica may go on a group whose GPUs
+    all have room and none holds the same model; among those, prefer groups it overlaps with no
+    placed replica, then the smallest sum of overlapped scores (activating it later destroys as
+    little as possible). `round_robin` is the ablation: the next fitting group in turn."""
+    num_nodes = max(g.node for g in gpus) + 1 if gpus else 0
+    room = {g.gpu: g.capacity_bytes for g in gpus}
+    models = {g.gpu: set(g.models) for g in gpus}
+    placed_scores: dict[int, list[float]] = {g.gpu: [] for g in gpus}
+    placements: list[Placement] = []
+    cursor = 0
+    order = sorted(requests, key=lambda r: -r.score)
+    for req in order:
+        groups = [grp for grp in aligned_groups(gpus_per_node, num_nodes, req.tp)
+                  if all(gpu in room and room[gpu] >= req.bytes_per_gpu
+                         and req.model not in models[gpu] for gpu in grp)]
+        if not groups:
+            continue
+        if round_robin:
+            choice = groups[cursor % len(groups)]
+            cursor += 1
+        else:
+            choice = min(groups, key=lambda grp: (
+                any(placed_scores[g] for g in grp),
+                sum(sum(placed_scores[g]) for g in grp), grp))
+        for gpu in choice:
+            room[gpu] -= req.bytes_per_gpu
+            models[gpu].add(req.model)
+            placed_scores[gpu].append(req.score)
+        placements.append(Placement(req.model, choice, req.score))
+    return placements
+
+
+def lendable_kv_tokens(total_tokens: int, used_tokens: int, running: int, capacity: int) -> int:
+    """KV-cache reservation: keep total x running / B tokens free for the instance's own
+    growth; lend what is free beyond that."""
+    target_free = math.ceil(total_tokens * running / capacity)
+    return max(0, total_tokens - used_tokens - target_free)
+
+
+def autoscale(load: float, instances: int, capacity: int, up_ratio: float, down_ratio: float
+              ) -> int:
+    """Desired instance count for a model from its recent mean concurrency (published rule)."""
+    cap = instances * capacity
+    if load > up_ratio * cap:
+        return max(instances + 1, math.ceil(load / up_ratio / capacity))
+    if load < down_ratio * cap:
+        return math.ceil(load / down_ratio / capacity)
+    return instances
+
+
+def route(loads: Sequence[int], capacity: int) -> int | None:
+    """The least-loaded instance with room, or None (queue and scale up)."""
+    best = None
+    for index, load in enumerate(loads):
+        if load < capacity and (best is None or load < loads[best]):
+            best = index
+    return best

@@ -1,0 +1,83 @@
+"""Cost profiles: what a model costs on a device, as data files with their sources."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+
+@dataclass(frozen=True)
+class ModelCost:
+    name: str
+    tp: int
+    weight_bytes: int
+    kv_bytes_per_token: int  # all layers, K and V, whole model (split over tp GPUs)
+    decode_base_s: float  # one decode step at batch 1
+    decode_per_seq_s: float  # each further sequence in the batch
+    prefill_s_per_token: float
+    prefill_base_s: float
+
+    @property
+    def weight_bytes_per_gpu(self) -> int:
+        return self.weight_bytes // self.tp
+
+    def prefill_s(self, tokens: int) -> float:
+        return self.prefill_base_s + tokens * self.prefill_s_per_token
+
+    def decode_step_s(self, batch: int) -> float:
+        return self.decode_base_s + max(0, batch - 1) * self.decode_per_seq_s
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    device: str
+    memory_bytes: int
+    pool_fraction: float
+    h2d_bytes_per_s: float
+    ssd_bytes_per_s: float
+    engine_init_s: float
+    activation_s: float
+    evict_s: float
+    models: dict[str, ModelCost]
+
+    @property
+    def pool_bytes(self) -> int:
+        return int(self.memory_bytes * self.pool_fraction)
+
+    def model(self, shape: str) -> ModelCost:
+        if shape not in self.models:
+            raise KeyError(f"no cost profile for model shape {shape!r}; known: "
+                           f"{', '.join(self.models)}")
+        return self.models[shape]
+
+
+def service_time_fn(costs: list[ModelCost], batch: int):
+    """Per-model request duration at a given batch: prefill plus decode of every output token."""
+
+    def service_time(model, input_tokens, output_tokens):
+        cost = costs[model]
+        return cost.prefill_s(0) + input_tokens * cost.prefill_s_per_token + (
+            output_tokens * cost.decode_step_s(batch))
+
+    return service_time
+
+
+def load_profile(name_or_path: str = "h100") -> DeviceProfile:
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = Path(str(resources.files("warmserve.sim").joinpath("profiles",
+                                                                  f"{name_or_path}.yaml")))
+    data = yaml.safe_load(path.read_text())
+    gb = 1e9
+    models = {
+        name: ModelCost(name, int(m["tp"]), int(m["weight_gb"] * gb), int(m["kv_bytes_per_token"]),
+                        m["decode_base_ms"] / 1e3, m["decode_per_seq_ms"] / 1e3,
+                        m["prefill_us_per_token"] / 1e6, m["prefill_base_ms"] / 1e3)
+        for name, m in data["models"].items()
+    }
+    return DeviceProfile(data["device"], int(data["memory_gb"] * gb), data["pool_fraction"],
+                         data["h2d_gbps"] * gb, data["ssd_gbps"] * gb, data["engine_init_s"],
+                         data["activation_s"], data["evict_s"], models)

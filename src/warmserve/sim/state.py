@@ -1,0 +1,121 @@
+"""Simulated cluster state: GPUs with a memory pool, serving instances, prewarmed replicas.
+
+Memory per GPU is one account: instance weights, the KV tokens its running requests hold, and
+prewarmed weights. An instance's KV cache is elastic: it may use any free pool memory of its
+GPUs, and (WarmServe) take back memory lent to prewarms by evicting them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from warmserve.sim.profiles import ModelCost
+
+
+@dataclass(eq=False)
+class Prewarm:
+    model: int
+    gpus: tuple[int, ...]
+    score: float
+    ready_at: float
+    bytes_per_gpu: int
+
+
+@dataclass(eq=False)
+class Instance:
+    id: int
+    model: int
+    gpus: tuple[int, ...]
+    cost: ModelCost
+    created_at: float
+    ready_at: float
+    running: int = 0
+    kv_tokens: int = 0  # tokens reserved by running requests
+    prefill_free_at: float = 0.0
+    draining: bool = False
+    kept_since: float | None = None  # keep-alive: idle but loaded (reactive baseline)
+    released_at: float | None = None
+
+    @property
+    def accepting(self) -> bool:
+        """Counts as a live instance: not draining, not kept idle, not released."""
+        return not self.draining and self.kept_since is None and self.released_at is None
+
+
+@dataclass(eq=False)
+class Gpu:
+    id: int
+    node: int
+    pool_bytes: int
+    instances: list[Instance] = field(default_factory=list)
+    prewarms: list[Prewarm] = field(default_factory=list)
+    pcie_free_at: float = 0.0
+    used: int = 0  # bytes: instance weights + their KV in use + prewarmed weights
+
+    def used_bytes(self) -> int:
+        return self.used
+
+    def free_bytes(self) -> int:
+        return self.pool_bytes - self.used
+
+    def prewarmed_bytes(self) -> int:
+        return sum(p.bytes_per_gpu for p in self.prewarms)
+
+    @property
+    def is_free(self) -> bool:
+        return not self.instances
+
+
+class Cluster:
+    def __init__(self, num_gpus: int, gpus_per_node: int, pool_bytes: int) -> None:
+        self.gpus_per_node = gpus_per_node
+        self.gpus = [Gpu(i, i // gpus_per_node, pool_bytes) for i in range(num_gpus)]
+
+    @property
+    def num_nodes(self) -> int:
+        return -(-len(self.gpus) // self.gpus_per_node)
+
+    def add_gpus(self, count: int, pool_bytes: int) -> None:
+        start = len(self.gpus)
+        self.gpus += [Gpu(i, i // self.gpus_per_node, pool_bytes)
+                      for i in range(start, start + count)]
+
+    def kv_room_tokens(self, inst: Instance, reclaim: bool) -> int:
+        """Tokens the instance can still take: free memory, plus prewarmed bytes if reclaim."""
+        per_token = inst.cost.kv_bytes_per_token // inst.cost.tp
+        room = min(self.gpus[g].free_bytes() + (self.gpus[g].prewarmed_bytes() if reclaim else 0)
+                   for g in inst.gpus)
+        return max(0, room // per_token)
+
+    # Every change of GPU memory goes through these, which keep `Gpu.used` exact.
+
+    def place_instance(self, inst: Instance) -> None:
+        for g in inst.gpus:
+            self.gpus[g].instances.append(inst)
+            self.gpus[g].used += inst.cost.weight_bytes_per_gpu
+
+    def remove_instance(self, inst: Instance) -> None:
+        per_token = inst.cost.kv_bytes_per_token // inst.cost.tp
+        for g in inst.gpus:
+            self.gpus[g].instances.remove(inst)
+            self.gpus[g].used -= inst.cost.weight_bytes_per_gpu + inst.kv_tokens * per_token
+
+    def change_kv(self, inst: Instance, tokens: int) -> None:
+        inst.kv_tokens += tokens
+        delta = tokens * (inst.cost.kv_bytes_per_token // inst.cost.tp)
+        for g in inst.gpus:
+            self.gpus[g].used += delta
+
+    def place_prewarm(self, prewarm: Prewarm) -> None:
+        for g in prewarm.gpus:
+            self.gpus[g].prewarms.append(prewarm)
+            self.gpus[g].used += prewarm.bytes_per_gpu
+
+    def remove_prewarm(self, prewarm: Prewarm) -> bool:
+        """Remove a prewarm from its GPUs; False if it was not there."""
+        if prewarm not in self.gpus[prewarm.gpus[0]].prewarms:
+            return False
+        for g in prewarm.gpus:
+            self.gpus[g].prewarms.remove(prewarm)
+            self.gpus[g].used -= prewarm.bytes_per_gpu
+        return True

@@ -1,0 +1,78 @@
+"""Named workloads with their clusters: `paper`, `scale`, and one per trace source."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from warmserve.workload.builder import WorkloadSpec
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    workload: WorkloadSpec
+    shapes: tuple[str, ...]  # cost-profile shape of each model
+    num_gpus: int
+    gpus_per_node: int = 8
+
+    def with_overrides(self, duration_s: float | None = None, seed: int | None = None,
+                       window_s: float | None = None, num_gpus: int | None = None,
+                       gpus_per_node: int | None = None) -> Preset:
+        spec = self.workload
+        spec = replace(spec, duration_s=duration_s or spec.duration_s,
+                       seed=spec.seed if seed is None else seed,
+                       window_s=window_s or spec.window_s)
+        return replace(self, workload=spec, num_gpus=num_gpus or self.num_gpus,
+                       gpus_per_node=gpus_per_node or self.gpus_per_node)
+
+
+_PAPER_MODELS = ("llama-2-7b-a", "llama-2-7b-b", "llama-2-13b", "llama-2-70b")
+_PAPER_SHAPES = ("llama-2-7b", "llama-2-7b", "llama-2-13b", "llama-2-70b")
+
+
+def _many(n: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    cycle = ("llama-3-8b", "llama-2-7b", "llama-2-13b", "llama-3-8b", "llama-2-7b",
+             "llama-2-70b", "llama-3-8b", "llama-2-13b")
+    shapes = tuple(cycle[i % len(cycle)] for i in range(n))
+    return tuple(f"m{i:02d}-{s}" for i, s in enumerate(shapes)), shapes
+
+
+_M8, _S8 = _many(8)
+_M64, _S64 = _many(64)
+
+PRESETS: dict[str, Preset] = {p.name: p for p in (
+    Preset("paper", "The paper's setup: Llama-2 7B TP1 x2, 13B TP2, 70B TP4 on 2x8 H100; Azure "
+           "conv arrivals and lengths, ServeGen day shapes compressed 72x (a day in 20 min)",
+           WorkloadSpec(_PAPER_MODELS, total_rate_rps=60.0, duration_s=1200.0, arrivals="conv",
+                        shape="servegen", time_scale=72.0, window_s=60.0),
+           _PAPER_SHAPES, num_gpus=16),
+    Preset("azure-conv", "The Azure conv trace as it is (one real hour, no day shape) on the "
+           "paper's cluster", WorkloadSpec(_PAPER_MODELS, total_rate_rps=80.0,
+                                           duration_s=1200.0, arrivals="conv", shape="flat",
+                                           time_scale=1.0, window_s=60.0, history_periods=0),
+           _PAPER_SHAPES, num_gpus=16),
+    Preset("azure-code", "The Azure code trace as it is (long prompts, short answers) on the "
+           "paper's cluster", WorkloadSpec(_PAPER_MODELS, total_rate_rps=80.0,
+                                           duration_s=1200.0, arrivals="code", shape="flat",
+                                           time_scale=1.0, window_s=60.0, history_periods=0),
+           _PAPER_SHAPES, num_gpus=16),
+    Preset("servegen", "Eight models following ServeGen's 14-day language-model shapes on 32 "
+           "GPUs", WorkloadSpec(_M8, total_rate_rps=150.0, duration_s=1200.0, shape="servegen",
+                                time_scale=72.0, window_s=60.0), _S8, num_gpus=32),
+    Preset("azure-functions", "Eight models following the busiest Azure Functions of 2019 (one "
+           "day, per minute) on 32 GPUs", WorkloadSpec(_M8, total_rate_rps=150.0,
+                                                       duration_s=1200.0, shape="functions",
+                                                       time_scale=72.0, window_s=60.0),
+           _S8, num_gpus=32),
+    Preset("scale", "512 GPUs, 64 models alternating ServeGen and Azure Functions shapes, one "
+           "hour (a day compressed 24x)",
+           WorkloadSpec(_M64, total_rate_rps=1200.0, duration_s=3600.0, shape="mixed",
+                        time_scale=24.0, window_s=150.0, alpha=0.8), _S64, num_gpus=512),
+)}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ValueError(f"unknown workload preset {name!r}; known: {', '.join(PRESETS)}")
+    return PRESETS[name]
