@@ -178,6 +178,123 @@ def models_generate(
     loop.shutdown()
 
 
+WorkloadOpt = Annotated[str, typer.Option(
+    "--workload", "-w", help="A preset (paper, scale, azure-conv, azure-code, servegen, "
+    "azure-functions) or a request CSV (arrival_s,model,input_tokens,output_tokens).")]
+
+
+@app.command()
+def simulate(
+    workload: WorkloadOpt = "paper",
+    config: Annotated[str, typer.Option("--config", "-c", help="Config (models of a CSV "
+                                        "workload, policy parameters).")] = "h100-node",
+    gpus: Annotated[int | None, typer.Option(help="GPUs in the cluster.")] = None,
+    gpus_per_node: Annotated[int | None, typer.Option(help="GPUs per node.")] = None,
+    policies: Annotated[str, typer.Option(help="Comma-separated policy sets; 'all' adds the "
+                                          "ablations.")] = "warmserve,serverlessllm,muxserve,"
+                                                           "dedicated",
+    duration: Annotated[float | None, typer.Option(help="Simulated seconds.")] = None,
+    rate: Annotated[float | None, typer.Option(help="Total request rate (preset only).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Workload seed.")] = None,
+    slo: Annotated[float | None, typer.Option(help="TTFT SLO in seconds.")] = None,
+    profile: Annotated[str, typer.Option(help="Cost profile name or YAML file.")] = "h100",
+    jobs: Annotated[int, typer.Option(help="Policies simulated in parallel.")] = 2,
+    out: Annotated[Path | None, typer.Option(help="Write CSVs and plots here.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Simulate the cluster under a workload for each policy set and compare."""
+    from rich.progress import Progress
+
+    from warmserve.sim.profiles import load_profile
+    from warmserve.sim.report import write_outputs
+    from warmserve.sim.run import WorkloadError, build_scenario, summaries
+    from warmserve.sim.run import simulate as run_sim
+    from warmserve.sim.systems import ABLATIONS, DEFAULT_SYSTEMS
+    from warmserve.workload.traces import TraceError
+
+    names = [p.strip() for p in policies.split(",") if p.strip()]
+    if names == ["all"]:
+        names = list(DEFAULT_SYSTEMS) + list(ABLATIONS)
+    try:
+        cfg = load_config(config)
+        prof = load_profile(profile)
+        scenario = build_scenario(workload, cfg, prof, duration, seed, None, rate, gpus,
+                                  gpus_per_node)
+        with Progress(console=console, transient=True, disable=as_json) as progress:
+            task = progress.add_task(f"simulating {len(names)} policies", total=len(names))
+            results = run_sim(scenario, names, cfg, prof, jobs,
+                              on_done=lambda _: progress.advance(task))
+    except (ConfigError, WorkloadError, TraceError, ValueError, KeyError, OSError) as exc:
+        raise _fail(str(exc).strip("'\"")) from None
+    summary = summaries(results, slo or cfg.policy.ttft_slo_s)
+    if out:
+        write_outputs(out, scenario.workload, results, summary)
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    _print_summary(summary, scenario)
+
+
+def _print_summary(summary: dict[str, dict], scenario) -> None:
+    w = scenario.workload
+    table = Table(title=f"{w.num_requests} requests, {len(w.models)} models, "
+                        f"{scenario.num_gpus} GPUs, {w.spec.duration_s:.0f} s")
+    columns = ("ttft_p50_s", "ttft_p99_s", "tpot_mean_s", "slo_attainment", "completed",
+               "dropped", "gpu_seconds_busy", "cold_starts", "prewarm_hits")
+    table.add_column("policy")
+    for column in columns:
+        table.add_column(column.replace("_", " "), justify="right")
+    for name, row in summary.items():
+        table.add_row(name, *(_fmt(row[c]) for c in columns))
+    Console().print(table)
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3f}" if value < 1000 else f"{value:.0f}"
+    return str(value)
+
+
+@app.command()
+def predict(
+    workload: WorkloadOpt = "paper",
+    window: Annotated[float | None, typer.Option(help="Forecast window (simulated s).")] = None,
+    config: Annotated[str, typer.Option("--config", "-c")] = "h100-node",
+    profile: Annotated[str, typer.Option(help="Cost profile name or YAML file.")] = "h100",
+    seed: Annotated[int | None, typer.Option()] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Forecast each model's load window by window and report the errors."""
+    from warmserve.control.forecast_eval import evaluate_forecasts
+    from warmserve.sim.profiles import load_profile
+    from warmserve.sim.run import WorkloadError, build_scenario
+    from warmserve.workload.traces import TraceError
+
+    try:
+        cfg = load_config(config)
+        scenario = build_scenario(workload, cfg, load_profile(profile), seed=seed,
+                                  window_s=window)
+    except (ConfigError, WorkloadError, TraceError, ValueError, KeyError, OSError) as exc:
+        raise _fail(str(exc).strip("'\"")) from None
+    report = evaluate_forecasts(scenario.workload, cfg.policy.error_correction_windows)
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    table = Table(title=f"forecast errors (mean relative), window {scenario.workload.window_s} s")
+    for column in ("model", "peak", "avg", "naive last window", "naive same slot yesterday"):
+        table.add_column(column, justify="right")
+    rows = [*report["models"].items(), ("overall", report["overall"])]
+    for name, row in rows:
+        table.add_row(name, *(_fmt(row[k]) for k in (
+            "peak_mre", "avg_mre", "naive_last_window_peak_mre",
+            "naive_same_slot_yesterday_peak_mre")))
+    Console().print(table)
+    for note in scenario.workload.notes:
+        console.print(f"[dim]{note}[/dim]")
+
+
 def main() -> None:
     app()
 

@@ -57,7 +57,7 @@ class _ModelState:
     concurrency: int = 0
     integral: float = 0.0
     last_change_s: float = 0.0
-    tick_samples: deque = field(default_factory=lambda: deque(maxlen=64))
+    tick_samples: deque = field(default_factory=deque)  # (time, integral), load_window_s long
     window_start_integral: float = 0.0
     window_peak: int = 0
     window_arrivals: int = 0
@@ -89,8 +89,10 @@ class Simulator:
         self.cfg = config
         self.B = config.policy.instance_capacity
         self.cluster = Cluster(config.num_gpus, config.gpus_per_node, config.profile.pool_bytes)
+        samples = int(config.policy.load_window_s / config.policy.control_interval_s) + 1
         self.models = [_ModelState(i, c, ModelForecaster(workload.num_windows,
-                                                         config.policy.error_correction_windows))
+                                                         config.policy.error_correction_windows),
+                                   tick_samples=deque(maxlen=samples))
                        for i, c in enumerate(costs)]
         for state, name in zip(self.models, workload.models, strict=True):
             if name in workload.history:
@@ -99,10 +101,17 @@ class Simulator:
                                        "peak_concurrency": h.peak_concurrency,
                                        "rate_rps": h.rate_rps})
         n = workload.num_requests
-        self.ttft = np.full(n, np.nan)
-        self.tpot = np.full(n, np.nan)
+        # Per-request state as Python lists: the hot path reads and writes single elements,
+        # which is several times faster on lists than on numpy arrays.
+        self.ttft = [math.nan] * n
+        self.tpot = [math.nan] * n
         self.dropped = np.zeros(n, bool)
-        self.need_tokens = (workload.input_tokens + workload.output_tokens).astype(np.int64)
+        self.arrival = workload.arrival_s.tolist()
+        self.model_of = workload.model_index.tolist()
+        self.input_tokens = workload.input_tokens.tolist()
+        self.output_tokens = workload.output_tokens.tolist()
+        self.need_tokens = (workload.input_tokens.astype(np.int64)
+                            + workload.output_tokens).tolist()
         self.events: list = []
         self.seq = 0
         self.now = 0.0
@@ -118,14 +127,14 @@ class Simulator:
 
     def run(self, progress: Callable[[float], None] | None = None) -> SimResult:
         self._start()
-        arrivals = self.w.arrival_s
+        arrivals = self.arrival
         end = self.w.spec.duration_s + self.cfg.drain_s
         i, n = 0, len(arrivals)
         next_progress = 0.0
         while True:
             next_event = self.events[0][0] if self.events else math.inf
             if i < n and arrivals[i] <= next_event:
-                self.now = float(arrivals[i])
+                self.now = arrivals[i]
                 self._arrive(i)
                 i += 1
             elif next_event <= end and (i < n or self._busy()):
@@ -198,7 +207,7 @@ class Simulator:
     # --- requests ---------------------------------------------------------------------------
 
     def _arrive(self, i: int) -> None:
-        state = self.models[self.w.model_index[i]]
+        state = self.models[self.model_of[i]]
         self._change_concurrency(state, +1)
         state.window_arrivals += 1
         if state.queue or not self._try_admit(state, i):
@@ -209,12 +218,14 @@ class Simulator:
 
     def _try_admit(self, state: _ModelState, i: int) -> bool:
         """Route to the least-loaded live instance with room (KV room too)."""
-        need = int(self.need_tokens[i])
-        best = None
+        need = self.need_tokens[i]
+        best, best_running, now = None, self.B, self.now
         for inst in state.instances:
-            if (inst.running < self.B and inst.ready_at <= self.now and inst.accepting
-                    and (best is None or inst.running < best.running)):
-                best = inst
+            running = inst.running
+            if running < best_running and inst.accepting and inst.ready_at <= now:
+                best, best_running = inst, running
+                if running == 0:
+                    break
         if best is None:
             return False
         if self._kv_fits(best, need):
@@ -246,22 +257,26 @@ class Simulator:
         cost = inst.cost
         slowdown = self._slowdown(inst)
         start = max(self.now, inst.prefill_free_at)
-        first = start + cost.prefill_s(int(self.w.input_tokens[i])) * slowdown
+        first = start + cost.prefill_s(self.input_tokens[i]) * slowdown
         inst.prefill_free_at = first
         inst.running += 1
         self.cluster.change_kv(inst, need)
         tpot = cost.decode_step_s(inst.running) * slowdown
-        out = int(self.w.output_tokens[i])
-        self.ttft[i] = first - self.w.arrival_s[i]
+        out = self.output_tokens[i]
+        self.ttft[i] = first - self.arrival[i]
         self.tpot[i] = tpot
         self._push(first + max(out - 1, 0) * tpot, FINISH, (state, inst, i, need))
 
     def _slowdown(self, inst: Instance) -> float:
         if not self.sys.colocate:
             return 1.0
-        others = {o for g in inst.gpus for o in self.cluster.gpus[g].instances
-                  if o is not inst and o.running}
-        return 1.0 + 0.75 * len(others)  # MPS overlaps kernels: better than pure time-sharing
+        gpus = self.cluster.gpus
+        if len(inst.gpus) == 1:
+            busy = sum(1 for o in gpus[inst.gpus[0]].instances if o.running and o is not inst)
+        else:
+            busy = len({o for g in inst.gpus for o in gpus[g].instances
+                        if o is not inst and o.running})
+        return 1.0 + 0.75 * busy  # MPS overlaps kernels: better than pure time-sharing
 
     def _finish(self, state: _ModelState, inst: Instance, i: int, need: int) -> None:
         inst.running -= 1
@@ -274,7 +289,7 @@ class Simulator:
     def _drain_queue(self, state: _ModelState) -> None:
         while state.queue:
             i = state.queue[0]
-            if self.now - self.w.arrival_s[i] > self.cfg.queue_timeout_s:
+            if self.now - self.arrival[i] > self.cfg.queue_timeout_s:
                 state.queue.popleft()
                 self.dropped[i] = True
                 self._change_concurrency(state, -1)
@@ -296,8 +311,7 @@ class Simulator:
         for state in self.models:
             self._change_concurrency(state, 0)
             state.tick_samples.append((self.now, state.integral))
-            old_t, old_i = next(((t, v) for t, v in state.tick_samples
-                                 if t >= self.now - policy.load_window_s), (self.now, 0.0))
+            old_t, old_i = state.tick_samples[0]  # the deque spans load_window_s
             span = self.now - old_t
             load = (state.integral - old_i) / span if span > 0 else state.concurrency
             live = [inst for inst in state.instances if inst.accepting]
@@ -318,6 +332,7 @@ class Simulator:
             if self.now - inst.created_at < protect or inst.ready_at > self.now:
                 continue
             inst.draining = True
+            inst.refresh()
             if inst.running == 0:
                 self._release(inst)
 
@@ -351,6 +366,7 @@ class Simulator:
         inst = kept[0]
         inst.kept_since = None
         inst.draining = False
+        inst.refresh()
         inst.created_at = self.now
         self.counts["keep"] += 1
         return True
@@ -435,6 +451,7 @@ class Simulator:
         if self.sys.keep_alive:
             inst.kept_since = self.now
             inst.draining = False
+            inst.refresh()
             self._push(self.now + self.cfg.policy.keep_alive_s, EXPIRE, inst)
             return
         self._remove_instance(inst)
@@ -450,6 +467,7 @@ class Simulator:
     def _remove_instance(self, inst: Instance) -> None:
         inst.released_at = self.now
         inst.kept_since = None
+        inst.refresh()
         self.models[inst.model].instances.remove(inst)
         self.cluster.remove_instance(inst)
         self.released.append(inst)
@@ -595,7 +613,8 @@ class Simulator:
         for state in self.models:  # anything still waiting was never served
             for i in state.queue:
                 self.dropped[i] = True
-        never = np.isnan(self.ttft) & ~self.dropped
+        ttft, tpot = np.asarray(self.ttft), np.asarray(self.tpot)
+        never = np.isnan(ttft) & ~self.dropped
         self.dropped |= never
         end = self.now
         busy = sum(((inst.released_at or end) - inst.created_at) * len(inst.gpus)
@@ -604,7 +623,7 @@ class Simulator:
             busy = len(self.cluster.gpus) * end
         used = sum(1 for g in self.cluster.gpus if g.instances) if self.sys.dedicated else len(
             self.cluster.gpus)
-        return SimResult(self.sys.name, self.w.spec.duration_s, self.ttft, self.tpot,
+        return SimResult(self.sys.name, self.w.spec.duration_s, ttft, tpot,
                          self.dropped, self.w.model_index, busy, self.counts["cold"],
                          self.counts["prewarm"], self.counts["keep"], self.counts["reclaim"],
                          used, self.timeline)

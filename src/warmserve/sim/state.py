@@ -35,11 +35,13 @@ class Instance:
     draining: bool = False
     kept_since: float | None = None  # keep-alive: idle but loaded (reactive baseline)
     released_at: float | None = None
+    accepting: bool = True  # live: not draining, not kept idle, not released (see refresh)
 
-    @property
-    def accepting(self) -> bool:
-        """Counts as a live instance: not draining, not kept idle, not released."""
-        return not self.draining and self.kept_since is None and self.released_at is None
+    def refresh(self) -> None:
+        """Recompute `accepting` after changing draining, kept_since or released_at (the
+        router reads it on every request, so it is stored, not derived)."""
+        self.accepting = (not self.draining and self.kept_since is None
+                          and self.released_at is None)
 
 
 @dataclass(eq=False)

@@ -67,7 +67,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            _S8, num_gpus=32),
     Preset("scale", "512 GPUs, 64 models alternating ServeGen and Azure Functions shapes, one "
            "hour (a day compressed 24x)",
-           WorkloadSpec(_M64, total_rate_rps=1200.0, duration_s=3600.0, shape="mixed",
+           WorkloadSpec(_M64, total_rate_rps=600.0, duration_s=3600.0, shape="mixed",
                         time_scale=24.0, window_s=150.0, alpha=0.8), _S64, num_gpus=512),
 )}
 

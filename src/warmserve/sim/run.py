@@ -1,0 +1,131 @@
+"""Running the simulator from a workload spec: a preset name or a request CSV plus a config."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from warmserve.config import WarmServeConfig
+from warmserve.sim.metrics import summarize
+from warmserve.sim.profiles import DeviceProfile, ModelCost, service_time_fn
+from warmserve.sim.simulator import SimConfig, SimResult, Simulator
+from warmserve.sim.systems import get_system
+from warmserve.workload.builder import (
+    WindowSeries,
+    Workload,
+    WorkloadSpec,
+    build_workload,
+    concurrency_by_window,
+)
+from warmserve.workload.presets import PRESETS, get_preset
+from warmserve.workload.traces import load_request_file
+
+SERVICE_BATCH = 16  # the batch at which a request's "ideal" duration is costed
+
+
+class WorkloadError(ValueError):
+    """The workload spec cannot be built; the message says why."""
+
+
+@dataclass(frozen=True)
+class Scenario:
+    workload: Workload
+    costs: list[ModelCost]
+    num_gpus: int
+    gpus_per_node: int
+
+
+def build_scenario(spec: str, config: WarmServeConfig, profile: DeviceProfile,
+                   duration_s: float | None = None, seed: int | None = None,
+                   window_s: float | None = None, rate_rps: float | None = None,
+                   num_gpus: int | None = None, gpus_per_node: int | None = None) -> Scenario:
+    if spec in PRESETS:
+        preset = get_preset(spec).with_overrides(duration_s, seed, window_s, num_gpus,
+                                                 gpus_per_node)
+        wspec = preset.workload
+        if rate_rps:
+            wspec = replace(wspec, total_rate_rps=rate_rps)
+        costs = [profile.model(shape) for shape in preset.shapes]
+        workload = build_workload(wspec, service_time_fn(costs, SERVICE_BATCH))
+        return Scenario(workload, costs, preset.num_gpus, preset.gpus_per_node)
+    path = Path(spec)
+    if not path.is_file():
+        raise WorkloadError(f"workload {spec!r} is neither a preset ({', '.join(PRESETS)}) "
+                            f"nor a request file")
+    return _csv_scenario(path, config, profile, duration_s, window_s, num_gpus, gpus_per_node)
+
+
+def _csv_scenario(path: Path, config: WarmServeConfig, profile: DeviceProfile,
+                  duration_s: float | None, window_s: float | None, num_gpus: int | None,
+                  gpus_per_node: int | None) -> Scenario:
+    requests = load_request_file(path)
+    names = [m.name for m in config.models]
+    unknown = sorted(set(requests.model) - set(names))
+    if unknown:
+        raise WorkloadError(f"{path}: model(s) {', '.join(unknown[:5])} are not in the config "
+                            f"(configured: {', '.join(names) or 'none'})")
+    costs = []
+    for model in config.models:
+        scheme, _, shape = model.checkpoint.partition(":")
+        if scheme != "synth" or shape not in profile.models:
+            known = ", ".join(profile.models)
+            raise WorkloadError(f"model {model.name!r}: the simulator needs a cost profile; give "
+                                f"it checkpoint synth:SHAPE with SHAPE in {known}")
+        costs.append(profile.model(shape))
+    duration = duration_s or float(np.ceil(requests.arrival_s.max() + 1))
+    keep = requests.arrival_s < duration
+    index = np.array([names.index(m) for m in requests.model], dtype=np.int32)[keep]
+    n_in, n_out = requests.input_tokens[keep], requests.output_tokens[keep]
+    spec = WorkloadSpec(tuple(names), total_rate_rps=max(keep.sum() / duration, 1e-9),
+                        duration_s=duration, shape="flat", history_periods=0,
+                        window_s=window_s or config.policy.window_s)
+    workload = Workload(spec, tuple(names), requests.arrival_s[keep], index,
+                        n_in.astype(np.int32), n_out.astype(np.int32))
+    service = service_time_fn(costs, SERVICE_BATCH)
+    n = workload.num_windows
+    for m, name in enumerate(names):
+        sel = index == m
+        start = workload.arrival_s[sel]
+        avg, peak, rate = concurrency_by_window(start, start + service(m, n_in[sel], n_out[sel]),
+                                                spec.window_s, n)
+        workload.actual[name] = WindowSeries(avg[None], peak[None], rate[None])
+    return Scenario(workload, costs, num_gpus or 16, gpus_per_node or 8)
+
+
+def _run_one(args: tuple) -> tuple[str, SimResult]:
+    scenario, name, config, profile, cache = args
+    sim_config = SimConfig(scenario.num_gpus, scenario.gpus_per_node, config.policy, profile,
+                           host_cache_bytes=cache)
+    return name, Simulator(scenario.workload, scenario.costs, get_system(name), sim_config).run()
+
+
+def simulate(scenario: Scenario, policies: list[str], config: WarmServeConfig,
+             profile: DeviceProfile, jobs: int = 1,
+             on_done: Callable[[str], None] | None = None) -> dict[str, SimResult]:
+    """Run each policy set on the same scenario (in parallel processes when jobs > 1)."""
+    for name in policies:
+        get_system(name)  # fail fast on an unknown name
+    cache = int(config.cluster.nodes[0].pinned_cache_gib * (1 << 30))
+    tasks = [(scenario, name, config, profile, cache) for name in policies]
+    results: dict[str, SimResult] = {}
+    if jobs > 1 and len(tasks) > 1:
+        with ProcessPoolExecutor(max_workers=min(jobs, len(tasks))) as pool:
+            for name, result in pool.map(_run_one, tasks):
+                results[name] = result
+                if on_done:
+                    on_done(name)
+    else:
+        for task in tasks:
+            name, result = _run_one(task)
+            results[name] = result
+            if on_done:
+                on_done(name)
+    return results
+
+
+def summaries(results: dict[str, SimResult], ttft_slo_s: float) -> dict[str, dict]:
+    return {name: summarize(result, ttft_slo_s) for name, result in results.items()}
