@@ -20,7 +20,7 @@ def test_help_lists_verbs():
 def test_models_list_json(tmp_path):
     result = runner.invoke(app, ["--cache-dir", str(tmp_path), "models", "list", "--json"])
     assert result.exit_code == 0
-    data = json.loads(result.output)
+    data = json.loads(result.stdout)
     assert [m["name"] for m in data["models"]] == ["smollm2-135m-instruct",
                                                    "smollm2-135m-instruct-b"]
 

@@ -36,10 +36,13 @@ class SeriesForecaster:
     seasonal_abs_errors: list[float] = field(default_factory=list)
     last_abs_errors: list[float] = field(default_factory=list)
 
+    def same_slot(self, window: int) -> list[float]:
+        return [self.values[w] for w in range(window - self.windows_per_period, -1,
+                                              -self.windows_per_period)
+                if w < len(self.values)][: self.max_periods]
+
     def baseline(self, window: int) -> float:
-        same_slot = [self.values[w] for w in range(window - self.windows_per_period, -1,
-                                                  -self.windows_per_period)
-                     if w < len(self.values)][: self.max_periods]
+        same_slot = self.same_slot(window)
         if same_slot:
             return float(np.mean(same_slot))
         if self.values:
@@ -47,7 +50,10 @@ class SeriesForecaster:
         return 0.0
 
     def seasonal(self, window: int) -> float:
-        """The published forecast: baseline plus weighted mean of recent baseline errors."""
+        """The published forecast: baseline plus weighted mean of recent baseline errors
+        (without same-slot history: the last value, uncorrected)."""
+        if not self.same_slot(window):
+            return self.baseline(window)
         recent = self.errors[-self.error_windows:][::-1] if self.error_windows else []
         correction = 0.0
         if recent:
@@ -71,7 +77,8 @@ class SeriesForecaster:
         if self.values:
             self.seasonal_abs_errors.append(abs(value - self.seasonal(window)))
             self.last_abs_errors.append(abs(value - self.values[-1]))
-        self.errors.append(value - self.baseline(window))
+        if self.same_slot(window):  # errors of the seasonal baseline only
+            self.errors.append(value - self.baseline(window))
         self.values.append(float(value))
 
 

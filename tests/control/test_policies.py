@@ -1,0 +1,129 @@
+"""Control policies on hand-built inputs, and hypothesis properties of placement."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from warmserve.control.policies import (
+    GpuCapacity,
+    ReplicaRequest,
+    aligned_groups,
+    autoscale,
+    lendable_kv_tokens,
+    place_prewarms,
+    replica_plan,
+    route,
+)
+from warmserve.control.predictor import Forecast
+
+GB = 1 << 30
+
+
+@pytest.mark.parametrize(
+    ("avg", "peak", "running", "foundation", "burst"),
+    [(0, 0, 0, 0, 0), (40, 100, 0, 2, 2), (40, 100, 1, 1, 2), (40, 100, 4, 0, 0),
+     (64, 64, 0, 2, 0), (1, 90, 0, 1, 2)],
+)
+def test_replica_plan_counts(avg, peak, running, foundation, burst):
+    plan = replica_plan("m", Forecast(avg, peak, 1.0), running, 32, 1, GB, 0.5)
+    assert sum(not r.burst for r in plan) == foundation
+    assert sum(r.burst for r in plan) == burst
+
+
+def test_replica_scores_decay_and_burst_uses_peak_ratio():
+    plan = replica_plan("m", Forecast(40, 100, 1.0), 0, 32, 1, GB, 2.0)
+    total = len(plan)
+    assert plan[0].score == pytest.approx(2.0)
+    assert plan[1].score == pytest.approx(math.exp(-1 / total) * 2.0)
+    assert plan[2].score == pytest.approx(math.exp(-2 / total) * 2.0 * 100 / 40)
+
+
+def test_aligned_groups_nest():
+    assert aligned_groups(8, 1, 4) == [(0, 1, 2, 3), (4, 5, 6, 7)]
+    assert aligned_groups(8, 2, 2)[-1] == (14, 15)
+
+
+def _gpus(n, per_node=8, room=80 * GB, models=None):
+    return [GpuCapacity(g, g // per_node, room, frozenset((models or {}).get(g, ())))
+            for g in range(n)]
+
+
+def test_placement_avoids_overlap_then_minimises_destroyed_score():
+    reqs = [ReplicaRequest("a", 1, 10 * GB, 5.0, False), ReplicaRequest("b", 1, 10 * GB, 4.0,
+                                                                          False)]
+    placed = place_prewarms(reqs, _gpus(2), 8)
+    assert {p.gpus for p in placed} == {(0,), (1,)}  # no overlap while a free GPU exists
+    reqs.append(ReplicaRequest("c", 1, 10 * GB, 1.0, False))
+    placed = place_prewarms(reqs, _gpus(2), 8)
+    assert next(p for p in placed if p.model == "c").gpus == (1,)  # overlaps the lower score
+
+
+def test_placement_respects_instances_and_memory():
+    reqs = [ReplicaRequest("a", 1, 30 * GB, 1.0, False)]
+    gpus = [GpuCapacity(0, 0, 80 * GB, frozenset({"a"})), GpuCapacity(1, 0, 20 * GB,
+                                                                       frozenset())]
+    assert place_prewarms(reqs, gpus, 8) == []
+
+
+def test_round_robin_ablation_cycles():
+    reqs = [ReplicaRequest(m, 1, GB, 1.0, False) for m in "abc"]
+    placed = place_prewarms(reqs, _gpus(4), 8, round_robin=True)
+    assert [p.gpus for p in placed] == [(0,), (1,), (2,)]
+
+
+REQUESTS = st.lists(st.builds(
+    ReplicaRequest, st.sampled_from("abcde"), st.sampled_from([1, 2, 4]),
+    st.integers(1, 40).map(lambda g: g * GB), st.floats(0.01, 10), st.booleans()), max_size=25,
+    unique_by=lambda r: (r.model, r.score))
+
+
+@settings(max_examples=200, deadline=None)
+@given(REQUESTS, st.lists(st.integers(0, 80), min_size=8, max_size=16),
+       st.dictionaries(st.integers(0, 15), st.sampled_from("abcde"), max_size=6))
+def test_placement_invariants(requests, rooms, instance_models):
+    gpus = [GpuCapacity(g, g // 8, rooms[g] * GB,
+                        frozenset({instance_models[g]} if g in instance_models else ()))
+            for g in range(len(rooms) - len(rooms) % 8 or 8)]
+    placed = place_prewarms(requests, gpus, 8)
+    used = {g.gpu: 0 for g in gpus}
+    seen = set()
+    for p in placed:
+        req = next(r for r in requests if r.model == p.model and r.score == p.score)
+        assert len(p.gpus) == req.tp and p.gpus[0] % req.tp == 0  # aligned
+        assert len({g // 8 for g in p.gpus}) == 1  # inside one node
+        for g in p.gpus:
+            assert (p.model, g) not in seen  # never two replicas of one model on a GPU
+            assert p.model not in gpus[g].models  # nor beside its own instance
+            seen.add((p.model, g))
+            used[g] += req.bytes_per_gpu
+    for g in gpus:
+        assert used[g.gpu] <= g.capacity_bytes  # never beyond free memory
+    for p in placed:  # groups nest: any two overlapping groups, one contains the other
+        for q in placed:
+            a, b = set(p.gpus), set(q.gpus)
+            if a & b:
+                assert a <= b or b <= a
+
+
+@pytest.mark.parametrize(
+    ("load", "instances", "expected"),
+    [(0, 0, 0), (10, 1, 1), (30, 1, 2), (100, 2, 4), (10, 2, 1), (15, 1, 1), (0, 3, 0)],
+)
+def test_autoscale(load, instances, expected):
+    assert autoscale(load, instances, 32, 0.8, 0.5) == expected
+
+
+def test_route_least_loaded_with_room():
+    assert route([5, 2, 9], 32) == 1
+    assert route([32, 32], 32) is None
+    assert route([], 32) is None
+
+
+@pytest.mark.parametrize(("total", "used", "running", "lend"),
+                         [(1000, 0, 0, 1000), (1000, 100, 16, 400), (1000, 600, 32, 0)])
+def test_kv_reservation(total, used, running, lend):
+    assert lendable_kv_tokens(total, used, running, 32) == lend

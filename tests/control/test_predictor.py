@@ -1,0 +1,71 @@
+"""The forecaster: seasonal baseline, error correction, fallback, online learning."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from warmserve.control.forecast_eval import evaluate_forecasts
+from warmserve.control.predictor import ModelForecaster, SeriesForecaster, mean_relative_error
+from warmserve.workload.builder import WorkloadSpec, build_workload
+
+
+def test_same_slot_baseline_averages_earlier_periods():
+    f = SeriesForecaster(windows_per_period=3, ensemble=False)
+    for value in [1, 2, 3, 3, 4, 5]:  # two periods
+        f.observe(value)
+    f.errors.clear()
+    assert f.baseline(6) == pytest.approx(2.0)  # slot 0: (1 + 3) / 2
+    assert f.forecast(7) == pytest.approx(3.0)
+
+
+def test_error_correction_weights_newest_first():
+    f = SeriesForecaster(windows_per_period=2, ensemble=False)
+    for value in [10, 10]:
+        f.observe(value)
+    f.errors.clear()
+    f.observe(14)  # error +4
+    f.observe(12)  # error +2
+    # baseline at slot 0: mean(10, 14) = 12; correction: weights 1 (newest, +2) and 1/2 (+4)
+    assert f.forecast(4) == pytest.approx(12 + (2 + 2) / 1.5)
+
+
+def test_fallback_without_history_is_last_value():
+    f = SeriesForecaster(windows_per_period=100)
+    assert f.forecast(0) == 0.0
+    f.observe(7.0)
+    assert f.forecast(1) == pytest.approx(7.0)
+
+
+def test_periodic_series_is_predicted_exactly():
+    period = np.array([5.0, 20.0, 50.0, 20.0])
+    f = ModelForecaster(windows_per_period=4)
+    f.seed({m: np.tile(period, (3, 1)) for m in ("avg_concurrency", "peak_concurrency",
+                                                   "rate_rps")})
+    for value in period:
+        assert f.forecast().peak_concurrency == pytest.approx(value)
+        f.observe(value, value, value)
+
+
+def test_ensemble_leans_on_the_better_predictor():
+    f = SeriesForecaster(windows_per_period=4)
+    for value in [1, 1, 1, 1]:  # a useless history ...
+        f.observe(value)
+    for s in (f.errors, f.seasonal_abs_errors, f.last_abs_errors):
+        s.clear()
+    for value in [50, 52, 54, 56]:  # ... and a slowly drifting present
+        f.observe(value)
+    assert abs(f.forecast(8) - 56) < abs(f.seasonal(8) - 56)
+
+
+def test_mre_ignores_tiny_actuals():
+    assert mean_relative_error(np.array([2.0, 5.0]), np.array([1.0, 0.1])) == 1.0
+
+
+def test_evaluate_reports_all_keys():
+    w = build_workload(WorkloadSpec(("a", "b"), 20.0, 600.0, window_s=60.0))
+    report = evaluate_forecasts(w)
+    assert set(report["overall"]) >= {"peak_mre", "avg_mre", "naive_last_window_peak_mre",
+                                      "naive_same_slot_yesterday_peak_mre"}
+    assert report["models"]["a"]["windows"] == 10
+    assert 0 <= report["overall"]["peak_mre"] < 1

@@ -1,0 +1,109 @@
+"""The simulator: determinism, accounting, and each system's defining behaviour."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from warmserve.config import PolicyConfig, load_config
+from warmserve.sim.profiles import load_profile, service_time_fn
+from warmserve.sim.run import build_scenario, simulate, summaries
+from warmserve.sim.simulator import SimConfig, Simulator
+from warmserve.sim.systems import SYSTEMS, get_system
+from warmserve.workload.builder import WindowSeries, Workload, WorkloadSpec
+
+PROFILE = load_profile("h100")
+CONFIG = load_config("h100-node")
+
+
+@pytest.fixture(scope="module")
+def paper_short():
+    return build_scenario("paper", CONFIG, PROFILE, duration_s=240.0)
+
+
+def test_profile_has_sources_and_sane_costs():
+    cost = PROFILE.model("llama-3-8b")
+    assert cost.decode_step_s(1) == pytest.approx(0.00697)
+    assert PROFILE.model("llama-2-70b").weight_bytes_per_gpu == 138e9 // 4
+    with pytest.raises(KeyError, match="no cost profile"):
+        PROFILE.model("gpt-9")
+
+
+def test_deterministic(paper_short):
+    a = simulate(paper_short, ["warmserve"], CONFIG, PROFILE)["warmserve"]
+    b = simulate(paper_short, ["warmserve"], CONFIG, PROFILE)["warmserve"]
+    assert np.array_equal(a.ttft_s, b.ttft_s, equal_nan=True)
+
+
+@pytest.mark.parametrize("name", sorted(SYSTEMS))
+def test_every_request_is_accounted_and_memory_is_exact(paper_short, name):
+    sim = Simulator(paper_short.workload, paper_short.costs, get_system(name),
+                    SimConfig(16, 8, CONFIG.policy, PROFILE))
+    result = sim.run()
+    served = ~result.dropped
+    assert np.isfinite(result.ttft_s[served]).all() and (result.ttft_s[served] > 0).all()
+    assert served.sum() + result.dropped.sum() == paper_short.workload.num_requests
+    for gpu in sim.cluster.gpus:
+        expected = sum(p.bytes_per_gpu for p in gpu.prewarms) + sum(
+            i.cost.weight_bytes_per_gpu + i.kv_tokens * i.cost.kv_bytes_per_token // i.cost.tp
+            for i in gpu.instances)
+        assert gpu.used == expected <= gpu.pool_bytes
+        for inst in gpu.instances:
+            assert inst.kv_tokens == 0 or inst.running > 0
+
+
+def test_dedicated_is_the_ideal(paper_short):
+    results = simulate(paper_short, ["dedicated", "serverlessllm"], CONFIG, PROFILE)
+    s = summaries(results, 1.0)
+    assert s["dedicated"]["cold_starts"] == 0
+    assert s["dedicated"]["ttft_p99_s"] <= s["serverlessllm"]["ttft_p99_s"]
+
+
+def test_muxserve_colocates_every_model_and_slows_decode(paper_short):
+    s = summaries(simulate(paper_short, ["muxserve", "dedicated"], CONFIG, PROFILE), 1.0)
+    assert s["muxserve"]["tpot_mean_s"] > s["dedicated"]["tpot_mean_s"]
+    assert s["muxserve"]["cold_starts"] == 0
+
+
+def _burst_workload(history_peak: float) -> Workload:
+    """One 7B model: idle for 60 s, then a burst of 40 rps for 20 s; history says so."""
+    spec = WorkloadSpec(("m",), total_rate_rps=10.0, duration_s=120.0, window_s=30.0,
+                        shape="flat", history_periods=0)
+    rng = np.random.default_rng(0)
+    arrivals = np.sort(np.concatenate([rng.uniform(0, 60, 5), rng.uniform(60, 80, 800)]))
+    n = len(arrivals)
+    peaks = np.array([[1.0, 1.0, history_peak, 2.0]] * 3)
+    history = WindowSeries(peaks / 2, peaks, peaks / 10)
+    return Workload(spec, ("m",), arrivals, np.zeros(n, np.int32), np.full(n, 300, np.int32),
+                    np.full(n, 200, np.int32), history={"m": history},
+                    actual={"m": WindowSeries(peaks[:1] / 2, peaks[:1], peaks[:1] / 10)})
+
+
+def test_prewarming_beats_reactive_cold_starts_on_a_forecast_burst():
+    workload = _burst_workload(history_peak=160.0)
+    costs = [PROFILE.model("llama-2-7b")]
+    config = SimConfig(8, 8, PolicyConfig(), PROFILE)
+    warm = Simulator(workload, costs, get_system("warmserve"), config).run()
+    cold = Simulator(workload, costs, get_system("serverlessllm"), config).run()
+    assert warm.prewarm_hits >= 2 and cold.prewarm_hits == 0 and cold.cold_starts >= 2
+    burst = workload.arrival_s >= 60
+    assert np.percentile(warm.ttft_s[burst], 99) < np.percentile(cold.ttft_s[burst], 99) / 3
+
+
+def test_service_time_uses_the_profile():
+    fn = service_time_fn([PROFILE.model("llama-2-7b")], batch=1)
+    assert fn(0, np.array([0]), np.array([100]))[0] == pytest.approx(0.004 + 100 * 0.00585)
+
+
+def test_csv_workload(tmp_path):
+    path = tmp_path / "req.csv"
+    path.write_text("arrival_s,model,input_tokens,output_tokens\n"
+                    + "".join(f"{i * 0.1:.1f},llama-2-7b-a,100,50\n" for i in range(50)))
+    scenario = build_scenario(str(path), CONFIG, PROFILE)
+    results = simulate(scenario, ["warmserve", "dedicated"], CONFIG, PROFILE)
+    assert summaries(results, 1.0)["warmserve"]["completed"] == 50
+    path.write_text("arrival_s,model,input_tokens,output_tokens\n1,nope,1,1\n")
+    with pytest.raises(ValueError, match="not in the config"):
+        build_scenario(str(path), CONFIG, PROFILE)
+    with pytest.raises(ValueError, match="neither a preset"):
+        build_scenario(str(tmp_path / "missing.csv"), CONFIG, PROFILE)

@@ -1,0 +1,70 @@
+"""The multi-model workload builder: power-law shares, envelopes, history, reproducibility."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from warmserve.workload.builder import WorkloadSpec, build_workload, concurrency_by_window
+from warmserve.workload.presets import PRESETS, get_preset
+
+SPEC = WorkloadSpec(("a", "b", "c", "d"), total_rate_rps=20.0, duration_s=600.0, window_s=60.0)
+
+
+def test_shares_follow_power_law_and_total_rate():
+    w = build_workload(SPEC)
+    counts = np.bincount(w.model_index, minlength=4)
+    assert counts.sum() / SPEC.duration_s == pytest.approx(20.0, rel=0.25)
+    assert counts[0] > counts[1] > counts[3]
+    shares = SPEC.shares()
+    assert shares[0] / shares[1] == pytest.approx(2.0)
+
+
+def test_seeded_and_reproducible():
+    a, b = build_workload(SPEC), build_workload(SPEC)
+    assert np.array_equal(a.arrival_s, b.arrival_s)
+    assert np.array_equal(a.input_tokens, b.input_tokens)
+    c = build_workload(WorkloadSpec(SPEC.models, 20.0, 600.0, window_s=60.0, seed=1))
+    assert not np.array_equal(a.arrival_s, c.arrival_s)
+
+
+def test_tokens_capped_sorted_and_history_shaped():
+    w = build_workload(SPEC)
+    assert (np.diff(w.arrival_s) >= 0).all() and w.arrival_s.max() < SPEC.duration_s
+    assert w.input_tokens.max() <= 1024 and w.output_tokens.min() >= 1
+    for name in SPEC.models:
+        assert w.history[name].peak_concurrency.shape == (3, 10)
+        assert w.actual[name].peak_concurrency.shape == (1, 10)
+        assert (w.actual[name].peak_concurrency >= w.actual[name].avg_concurrency).all()
+
+
+def test_functions_shape_has_no_history_and_is_noted():
+    w = build_workload(WorkloadSpec(("a", "b"), 10.0, 300.0, shape="functions", window_s=30.0))
+    assert w.history == {}
+    assert any("one day" in note for note in w.notes)
+
+
+def test_concurrency_by_window_exact():
+    start = np.array([0.0, 5.0, 12.0])
+    end = np.array([10.0, 15.0, 13.0])
+    avg, peak, rate = concurrency_by_window(start, end, 10.0, 2)
+    assert avg.tolist() == pytest.approx([1.5, 0.6])  # (10 + 5) / 10; (5 + 1) / 10
+    assert peak.tolist() == [2, 2]
+    assert rate.tolist() == [0.2, 0.1]
+
+
+@pytest.mark.parametrize("bad", [{"total_rate_rps": 0}, {"duration_s": -1}, {"shape": "x"},
+                                 {"models": ()}])
+def test_bad_spec(bad):
+    fields = {"models": ("a",), "total_rate_rps": 1.0, "duration_s": 10.0} | bad
+    with pytest.raises(ValueError):
+        WorkloadSpec(**fields)
+
+
+def test_presets_exist():
+    assert {"paper", "scale", "azure-conv", "azure-code", "servegen",
+            "azure-functions"} <= set(PRESETS)
+    paper = get_preset("paper")
+    assert paper.num_gpus == 16 and paper.shapes.count("llama-2-7b") == 2
+    with pytest.raises(ValueError, match="unknown workload preset"):
+        get_preset("nope")
