@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/warmserve models generate
+	$(BIN)/warmserve simulate --workload paper
 
 test: $(STAMP)
 	$(BIN)/pytest -q

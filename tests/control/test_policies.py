@@ -43,7 +43,7 @@ def test_replica_scores_decay_and_burst_uses_peak_ratio():
 
 
 def test_aligned_groups_nest():
-    assert aligned_groups(8, 1, 4) == [(0, 1, 2, 3), (4, 5, 6, 7)]
+    assert aligned_groups(8, 1, 4) == ((0, 1, 2, 3), (4, 5, 6, 7))
     assert aligned_groups(8, 2, 2)[-1] == (14, 15)
 
 

@@ -11,9 +11,12 @@ from warmserve.workload.builder import Workload
 def evaluate_forecasts(workload: Workload, error_windows: int = 10) -> dict:
     """Replay each model's simulated span window by window: forecast, then observe.
 
-    Returns {"overall": {...}, "models": {name: {...}}} with mean relative errors of the peak
-    and average concurrency forecasts, and of two naive peak predictors (last window; same slot
-    of the previous day, where there is one).
+    Returns {"overall": {...}, "with_history": {...}, "models": {name: {...}}} with mean
+    relative errors of the peak and average concurrency forecasts, and of two naive peak
+    predictors (last window; same slot of the previous day, where there is one). Every
+    predictor is scored on the same windows: all but the first, which has no last window.
+    `with_history` averages over the models that have earlier days only, so that all four
+    errors there cover the same models.
     """
     models = {}
     for name in workload.models:
@@ -31,21 +34,24 @@ def evaluate_forecasts(workload: Workload, error_windows: int = 10) -> dict:
             peak_pred[w], avg_pred[w] = forecast.peak_concurrency, forecast.avg_concurrency
             forecaster.observe(actual.avg_concurrency[0, w], actual.peak_concurrency[0, w],
                                actual.rate_rps[0, w])
-        peak = actual.peak_concurrency[0]
-        last = np.concatenate([[np.nan], peak[:-1]])
+        peak, avg = actual.peak_concurrency[0, 1:], actual.avg_concurrency[0, 1:]
         entry = {
-            "peak_mre": mean_relative_error(peak_pred, peak),
-            "avg_mre": mean_relative_error(avg_pred, actual.avg_concurrency[0]),
-            "naive_last_window_peak_mre": mean_relative_error(last[1:], peak[1:]),
+            "peak_mre": mean_relative_error(peak_pred[1:], peak),
+            "avg_mre": mean_relative_error(avg_pred[1:], avg),
+            "naive_last_window_peak_mre": mean_relative_error(
+                actual.peak_concurrency[0, :-1], peak),
             "naive_same_slot_yesterday_peak_mre": (
-                mean_relative_error(history.peak_concurrency[-1], peak)
+                mean_relative_error(history.peak_concurrency[-1, 1:], peak)
                 if history is not None else None),
             "has_history": history is not None,
             "windows": n,
-            "mean_peak_concurrency": float(peak.mean()),
+            "mean_peak_concurrency": float(actual.peak_concurrency[0].mean()),
         }
         models[name] = entry
-    return {"overall": _overall(models), "models": models}
+    with_history = {k: v for k, v in models.items() if v["has_history"]}
+    return {"overall": _overall(models),
+            "with_history": _overall(with_history) if with_history else None,
+            "models": models}
 
 
 def _overall(models: dict) -> dict:

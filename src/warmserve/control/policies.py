@@ -4,6 +4,7 @@ prewarmed replicas, KV-cache reservation, the reactive autoscaler and the router
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -56,11 +57,12 @@ def replica_plan(model: str, forecast: Forecast, running: int, capacity: int, tp
     return out
 
 
-def aligned_groups(gpus_per_node: int, num_nodes: int, tp: int) -> list[tuple[int, ...]]:
+@functools.cache
+def aligned_groups(gpus_per_node: int, num_nodes: int, tp: int) -> tuple[tuple[int, ...], ...]:
     """GPU groups of size tp, aligned within a node: aligned groups always nest, so overlapping
     replicas of equal degree share all GPUs and smaller ones lie inside larger ones."""
-    return [tuple(node * gpus_per_node + start + j for j in range(tp))
-            for node in range(num_nodes) for start in range(0, gpus_per_node - tp + 1, tp)]
+    return tuple(tuple(node * gpus_per_node + start + j for j in range(tp))
+                 for node in range(num_nodes) for start in range(0, gpus_per_node - tp + 1, tp))
 
 
 def place_prewarms(requests: Sequence[ReplicaRequest], gpus: Sequence[GpuCapacity],

@@ -125,10 +125,15 @@ class Simulator:
 
     # --- the loop --------------------------------------------------------------------------
 
-    def run(self, progress: Callable[[float], None] | None = None) -> SimResult:
+    def run(self, progress: Callable[[float], None] | None = None,
+            stop_at_s: float | None = None) -> SimResult:
+        """Simulate to the end (or only up to `stop_at_s`, leaving the state to inspect)."""
         self._start()
         arrivals = self.arrival
         end = self.w.spec.duration_s + self.cfg.drain_s
+        if stop_at_s is not None:
+            end = min(end, stop_at_s)
+            arrivals = [t for t in arrivals if t < stop_at_s]
         i, n = 0, len(arrivals)
         next_progress = 0.0
         while True:
