@@ -34,6 +34,8 @@ class TensorProvider(Protocol):
         """Uninitialised `[num_blocks, *block_shape]` storage, block-major."""
         ...
 
+    # A provider may set `filled = True`: its weights already hold the checkpoint's values.
+
 
 class TorchProvider:
     """The default provider: plain framework allocations on one device.
@@ -63,13 +65,14 @@ def build_model(arch: ModelArch, checkpoint: Path, dtype: torch.dtype, provider:
     """Instantiate on meta, then fill every parameter from the checkpoint via the provider."""
     with torch.device("meta"):
         model = MODEL_CLASSES[arch.architecture](arch, tp_rank, tp_size)
+    filled = getattr(provider, "filled", False)  # weights already in place: copy nothing
     with CheckpointReader(checkpoint) as reader:
         for name, param in list(model.named_parameters()):
             module_name, _, attr = name.rpartition(".")
             module = model.get_submodule(module_name)
             target = provider.weight(name, tuple(param.shape), dtype)
             offset = 0
-            for source_name, rows in _sources(module_name, attr, module, param):
+            for source_name, rows in [] if filled else _sources(module_name, attr, module, param):
                 shard = _shard(reader.get(source_name), getattr(module, "shard_dim", None),
                                tp_rank, tp_size)
                 expected = (rows, *param.shape[1:])

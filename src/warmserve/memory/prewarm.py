@@ -1,0 +1,68 @@
+"""Streaming weights from the host cache into a slot, pipelined with page mapping.
+
+Chunk k is copied while the pages of chunks k+1 and k+2 are being mapped on the pool's
+background thread; a copy waits only for its own pages. A prewarm can be cancelled between
+chunks; it then stops copying, waits for its copies to land, and leaves the slot to be dropped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from warmserve.memory.pool import PagePool, Slot
+
+LOOKAHEAD = 2
+
+
+@dataclass
+class PrewarmProgress:
+    bytes_done: int = 0
+    bytes_total: int = 0
+    cancelled: bool = False
+
+    @property
+    def done(self) -> bool:
+        return self.bytes_done >= self.bytes_total and not self.cancelled
+
+
+def prewarm_slot(pool: PagePool, slot: Slot, host: torch.Tensor, chunk_pages: int = 32,
+                 cancel: threading.Event | None = None,
+                 stream: torch.cuda.Stream | None = None) -> PrewarmProgress:
+    """Map the slot's weight pages and copy `host` (uint8, laid out) into them."""
+    page = pool.page_bytes
+    total_pages = -(-host.numel() // page)
+    chunks = [range(s, min(s + chunk_pages, total_pages))
+              for s in range(0, total_pages, chunk_pages)]
+    progress = PrewarmProgress(0, host.numel())
+    view = pool.view(slot)
+    pending: deque = deque()
+    submitted = 0
+    while submitted < min(LOOKAHEAD, len(chunks)):
+        pending.append(pool.map(slot, [p for p in chunks[submitted] if p not in slot.pages]))
+        submitted += 1
+    on_device = view.is_cuda
+    ctx = (torch.cuda.stream(stream) if on_device and stream is not None
+           else contextlib.nullcontext())
+    with ctx:
+        for chunk in chunks:
+            pending.popleft().result()  # this chunk's pages are mapped and accessible
+            if cancel is not None and cancel.is_set():
+                progress.cancelled = True
+                break
+            if submitted < len(chunks):
+                pending.append(pool.map(slot, [p for p in chunks[submitted]
+                                               if p not in slot.pages]))
+                submitted += 1
+            start, end = chunk.start * page, min(chunk.stop * page, host.numel())
+            view[start:end].copy_(host[start:end], non_blocking=on_device)
+            progress.bytes_done = end
+        for future in pending:
+            future.result()
+    if on_device:
+        (stream or torch.cuda.current_stream()).synchronize()
+    return progress
