@@ -180,7 +180,11 @@ class PolicyConfig(_Frozen):
     pool_memory_fraction: float = Field(
         0.9, gt=0, le=1, description="Share of a device's free memory turned into pool pages."
     )
-    page_size_mib: int = Field(2, ge=1, le=1024, description="Pool page size (MiB).")
+    page_size_mib: int = Field(
+        32, ge=2, le=1024,
+        description="Pool page size (MiB). 32: per-call driver costs grow with the number of "
+        "physical allocations, and 2-MiB pages make mapping 10x slower (docs/memory.md).",
+    )
     keep_alive_s: float = Field(
         60.0, ge=0, description="Reactive baseline: idle instances stay loaded this long (s)."
     )

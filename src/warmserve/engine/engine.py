@@ -210,12 +210,18 @@ class LLMEngine:
 
 def create_engine(checkpoint: Path, config: EngineConfig, dtype: str, device: str,
                   max_context: int, provider: TensorProvider | None = None,
-                  kv_cache_bytes: int | None = None, seed: int = 0) -> LLMEngine:
-    """Load a checkpoint directory into a ready engine on `device`."""
+                  kv_cache_bytes: int | None = None, seed: int = 0,
+                  model: torch.nn.Module | None = None, tokenizer: Tokenizer | None = None
+                  ) -> LLMEngine:
+    """Load a checkpoint directory into a ready engine on `device`.
+
+    A worker passes `model` (built over a prewarmed slot when the prewarm finished) and
+    `tokenizer` to turn a prewarmed replica into an engine without building anything again.
+    """
     arch = read_arch(checkpoint)
     provider = provider or TorchProvider(device)
     torch_dtype = DTYPES[dtype]
-    model = build_model(arch, checkpoint, torch_dtype, provider)
+    model = model if model is not None else build_model(arch, checkpoint, torch_dtype, provider)
     block_bytes = config.block_size_tokens * arch.kv_bytes_per_token * torch_dtype.itemsize
     num_blocks = _num_kv_blocks(config, kv_cache_bytes, block_bytes, provider.device)
     max_blocks_per_seq = -(-max_context // config.block_size_tokens)
@@ -231,7 +237,7 @@ def create_engine(checkpoint: Path, config: EngineConfig, dtype: str, device: st
     )
     scheduler = Scheduler(BlockManager(num_blocks, config.block_size_tokens),
                           config.max_num_seqs, config.max_tokens_per_step)
-    tokenizer = Tokenizer(checkpoint, arch)
+    tokenizer = tokenizer or Tokenizer(checkpoint, arch)
     return LLMEngine(runner, scheduler, tokenizer, min(max_context, arch.max_position))
 
 

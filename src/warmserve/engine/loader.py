@@ -9,6 +9,7 @@ was copied into it, so no weight is initialised only to be overwritten.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Protocol
 
@@ -66,7 +67,7 @@ def build_model(arch: ModelArch, checkpoint: Path, dtype: torch.dtype, provider:
     with torch.device("meta"):
         model = MODEL_CLASSES[arch.architecture](arch, tp_rank, tp_size)
     filled = getattr(provider, "filled", False)  # weights already in place: copy nothing
-    with CheckpointReader(checkpoint) as reader:
+    with contextlib.nullcontext() if filled else CheckpointReader(checkpoint) as reader:
         for name, param in list(model.named_parameters()):
             module_name, _, attr = name.rpartition(".")
             module = model.get_submodule(module_name)

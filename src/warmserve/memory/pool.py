@@ -2,8 +2,10 @@
 
 A slot is a virtual range reserved for one resident model (weights at offset 0, its KV cache
 after them). Pages are mapped by one background thread and unmapped by another, each in call
-order, so a caller overlaps its own work (copying weights) with mapping, and evicting one slot
-never delays mapping another. A map into a slot waits for that slot's pending unmaps only.
+order, so a caller overlaps its own work (copying weights) with mapping. Maps go first: the
+driver serialises page-table updates, so an unmap in progress pauses between chunks while any
+map is waiting, and evicting one slot does not delay activating another. A map into a slot
+waits for that slot's pending unmaps only.
 
 Accounting is exact at all times: every page is in exactly one place — free, in one slot
 (mapped, or being mapped), or being unmapped (it becomes free when the unmap has happened).
@@ -13,12 +15,16 @@ Accounting is exact at all times: every page is in exactly one place — free, i
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
 from warmserve.memory.backends import PageBackend
+
+UNMAP_CHUNK_PAGES = 64  # an eviction yields to waiting maps between chunks of this many pages
+YIELD_EVERY_PAGES = 16  # background threads give up the GIL this often
 
 
 class PoolError(ValueError):
@@ -64,6 +70,8 @@ class PagePool:
                                           initializer=backend.bind_thread)
         self._unmapper = ThreadPoolExecutor(1, thread_name_prefix="pool-unmapper",
                                             initializer=backend.bind_thread)
+        self._maps_waiting = 0
+        self._maps_idle = threading.Condition(self._lock)
 
     # --- state ------------------------------------------------------------------------------
 
@@ -153,6 +161,7 @@ class PagePool:
             pages = [self._free.pop() for _ in offsets]
             slot.pages.update(zip(offsets, pages, strict=True))
             waits = [f for f in slot.pending_unmaps if not f.done()]
+            self._maps_waiting += 1
         return self._mapper.submit(self._do_map, slot, offsets, pages, waits)
 
     def unmap(self, slot: Slot, offsets: range | list[int]) -> Future:
@@ -187,17 +196,30 @@ class PagePool:
 
     def _do_map(self, slot: Slot, offsets: list[int], pages: list[int],
                 waits: list[Future]) -> None:
-        for future in waits:  # the same addresses may still be mapped until these finish
-            future.result()
-        for offset, page in zip(offsets, pages, strict=True):
-            self.backend.map(slot.va + offset * self.page_bytes, self._handles[page])
-        for start, count in _runs(offsets):  # one access call per contiguous run
-            self.backend.set_access(slot.va + start * self.page_bytes, count * self.page_bytes)
+        try:
+            for future in waits:  # the same addresses may still be mapped until these finish
+                future.result()
+            for i, (offset, page) in enumerate(zip(offsets, pages, strict=True)):
+                self.backend.map(slot.va + offset * self.page_bytes, self._handles[page])
+                if i % YIELD_EVERY_PAGES == YIELD_EVERY_PAGES - 1:
+                    time.sleep(0)  # let the serving thread take the GIL: it launches kernels
+            for start, count in _runs(offsets):  # one access call per contiguous run
+                self.backend.set_access(slot.va + start * self.page_bytes,
+                                        count * self.page_bytes)
+        finally:
+            with self._lock:
+                self._maps_waiting -= 1
+                self._maps_idle.notify_all()
 
     def _do_unmap(self, slot: Slot, offsets: list[int], pages: list[int]) -> None:
         try:
             for start, count in _runs(offsets):
-                self.backend.unmap(slot.va + start * self.page_bytes, count * self.page_bytes)
+                for first in range(start, start + count, UNMAP_CHUNK_PAGES):
+                    with self._lock:  # maps first: wait while any is queued
+                        self._maps_idle.wait_for(lambda: self._maps_waiting == 0, timeout=1.0)
+                    n = min(UNMAP_CHUNK_PAGES, start + count - first)
+                    self.backend.unmap(slot.va + first * self.page_bytes, n * self.page_bytes)
+                    time.sleep(0)
         finally:
             with self._lock:
                 self._unmapping.difference_update(pages)

@@ -1,8 +1,11 @@
-"""Streaming weights from the host cache into a slot, pipelined with page mapping.
+"""Streaming weights from the host cache into a slot.
 
-Chunk k is copied while the pages of chunks k+1 and k+2 are being mapped on the pool's
-background thread; a copy waits only for its own pages. A prewarm can be cancelled between
-chunks; it then stops copying, waits for its copies to land, and leaves the slot to be dropped.
+Two orders: `pipeline=True` (the default) copies chunk k while the pages of chunks k+1 and k+2
+are mapped on the pool's background thread, so a copy waits only for its own pages;
+`pipeline=False` maps all pages first (one job), then copies. With 32 MiB pages the pipeline
+loads a Llama-3-8B at 99.9% of the pinned-copy rate on the H100 (docs/memory.md).
+A prewarm can be cancelled between chunks; it then stops copying, waits for its copies to land,
+and leaves the slot to be dropped.
 """
 
 from __future__ import annotations
@@ -30,12 +33,15 @@ class PrewarmProgress:
         return self.bytes_done >= self.bytes_total and not self.cancelled
 
 
-def prewarm_slot(pool: PagePool, slot: Slot, host: torch.Tensor, chunk_pages: int = 32,
+def prewarm_slot(pool: PagePool, slot: Slot, host: torch.Tensor, chunk_pages: int = 8,
                  cancel: threading.Event | None = None,
-                 stream: torch.cuda.Stream | None = None) -> PrewarmProgress:
+                 stream: torch.cuda.Stream | None = None,
+                 pipeline: bool = True) -> PrewarmProgress:
     """Map the slot's weight pages and copy `host` (uint8, laid out) into them."""
     page = pool.page_bytes
     total_pages = -(-host.numel() // page)
+    if not pipeline:
+        pool.map(slot, [p for p in range(total_pages) if p not in slot.pages]).result()
     chunks = [range(s, min(s + chunk_pages, total_pages))
               for s in range(0, total_pages, chunk_pages)]
     progress = PrewarmProgress(0, host.numel())
