@@ -68,6 +68,34 @@ class BlockManager:
         self._lent |= taken_set
         return sorted(taken)
 
+    def free_units(self, unit: int) -> list[int]:
+        """Indexes of the lending units (`unit` consecutive blocks, whole pages of memory) whose
+        blocks are all free, highest first."""
+        free = set(self._free)
+        return [u for u in range(self.num_blocks // unit - 1, -1, -1)
+                if all(b in free for b in range(u * unit, (u + 1) * unit))]
+
+    def lend_units(self, count: int, unit: int) -> list[int]:
+        """Take `count` whole units of free blocks out of service; returns their block ids."""
+        units = self.free_units(unit)
+        if count > len(units):
+            raise ValueError(f"cannot lend {count} units of {unit} blocks: {len(units)} are free")
+        blocks = [b for u in units[:count] for b in range(u * unit, (u + 1) * unit)]
+        chosen = set(blocks)
+        self._free = [b for b in self._free if b not in chosen]
+        heapq.heapify(self._free)
+        self._lent |= chosen
+        return sorted(blocks)
+
+    def withhold(self, blocks: list[int]) -> None:
+        """Take specific free blocks out of service (their memory is not there yet)."""
+        wanted = set(blocks)
+        if not wanted <= set(self._free):
+            raise ValueError(f"blocks {sorted(wanted - set(self._free))[:8]} are not free")
+        self._free = [b for b in self._free if b not in wanted]
+        heapq.heapify(self._free)
+        self._lent |= wanted
+
     def reclaim(self, blocks: list[int]) -> None:
         """Return lent blocks to service."""
         unknown = [b for b in blocks if b not in self._lent]

@@ -115,6 +115,10 @@ class EngineLoop:
             raise value
         return value
 
+    def post(self, fn: Callable[[LLMEngine], Any]) -> None:
+        """Run `fn(engine)` on the loop thread between steps, without waiting for it."""
+        self._commands.put(("call", (fn, queue.SimpleQueue())))
+
     def stats(self) -> EngineStats:
         return self.call(lambda engine: engine.stats())
 

@@ -1,0 +1,281 @@
+"""The universal worker of one device: many models' weights in one page pool, any of them
+turned into a serving engine without copying.
+
+A model here is ABSENT, PREWARMING (weights streaming into its slot), PREWARMED (weights in
+place, the model object built over them) or ACTIVE (an engine serves it; its KV cache is mapped
+beside the weights). Verbs: prewarm (background, cancellable), activate (a model not prewarmed
+is loaded cold first), deactivate (back to PREWARMED), evict, lend / reclaim KV pages, generate,
+abort, stats. What cannot fit is refused with a reason (`Refused`); nothing is left half-done.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from warmserve.config import EngineConfig, ModelConfig
+from warmserve.engine.checkpoint import DTYPES, read_arch, resolve_checkpoint
+from warmserve.engine.engine import create_engine
+from warmserve.engine.loader import build_model
+from warmserve.engine.loop import EngineLoop, RequestStream
+from warmserve.engine.sampling import SamplingParams
+from warmserve.engine.tokenizer import Tokenizer
+from warmserve.memory.host_cache import HostWeightCache
+from warmserve.memory.layout import LayoutProvider, SlotLayout, plan_layout
+from warmserve.memory.pool import PagePool, PoolFullError, Slot
+from warmserve.memory.prewarm import prewarm_slot
+
+log = logging.getLogger(__name__)
+
+FIRST_KV_BYTES = 256 << 20  # mapped before the first request; the rest follows in background
+
+
+class Refused(RuntimeError):
+    """The worker declines a request (no room, wrong state); the message says why."""
+
+
+class ModelState(enum.Enum):
+    PREWARMING = "prewarming"
+    PREWARMED = "prewarmed"
+    ACTIVE = "active"
+
+
+@dataclass(eq=False)
+class _Resident:
+    config: ModelConfig
+    checkpoint: Path
+    layout: SlotLayout
+    slot: Slot
+    state: ModelState
+    cancel: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event)
+    error: str | None = None
+    model: torch.nn.Module | None = None
+    tokenizer: Tokenizer | None = None
+    loop: EngineLoop | None = None
+    lent_blocks: list[int] = field(default_factory=list)
+    kv_pending: Any = None
+
+
+class UniversalWorker:
+    def __init__(self, pool: PagePool, models: list[ModelConfig], engine: EngineConfig,
+                 cache_dir: Path, host_cache_bytes: int, kv_bytes: int | None = None,
+                 first_kv_bytes: int = FIRST_KV_BYTES) -> None:
+        self.pool = pool
+        self.device = pool.backend.device
+        self.engine_config = engine
+        self.models = {m.name: m for m in models}
+        self.cache_dir = cache_dir
+        self.host_cache = HostWeightCache(host_cache_bytes)
+        pool_bytes = pool.num_pages * pool.page_bytes
+        self.kv_bytes = kv_bytes or int((engine.kv_cache_gib or pool_bytes / (1 << 30)) * (1 << 30))
+        self.first_kv_bytes = first_kv_bytes
+        self._residents: dict[str, _Resident] = {}
+        self._lock = threading.RLock()
+
+    # --- verbs ------------------------------------------------------------------------------
+
+    def prewarm(self, name: str, wait: bool = False) -> ModelState:
+        """Start streaming a model's weights into a new slot (a no-op if already resident)."""
+        with self._lock:
+            if name in self._residents:
+                return self._residents[name].state
+            resident = self._reserve(name)
+            thread = threading.Thread(target=self._prewarm_job, args=(resident,),
+                                      name=f"prewarm-{name}", daemon=True)
+            thread.start()
+        if wait:
+            self._wait_prewarmed(resident)
+        return resident.state
+
+    def activate(self, name: str) -> None:
+        """Turn a model into a serving engine; one not prewarmed is loaded cold first."""
+        self.prewarm(name, wait=True)
+        with self._lock:
+            resident = self._require(name)
+            if resident.state is ModelState.ACTIVE:
+                return
+            self._wait_prewarmed(resident)
+            self._map_kv_and_start(resident)
+
+    def deactivate(self, name: str) -> None:
+        """Stop serving; the weights stay in place (the model is prewarmed again)."""
+        with self._lock:
+            resident = self._require(name)
+            if resident.state is not ModelState.ACTIVE:
+                raise Refused(f"{name} is {resident.state.value}, not active")
+            resident.loop.shutdown()
+            if resident.kv_pending is not None:
+                resident.kv_pending.result()
+            kv = [p for p in resident.layout.kv_pages(0, resident.layout.num_blocks)
+                  if p in resident.slot.pages]
+            self.pool.unmap(resident.slot, kv).result()
+            resident.loop, resident.lent_blocks, resident.kv_pending = None, [], None
+            resident.state = ModelState.PREWARMED
+
+    def evict(self, name: str) -> None:
+        """Drop a resident model (cancelling a prewarm in progress); its pages return."""
+        with self._lock:
+            resident = self._require(name)
+            if resident.state is ModelState.ACTIVE:
+                self.deactivate(name)
+            resident.cancel.set()
+        resident.done.wait()
+        with self._lock:
+            self._residents.pop(name, None)
+            self.pool.drop_slot(resident.slot.name)
+
+    def lend(self, name: str, num_pages: int) -> int:
+        """Take free KV blocks of an active model out of service and give their pages back to
+        the pool (for prewarms). Lends whole pages only; returns the pages lent."""
+        resident = self._active(name)
+        layout = resident.layout
+        unit_pages = layout.blocks_per_unit * layout.block_bytes // self.pool.page_bytes
+        units = num_pages // unit_pages
+        blocks = resident.loop.call(
+            lambda engine: engine.block_manager.lend_units(units, layout.blocks_per_unit))
+        pages = sorted({p for b in blocks for p in layout.kv_pages(b, 1)})
+        self.pool.unmap(resident.slot, pages).result()
+        resident.lent_blocks += blocks
+        return len(pages)
+
+    def reclaim(self, name: str) -> int:
+        """Map back every page lent by an active model and return its blocks to service."""
+        resident = self._active(name)
+        blocks, layout = resident.lent_blocks, resident.layout
+        pages = sorted({p for b in blocks for p in layout.kv_pages(b, 1)
+                        if p not in resident.slot.pages})
+        try:
+            self.pool.map(resident.slot, pages).result()
+        except PoolFullError as exc:
+            raise Refused(f"{name}: cannot reclaim {len(pages)} pages: {exc}") from None
+        resident.loop.call(lambda engine: engine.block_manager.reclaim(blocks))
+        resident.lent_blocks = []
+        return len(pages)
+
+    def generate(self, name: str, prompt: Any, params: SamplingParams,
+                 request_id: str | None = None) -> RequestStream:
+        return self._active(name).loop.submit(prompt, params, request_id)
+
+    def abort(self, name: str, request_id: str) -> None:
+        self._active(name).loop.abort(request_id)
+
+    def stats(self) -> dict:
+        with self._lock:
+            models = {}
+            for name, r in self._residents.items():
+                entry = {"state": r.state.value, "pages": r.slot.num_mapped_pages,
+                         "weight_bytes": r.layout.weight_bytes, "error": r.error}
+                if r.loop is not None:
+                    s = r.loop.stats()
+                    entry |= {"running": s.num_running, "waiting": s.num_waiting,
+                              "blocks_free": s.num_blocks_free, "blocks_lent": s.num_blocks_lent,
+                              "tokens_per_s": s.tokens_per_s}
+                models[name] = entry
+            return {"device": str(self.device), "pool": self.pool.stats(), "models": models}
+
+    def close(self) -> None:
+        for name in list(self._residents):
+            self.evict(name)
+        self.pool.close()
+
+    # --- internals --------------------------------------------------------------------------
+
+    def _reserve(self, name: str) -> _Resident:
+        if name not in self.models:
+            raise Refused(f"unknown model {name!r}; known: {', '.join(self.models)}")
+        config = self.models[name]
+        checkpoint = resolve_checkpoint(config.checkpoint, self.cache_dir)
+        arch = read_arch(checkpoint)
+        layout = plan_layout(arch, DTYPES[config.dtype], self.pool.page_bytes,
+                             self.engine_config.block_size_tokens, self.kv_bytes)
+        needed = layout.weight_pages + self._first_kv_pages(layout)
+        if not self.pool.can_map(needed):
+            raise Refused(f"{name}: needs {needed} pages for weights and a first KV chunk, "
+                          f"{self.pool.num_free_pages} are free")
+        try:
+            slot = self.pool.create_slot(name, layout.capacity_bytes)
+        except PoolFullError as exc:
+            raise Refused(f"{name}: {exc}") from None
+        resident = _Resident(config, checkpoint, layout, slot, ModelState.PREWARMING)
+        self._residents[name] = resident
+        return resident
+
+    def _prewarm_job(self, r: _Resident) -> None:
+        try:
+            arch = read_arch(r.checkpoint)
+            host = self.host_cache.load(r.config.name, r.checkpoint, arch, r.layout)
+            progress = prewarm_slot(self.pool, r.slot, host, cancel=r.cancel)
+            if progress.cancelled:
+                return
+            provider = LayoutProvider(self.pool.view(r.slot), r.layout, filled=True)
+            r.model = build_model(arch, r.checkpoint, r.layout.dtype, provider)
+            r.tokenizer = Tokenizer(r.checkpoint, arch)
+            r.state = ModelState.PREWARMED
+        except Exception as exc:  # reported through stats and the waiting caller
+            log.exception("prewarm of %s failed", r.config.name)
+            r.error = f"prewarm failed: {exc}"
+        finally:
+            r.done.set()
+
+    def _wait_prewarmed(self, r: _Resident) -> None:
+        r.done.wait()
+        if r.error or r.state is ModelState.PREWARMING:
+            reason = r.error or "cancelled"
+            with self._lock:
+                self._residents.pop(r.config.name, None)
+                if r.slot.name in self.pool.slots:
+                    self.pool.drop_slot(r.slot.name)
+            raise Refused(f"{r.config.name}: {reason}")
+
+    def _first_kv_pages(self, layout: SlotLayout) -> int:
+        unit = layout.blocks_per_unit * layout.block_bytes
+        return -(-max(self.first_kv_bytes, unit) // self.pool.page_bytes)
+
+    def _map_kv_and_start(self, r: _Resident) -> None:
+        layout, page = r.layout, self.pool.page_bytes
+        kv_pages = list(layout.kv_pages(0, layout.num_blocks))
+        first = min(len(kv_pages), self._first_kv_pages(layout))
+        # The first chunk maps now; as much of the rest as is free maps behind it. Blocks whose
+        # pages are not mapped yet start out of service: staged ones return when their pages
+        # land, the others stay lent until `reclaim`.
+        try:
+            self.pool.map(r.slot, kv_pages[:first]).result()
+        except PoolFullError as exc:
+            raise Refused(f"{r.config.name}: no room for a KV cache: {exc}") from None
+        rest = kv_pages[first: first + self.pool.num_free_pages]
+        r.kv_pending = self.pool.map(r.slot, rest) if rest else None
+        engine = create_engine(
+            r.checkpoint, self.engine_config, r.config.dtype, str(self.device),
+            r.config.max_context, provider=LayoutProvider(self.pool.view(r.slot), layout, True),
+            kv_cache_bytes=layout.kv_bytes, model=r.model, tokenizer=r.tokenizer)
+        bm = engine.block_manager
+        ready_now = first * page // layout.block_bytes
+        ready_later = (first + len(rest)) * page // layout.block_bytes
+        staged = list(range(min(ready_now, bm.num_blocks), min(ready_later, bm.num_blocks)))
+        unmapped = list(range(min(ready_later, bm.num_blocks), bm.num_blocks))
+        bm.withhold(staged + unmapped)
+        r.lent_blocks = unmapped
+        r.loop = EngineLoop(engine, r.config.name)
+        r.state = ModelState.ACTIVE
+        if staged:
+            loop = r.loop
+            r.kv_pending.add_done_callback(
+                lambda _: loop.post(lambda e: e.block_manager.reclaim(staged)))
+
+    def _require(self, name: str) -> _Resident:
+        if name not in self._residents:
+            raise Refused(f"{name} is not resident on {self.device}")
+        return self._residents[name]
+
+    def _active(self, name: str) -> _Resident:
+        r = self._require(name)
+        if r.state is not ModelState.ACTIVE:
+            raise Refused(f"{name} is {r.state.value}, not active")
+        return r

@@ -1,0 +1,110 @@
+"""The universal worker on the host backend: prewarm, activate (warm and cold), lend and
+reclaim, deactivate, evict (also mid-prewarm), refusals."""
+
+from __future__ import annotations
+
+import pytest
+
+from warmserve.config import EngineConfig, ModelConfig
+from warmserve.engine.engine import create_engine
+from warmserve.engine.sampling import SamplingParams
+from warmserve.memory.backends import HostBackend
+from warmserve.memory.pool import PagePool
+from warmserve.worker.worker import ModelState, Refused, UniversalWorker
+
+PAGE = 64 << 10
+GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+PROMPT = list(range(7, 40))
+ENGINE = EngineConfig(block_size_tokens=16)
+
+
+def _models():
+    return [ModelConfig(name=n, checkpoint="synth:tiny", dtype="float32", max_context=256)
+            for n in ("a", "b", "c")]
+
+
+@pytest.fixture
+def worker(cache_dir, tiny_checkpoint):
+    pool = PagePool(HostBackend(PAGE), 96)
+    worker = UniversalWorker(pool, _models(), ENGINE, cache_dir, host_cache_bytes=64 << 20,
+                             kv_bytes=16 * PAGE, first_kv_bytes=4 * PAGE)
+    yield worker
+    worker.close()
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_checkpoint):
+    engine = create_engine(tiny_checkpoint, ENGINE, "float32", "cpu", 256,
+                           kv_cache_bytes=16 * PAGE)
+    engine.add_request("x", PROMPT, GREEDY)
+    tokens = []
+    while engine.has_work():
+        tokens += [t for o in engine.step() for t in o.token_ids]
+    return tokens
+
+
+def _tokens(worker, name):
+    return worker.generate(name, PROMPT, GREEDY).collect().token_ids
+
+
+def test_prewarm_then_activate_serves_correctly(worker, expected):
+    assert worker.prewarm("a", wait=True) is ModelState.PREWARMED
+    assert worker.stats()["models"]["a"]["state"] == "prewarmed"
+    worker.activate("a")
+    assert _tokens(worker, "a") == expected
+    worker.pool.check()
+
+
+def test_cold_activation_and_deactivate_keeps_weights(worker, expected):
+    worker.activate("b")  # never prewarmed: loaded cold
+    assert _tokens(worker, "b") == expected
+    free_before = worker.pool.num_free_pages
+    worker.deactivate("b")
+    assert worker.stats()["models"]["b"]["state"] == "prewarmed"
+    assert worker.pool.num_free_pages > free_before  # the KV pages went back
+    worker.activate("b")
+    assert _tokens(worker, "b") == expected
+
+
+def test_lend_pages_to_a_prewarm_then_reclaim(worker, expected):
+    worker.activate("a")
+    worker.pool.flush()
+    free = worker.pool.num_free_pages
+    lent = worker.lend("a", 8)
+    assert lent == 8 and worker.pool.num_free_pages == free + 8
+    worker.prewarm("c", wait=True)  # uses pool pages, possibly the lent ones
+    assert _tokens(worker, "a") == expected  # serving continues on the smaller cache
+    worker.evict("c")
+    worker.pool.flush()
+    assert worker.reclaim("a") == 8
+    assert _tokens(worker, "a") == expected
+    worker.pool.flush()
+    worker.pool.check()
+
+
+def test_evict_during_prewarm_is_safe(worker):
+    worker.prewarm("c")  # not waiting
+    worker.evict("c")
+    worker.pool.flush()
+    assert "c" not in worker.stats()["models"]
+    assert worker.pool.num_free_pages == worker.pool.num_pages
+    worker.pool.check()
+
+
+def test_refusals(worker, cache_dir):
+    with pytest.raises(Refused, match="unknown model 'zz'"):
+        worker.prewarm("zz")
+    with pytest.raises(Refused, match="not resident"):
+        worker.generate("a", PROMPT, GREEDY)
+    worker.prewarm("a", wait=True)
+    with pytest.raises(Refused, match="prewarmed, not active"):
+        worker.generate("a", PROMPT, GREEDY)
+    small = UniversalWorker(PagePool(HostBackend(PAGE), 3), _models(), ENGINE, cache_dir,
+                            host_cache_bytes=64 << 20, kv_bytes=16 * PAGE,
+                            first_kv_bytes=4 * PAGE)
+    try:
+        with pytest.raises(Refused, match="pages for weights and a first KV chunk"):
+            small.prewarm("a")
+        assert small.pool.num_free_pages == 3  # the refusal changed nothing
+    finally:
+        small.close()
