@@ -1,0 +1,57 @@
+"""Entry point of one worker process: `python -m warmserve.worker ...` (see cluster/local.py).
+
+The RPC key arrives on standard input, never on the command line. "READY" on standard output
+means the socket accepts calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from warmserve.config import load_config
+from warmserve.logs import setup_logging
+from warmserve.memory.backends import CudaVmmBackend, HostBackend
+from warmserve.memory.pool import PagePool
+from warmserve.worker.rpc import WorkerServer
+from warmserve.worker.worker import UniversalWorker
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m warmserve.worker")
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--node", required=True)
+    ap.add_argument("--device-index", type=int, required=True)
+    ap.add_argument("--socket", required=True)
+    ap.add_argument("--cache-dir", required=True)
+    ap.add_argument("--log-level", default="info")
+    args = ap.parse_args(argv)
+    setup_logging(args.log_level)
+    authkey = bytes.fromhex(sys.stdin.readline().strip())
+    config = load_config(args.config)
+    node = next(n for n in config.cluster.nodes if n.name == args.node)
+    devices = [g for g in node.devices for _ in range(g.count)]
+    group = devices[args.device_index]
+    page = config.policy.page_size_mib << 20
+    if group.type == "cuda":
+        cuda_index = sum(1 for g in devices[: args.device_index] if g.type == "cuda")
+        backend = CudaVmmBackend(cuda_index, page)
+        free, _ = torch.cuda.mem_get_info(cuda_index)
+        pool_bytes = free * config.policy.pool_memory_fraction
+    else:
+        backend = HostBackend(page)
+        pool_bytes = group.memory_gib * (1 << 30) * config.policy.pool_memory_fraction
+    pool = PagePool(backend, max(1, int(pool_bytes) // page), config.policy.max_slots_per_device)
+    worker = UniversalWorker(pool, config.models, config.engine, Path(args.cache_dir),
+                             host_cache_bytes=int(node.pinned_cache_gib * (1 << 30)
+                                                  / len(devices)))
+    server = WorkerServer(worker, args.socket, authkey)
+    print("READY", flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""A small RPC layer over `multiprocessing.connection` (standard library, Unix sockets).
+
+Messages are tuples. Client → server: `(call_id, verb, kwargs)`. Server → client:
+`(call_id, "ok", result)`, `(call_id, "error", (kind, message))`, and for `generate` a series of
+`(call_id, "chunk", RequestOutput)` ending with `(call_id, "end", None)`. Each call runs on its
+own thread in the server, so a slow `activate` never blocks a `stats`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import Iterator
+from multiprocessing.connection import Client, Connection, Listener
+from typing import Any
+
+from warmserve.engine.engine import RequestOutput
+from warmserve.engine.sampling import InvalidRequestError, SamplingParams
+from warmserve.worker.worker import Refused, UniversalWorker
+
+log = logging.getLogger(__name__)
+
+VERBS = ("prewarm", "activate", "deactivate", "evict", "lend", "reclaim", "stats", "abort",
+         "generate", "ping")
+
+
+class WorkerGone(ConnectionError):
+    """The worker process is unreachable or died; its calls fail with this."""
+
+
+class RemoteError(RuntimeError):
+    """An unexpected error inside the worker; the message carries its description."""
+
+
+class WorkerServer:
+    def __init__(self, worker: UniversalWorker, address: str, authkey: bytes) -> None:
+        self.worker = worker
+        self._listener = Listener(address, family="AF_UNIX", authkey=authkey)
+        self.address = address
+
+    def serve_forever(self) -> None:
+        while True:
+            try:
+                conn = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def close(self) -> None:
+        self._listener.close()
+
+    def _serve(self, conn: Connection) -> None:
+        send_lock = threading.Lock()
+
+        def send(message: tuple) -> None:
+            with send_lock:
+                conn.send(message)
+
+        while True:
+            try:
+                call_id, verb, kwargs = conn.recv()
+            except (EOFError, OSError):
+                return
+            threading.Thread(target=self._call, args=(send, call_id, verb, kwargs),
+                             daemon=True).start()
+
+    def _call(self, send, call_id: int, verb: str, kwargs: dict) -> None:
+        try:
+            if verb not in VERBS:
+                raise Refused(f"unknown verb {verb!r}")
+            if verb == "ping":
+                send((call_id, "ok", "pong"))
+            elif verb == "generate":
+                for output in self.worker.generate(**kwargs):
+                    send((call_id, "chunk", output))
+                send((call_id, "end", None))
+            else:
+                send((call_id, "ok", getattr(self.worker, verb)(**kwargs)))
+        except (Refused, InvalidRequestError) as exc:
+            send((call_id, "error", (type(exc).__name__, str(exc))))
+        except Exception as exc:  # reported to the caller, the worker lives on
+            log.exception("worker call %s failed", verb)
+            send((call_id, "error", ("RemoteError", f"{verb}: {exc}")))
+
+
+class WorkerClient:
+    """The one seam through which the controller and router reach a worker."""
+
+    def __init__(self, address: str, authkey: bytes, timeout_s: float = 600.0) -> None:
+        try:
+            self._conn = Client(address, family="AF_UNIX", authkey=authkey)
+        except OSError as exc:
+            raise WorkerGone(f"cannot reach worker at {address}: {exc}") from None
+        self.address = address
+        self.timeout_s = timeout_s
+        self._ids = itertools.count()
+        self._queues: dict[int, queue.SimpleQueue] = {}
+        self._lock = threading.Lock()
+        self._alive = True
+        threading.Thread(target=self._read, daemon=True, name="worker-client").start()
+
+    def call(self, verb: str, **kwargs: Any) -> Any:
+        replies = self._send(verb, kwargs)
+        kind, payload = self._next(replies)
+        return self._result(kind, payload)
+
+    def generate(self, model: str, prompt: Any, params: SamplingParams,
+                 request_id: str | None = None) -> Iterator[RequestOutput]:
+        replies = self._send("generate", {"name": model, "prompt": prompt, "params": params,
+                                          "request_id": request_id})
+        while True:
+            kind, payload = self._next(replies)
+            if kind == "chunk":
+                yield payload
+            elif kind == "end":
+                return
+            else:
+                self._result(kind, payload)
+
+    def close(self) -> None:
+        self._alive = False
+        self._conn.close()
+
+    # verbs
+    def prewarm(self, model: str, wait: bool = False) -> str:
+        return self.call("prewarm", name=model, wait=wait).value
+
+    def activate(self, model: str) -> None:
+        self.call("activate", name=model)
+
+    def deactivate(self, model: str) -> None:
+        self.call("deactivate", name=model)
+
+    def evict(self, model: str) -> None:
+        self.call("evict", name=model)
+
+    def lend(self, model: str, num_pages: int) -> int:
+        return self.call("lend", name=model, num_pages=num_pages)
+
+    def reclaim(self, model: str) -> int:
+        return self.call("reclaim", name=model)
+
+    def abort(self, model: str, request_id: str) -> None:
+        self.call("abort", name=model, request_id=request_id)
+
+    def stats(self) -> dict:
+        return self.call("stats")
+
+    # plumbing
+    def _send(self, verb: str, kwargs: dict) -> queue.SimpleQueue:
+        if not self._alive:
+            raise WorkerGone(f"worker at {self.address} is gone")
+        call_id = next(self._ids)
+        replies: queue.SimpleQueue = queue.SimpleQueue()
+        with self._lock:
+            self._queues[call_id] = replies
+            try:
+                self._conn.send((call_id, verb, kwargs))
+            except OSError as exc:
+                self._alive = False
+                raise WorkerGone(f"worker at {self.address} is gone: {exc}") from None
+        return replies
+
+    def _next(self, replies: queue.SimpleQueue) -> tuple[str, Any]:
+        try:
+            return replies.get(timeout=self.timeout_s)
+        except queue.Empty:
+            raise WorkerGone(f"worker at {self.address} did not answer in "
+                             f"{self.timeout_s:.0f} s") from None
+
+    def _result(self, kind: str, payload: Any) -> Any:
+        if kind == "ok":
+            return payload
+        if kind == "gone":
+            raise WorkerGone(payload)
+        error_kind, message = payload
+        if error_kind == "Refused":
+            raise Refused(message)
+        if error_kind in ("InvalidRequestError", "ChatTemplateError"):
+            raise InvalidRequestError(message)
+        raise RemoteError(message)
+
+    def _read(self) -> None:
+        while True:
+            try:
+                call_id, kind, payload = self._conn.recv()
+            except (EOFError, OSError):
+                break
+            replies = self._queues.get(call_id)
+            if replies is not None:
+                replies.put((kind, payload))
+                if kind in ("ok", "error", "end"):
+                    self._queues.pop(call_id, None)
+        self._alive = False
+        for replies in list(self._queues.values()):  # fail every waiting call at once
+            replies.put(("gone", f"worker at {self.address} died"))
+        self._queues.clear()
