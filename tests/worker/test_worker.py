@@ -49,7 +49,9 @@ def _tokens(worker, name):
 
 def test_prewarm_then_activate_serves_correctly(worker, expected):
     assert worker.prewarm("a", wait=True) is ModelState.PREWARMED
-    assert worker.stats()["models"]["a"]["state"] == "prewarmed"
+    stats = worker.stats()["models"]["a"]
+    assert stats["state"] == "prewarmed"
+    assert stats["prewarm_bytes_done"] == stats["weight_bytes"]
     worker.activate("a")
     assert _tokens(worker, "a") == expected
     worker.pool.check()

@@ -36,15 +36,18 @@ class PrewarmProgress:
 def prewarm_slot(pool: PagePool, slot: Slot, host: torch.Tensor, chunk_pages: int = 8,
                  cancel: threading.Event | None = None,
                  stream: torch.cuda.Stream | None = None,
-                 pipeline: bool = True) -> PrewarmProgress:
-    """Map the slot's weight pages and copy `host` (uint8, laid out) into them."""
+                 pipeline: bool = True,
+                 progress: PrewarmProgress | None = None) -> PrewarmProgress:
+    """Map the slot's weight pages and copy `host` (uint8, laid out) into them; `progress`
+    (updated in place, chunk by chunk) lets another thread report how far it got."""
     page = pool.page_bytes
     total_pages = -(-host.numel() // page)
     if not pipeline:
         pool.map(slot, [p for p in range(total_pages) if p not in slot.pages]).result()
     chunks = [range(s, min(s + chunk_pages, total_pages))
               for s in range(0, total_pages, chunk_pages)]
-    progress = PrewarmProgress(0, host.numel())
+    progress = progress or PrewarmProgress()
+    progress.bytes_total = host.numel()
     view = pool.view(slot)
     pending: deque = deque()
     submitted = 0

@@ -29,7 +29,7 @@ from warmserve.engine.tokenizer import Tokenizer
 from warmserve.memory.host_cache import HostWeightCache
 from warmserve.memory.layout import LayoutProvider, SlotLayout, plan_layout
 from warmserve.memory.pool import PagePool, PoolFullError, Slot
-from warmserve.memory.prewarm import prewarm_slot
+from warmserve.memory.prewarm import PrewarmProgress, prewarm_slot
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,7 @@ class _Resident:
     loop: EngineLoop | None = None
     lent_blocks: list[int] = field(default_factory=list)
     kv_pending: Any = None
+    progress: PrewarmProgress = field(default_factory=PrewarmProgress)
 
 
 class UniversalWorker:
@@ -171,7 +172,8 @@ class UniversalWorker:
             models = {}
             for name, r in self._residents.items():
                 entry = {"state": r.state.value, "pages": r.slot.num_mapped_pages,
-                         "weight_bytes": r.layout.weight_bytes, "error": r.error}
+                         "weight_bytes": r.layout.weight_bytes, "error": r.error,
+                         "prewarm_bytes_done": r.progress.bytes_done}
                 if r.loop is not None:
                     s = r.loop.stats()
                     entry |= {"running": s.num_running, "waiting": s.num_waiting,
@@ -211,7 +213,8 @@ class UniversalWorker:
         try:
             arch = read_arch(r.checkpoint)
             host = self.host_cache.load(r.config.name, r.checkpoint, arch, r.layout)
-            progress = prewarm_slot(self.pool, r.slot, host, cancel=r.cancel)
+            progress = prewarm_slot(self.pool, r.slot, host, cancel=r.cancel,
+                                    progress=r.progress)
             if progress.cancelled:
                 return
             provider = LayoutProvider(self.pool.view(r.slot), r.layout, filled=True)
