@@ -29,6 +29,8 @@ app.add_typer(models_app, name="models")
 console = Console(stderr=True)
 
 LogLevel = Annotated[str, typer.Option("--log-level", help=f"One of {', '.join(LOG_LEVELS)}.")]
+VerbLogLevel = Annotated[str | None, typer.Option(
+    "--log-level", help=f"One of {', '.join(LOG_LEVELS)} (overrides the global option).")]
 ConfigOpt = Annotated[str | None, typer.Option(
     "--config", "-c", help="Config YAML file or built-in name (cpu-local, h100-node).")]
 
@@ -39,6 +41,15 @@ class _State:
 
 def _cache_dir() -> Path:
     return _State.cache_dir
+
+
+def _verb_log_level(level: str | None) -> None:
+    if level is None:
+        return
+    try:
+        setup_logging(level)
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
 
 
 def _fail(message: str) -> typer.Exit:
@@ -67,8 +78,11 @@ def _main(
 
 @models_app.command("list")
 def models_list(config: ConfigOpt = None,
-                as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+                as_json: Annotated[bool, typer.Option("--json")] = False,
+    log_level: VerbLogLevel = None,
+) -> None:
     """List the configured models and the cached checkpoints."""
+    _verb_log_level(log_level)
     from warmserve.engine.checkpoint import list_checkpoints
 
     try:
@@ -102,8 +116,10 @@ def models_synth(
     out: Annotated[Path | None, typer.Option(help="Output directory (default: the cache).")] = None,
     dtype: Annotated[str, typer.Option(help="float16 or bfloat16.")] = "bfloat16",
     seed: int = 0,
+    log_level: VerbLogLevel = None,
 ) -> None:
     """Write a random-weight checkpoint of a real model shape (safetensors directory)."""
+    _verb_log_level(log_level)
     from warmserve.engine.checkpoint import CheckpointError, write_synthetic
 
     target = out or _cache_dir() / "synth" / shape
@@ -117,8 +133,10 @@ def models_synth(
 @models_app.command("import")
 def models_import(
     spec: Annotated[str, typer.Argument(help="gguf:FILE or package:NAME (a package with a GGUF).")],
+    log_level: VerbLogLevel = None,
 ) -> None:
     """Convert a GGUF checkpoint once into a cached safetensors directory."""
+    _verb_log_level(log_level)
     from warmserve.engine.checkpoint import CheckpointError, resolve_checkpoint
 
     if not spec.startswith(("gguf:", "package:")):
@@ -138,8 +156,10 @@ def models_generate(
     temperature: float = 0.0,
     device: Annotated[str, typer.Option(help="cpu or cuda[:N]")] = "cpu",
     chat: Annotated[bool, typer.Option(help="Apply the model's chat template.")] = True,
+    log_level: VerbLogLevel = None,
 ) -> None:
     """Stream one answer from a configured model through the engine."""
+    _verb_log_level(log_level)
     from warmserve.engine.checkpoint import CheckpointError, resolve_checkpoint
     from warmserve.engine.engine import create_engine
     from warmserve.engine.loop import EngineLoop
@@ -201,8 +221,10 @@ def simulate(
     jobs: Annotated[int, typer.Option(help="Policies simulated in parallel.")] = 2,
     out: Annotated[Path | None, typer.Option(help="Write CSVs and plots here.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    log_level: VerbLogLevel = None,
 ) -> None:
     """Simulate the cluster under a workload for each policy set and compare."""
+    _verb_log_level(log_level)
     from rich.progress import Progress
 
     from warmserve.sim.profiles import load_profile
@@ -265,8 +287,10 @@ def predict(
     profile: Annotated[str, typer.Option(help="Cost profile name or YAML file.")] = "h100",
     seed: Annotated[int | None, typer.Option()] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    log_level: VerbLogLevel = None,
 ) -> None:
     """Forecast each model's load window by window and report the errors."""
+    _verb_log_level(log_level)
     from warmserve.control.forecast_eval import evaluate_forecasts
     from warmserve.sim.profiles import load_profile
     from warmserve.sim.run import WorkloadError, build_scenario

@@ -37,6 +37,14 @@ def test_tiny_checkpoint_is_a_hf_directory(tiny_checkpoint):
     assert ("synth:tiny", tiny_checkpoint) in list_checkpoints(tiny_checkpoint.parent.parent)
 
 
+def test_sliding_window_caps_the_context():
+    config = SYNTH_ARCHS["tiny"].to_hf_config() | {"sliding_window": 512,
+                                                   "max_position_embeddings": 4096}
+    assert ModelArch.from_hf_config(config).max_position == 512
+    config["use_sliding_window"] = False  # Qwen2 spelling: window present but off
+    assert ModelArch.from_hf_config(config).max_position == 4096
+
+
 def test_hf_config_round_trip():
     for arch in SYNTH_ARCHS.values():
         assert ModelArch.from_hf_config(arch.to_hf_config()) == arch

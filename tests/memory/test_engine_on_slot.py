@@ -77,8 +77,11 @@ def test_host_cache_is_lru_and_refuses_what_cannot_fit(tiny_checkpoint):
     arch = read_arch(tiny_checkpoint)
     layout = plan_layout(arch, torch.float32, PAGE, 16, kv_bytes=PAGE)
     cache = HostWeightCache(2 * layout.weight_bytes + 10, pin=False)
+    seen = []
     for key in ("a", "b"):
-        cache.load(key, tiny_checkpoint, arch, layout)
+        cache.load(key, tiny_checkpoint, arch, layout, lambda *p: seen.append(p))
+    assert seen[-1] == ("b", layout.weight_bytes, layout.weight_bytes)
+    assert [p[1] for p in seen if p[0] == "a"] == sorted(p[1] for p in seen if p[0] == "a")
     cache.get("a")
     cache.load("c", tiny_checkpoint, arch, layout)
     assert "a" in cache and "c" in cache and "b" not in cache

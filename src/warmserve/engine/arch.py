@@ -79,6 +79,12 @@ class ModelArch:
         num_heads = cfg["num_attention_heads"]
         hidden = cfg["hidden_size"]
         rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        max_position = cfg.get("max_position_embeddings", 4096)
+        window = cfg.get("sliding_window")
+        if window and cfg.get("use_sliding_window", True) and window < max_position:
+            # No sliding-window attention here: up to the window it equals full attention,
+            # so the usable context stops there.
+            max_position = window
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         return cls(
@@ -89,7 +95,7 @@ class ModelArch:
             num_heads=num_heads,
             num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
             head_dim=cfg.get("head_dim") or hidden // num_heads,
-            max_position=cfg.get("max_position_embeddings", 4096),
+            max_position=max_position,
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-5),
             rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
             rope_scaling=_parse_rope_scaling(rope),

@@ -43,8 +43,9 @@ class HostWeightCache:
         return self._entries.get(key)
 
     def load(self, key: str, checkpoint: Path, arch: ModelArch, layout: SlotLayout,
-             progress: Callable[[str], None] | None = None) -> torch.Tensor:
-        """The weights of `key` in layout order, read from disk once and pinned."""
+             progress: Callable[[str, int, int], None] | None = None) -> torch.Tensor:
+        """The weights of `key` in layout order, read from disk once and pinned.
+        `progress(key, bytes_done, bytes_total)` is called as tensors arrive."""
         cached = self.get(key)
         if cached is not None:
             return cached
@@ -56,11 +57,28 @@ class HostWeightCache:
             evicted, _ = self._entries.popitem(last=False)
             log.info("host cache: evicted %s", evicted)
         buffer = torch.empty(size, dtype=torch.uint8, pin_memory=self.pin)
-        build_model(arch, checkpoint, layout.dtype, LayoutProvider(buffer, layout))
+        provider = _CountingProvider(buffer, layout, key, progress)
+        build_model(arch, checkpoint, layout.dtype, provider)
         if progress:
-            progress(f"{key}: {size / 1e9:.2f} GB cached in host memory")
+            progress(key, size, size)
         self._entries[key] = buffer
         return buffer
 
     def evict(self, key: str) -> None:
         self._entries.pop(key, None)
+
+
+class _CountingProvider(LayoutProvider):
+    """A layout provider that reports bytes handed out (each is filled right after)."""
+
+    def __init__(self, base: torch.Tensor, layout: SlotLayout, key: str,
+                 progress: Callable[[str, int, int], None] | None) -> None:
+        super().__init__(base, layout)
+        self._key, self._progress, self._done = key, progress, 0
+
+    def weight(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        tensor = super().weight(name, shape, dtype)
+        if self._progress:
+            self._progress(self._key, self._done, self.layout.weight_bytes)
+        self._done += tensor.numel() * tensor.element_size()
+        return tensor

@@ -20,6 +20,27 @@ from warmserve.worker.rpc import WorkerServer
 from warmserve.worker.worker import UniversalWorker
 
 
+class _CacheProgressBar:
+    """A progress bar on standard error while the host cache reads a model from disk."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import Progress
+
+        self._progress = Progress(console=Console(stderr=True), transient=True)
+        self._tasks: dict[str, int] = {}
+
+    def __call__(self, key: str, done: int, total: int) -> None:
+        if key not in self._tasks:
+            self._progress.start()
+            self._tasks[key] = self._progress.add_task(f"caching {key}", total=total)
+        self._progress.update(self._tasks[key], completed=done)
+        if done >= total:
+            self._progress.remove_task(self._tasks.pop(key))
+            if not self._tasks:
+                self._progress.stop()
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m warmserve.worker")
     ap.add_argument("--config", required=True)
@@ -47,7 +68,8 @@ def main(argv: list[str] | None = None) -> None:
     pool = PagePool(backend, max(1, int(pool_bytes) // page), config.policy.max_slots_per_device)
     worker = UniversalWorker(pool, config.models, config.engine, Path(args.cache_dir),
                              host_cache_bytes=int(node.pinned_cache_gib * (1 << 30)
-                                                  / len(devices)))
+                                                  / len(devices)),
+                             on_cache_progress=_CacheProgressBar())
     server = WorkerServer(worker, args.socket, authkey)
     print("READY", flush=True)
     server.serve_forever()

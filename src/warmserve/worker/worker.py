@@ -13,6 +13,7 @@ from __future__ import annotations
 import enum
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,7 +68,8 @@ class _Resident:
 class UniversalWorker:
     def __init__(self, pool: PagePool, models: list[ModelConfig], engine: EngineConfig,
                  cache_dir: Path, host_cache_bytes: int, kv_bytes: int | None = None,
-                 first_kv_bytes: int = FIRST_KV_BYTES) -> None:
+                 first_kv_bytes: int = FIRST_KV_BYTES,
+                 on_cache_progress: Callable[[str, int, int], None] | None = None) -> None:
         self.pool = pool
         self.device = pool.backend.device
         self.engine_config = engine
@@ -77,6 +79,7 @@ class UniversalWorker:
         pool_bytes = pool.num_pages * pool.page_bytes
         self.kv_bytes = kv_bytes or int((engine.kv_cache_gib or pool_bytes / (1 << 30)) * (1 << 30))
         self.first_kv_bytes = first_kv_bytes
+        self.on_cache_progress = on_cache_progress
         self._residents: dict[str, _Resident] = {}
         self._lock = threading.RLock()
 
@@ -212,7 +215,8 @@ class UniversalWorker:
     def _prewarm_job(self, r: _Resident) -> None:
         try:
             arch = read_arch(r.checkpoint)
-            host = self.host_cache.load(r.config.name, r.checkpoint, arch, r.layout)
+            host = self.host_cache.load(r.config.name, r.checkpoint, arch, r.layout,
+                                        self.on_cache_progress)
             progress = prewarm_slot(self.pool, r.slot, host, cancel=r.cancel,
                                     progress=r.progress)
             if progress.cancelled:
