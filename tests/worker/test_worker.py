@@ -84,6 +84,25 @@ def test_lend_pages_to_a_prewarm_then_reclaim(worker, expected):
     worker.pool.check()
 
 
+def test_failed_activation_leaves_the_model_prewarmed(worker, monkeypatch, expected):
+    import warmserve.worker.worker as module
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    worker.prewarm("a", wait=True)
+    free = worker.pool.num_free_pages
+    monkeypatch.setattr(module, "create_engine", out_of_memory)
+    with pytest.raises(Refused, match="activation failed: CUDA out of memory"):
+        worker.activate("a")
+    worker.pool.flush()
+    assert worker.stats()["models"]["a"]["state"] == "prewarmed"
+    assert worker.pool.num_free_pages == free  # the KV pages went back
+    monkeypatch.undo()
+    worker.activate("a")
+    assert _tokens(worker, "a") == expected
+
+
 def test_evict_during_prewarm_is_safe(worker):
     worker.prewarm("c")  # not waiting
     worker.evict("c")

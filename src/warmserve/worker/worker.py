@@ -106,7 +106,15 @@ class UniversalWorker:
             if resident.state is ModelState.ACTIVE:
                 return
             self._wait_prewarmed(resident)
-            self._map_kv_and_start(resident)
+            try:
+                self._map_kv_and_start(resident)
+            except Refused:
+                self._unmap_kv(resident)
+                raise
+            except Exception as exc:  # out of memory, say: the model stays prewarmed
+                log.exception("activating %s failed", name)
+                self._unmap_kv(resident)
+                raise Refused(f"{name}: activation failed: {exc}") from None
 
     def deactivate(self, name: str) -> None:
         """Stop serving; the weights stay in place (the model is prewarmed again)."""
@@ -115,13 +123,7 @@ class UniversalWorker:
             if resident.state is not ModelState.ACTIVE:
                 raise Refused(f"{name} is {resident.state.value}, not active")
             resident.loop.shutdown()
-            if resident.kv_pending is not None:
-                resident.kv_pending.result()
-            kv = [p for p in resident.layout.kv_pages(0, resident.layout.num_blocks)
-                  if p in resident.slot.pages]
-            self.pool.unmap(resident.slot, kv).result()
-            resident.loop, resident.lent_blocks, resident.kv_pending = None, [], None
-            resident.state = ModelState.PREWARMED
+            self._unmap_kv(resident)
 
     def evict(self, name: str) -> None:
         """Drop a resident model (cancelling a prewarm in progress); its pages return."""
@@ -275,6 +277,15 @@ class UniversalWorker:
             loop = r.loop
             r.kv_pending.add_done_callback(
                 lambda _: loop.post(lambda e: e.block_manager.reclaim(staged)))
+
+    def _unmap_kv(self, r: _Resident) -> None:
+        """Give back every KV page of a slot; the weights stay (PREWARMED)."""
+        if r.kv_pending is not None:
+            r.kv_pending.result()
+        kv = [p for p in r.layout.kv_pages(0, r.layout.num_blocks) if p in r.slot.pages]
+        self.pool.unmap(r.slot, kv).result()
+        r.loop, r.lent_blocks, r.kv_pending = None, [], None
+        r.state = ModelState.PREWARMED
 
     def _require(self, name: str) -> _Resident:
         if name not in self._residents:
