@@ -261,14 +261,17 @@ def _print_summary(summary: dict[str, dict], scenario) -> None:
     w = scenario.workload
     table = Table(title=f"{w.num_requests} requests, {len(w.models)} models, "
                         f"{scenario.num_gpus} GPUs, {w.spec.duration_s:.0f} s")
-    columns = ("ttft_p50_s", "ttft_p99_s", "tpot_mean_s", "slo_attainment", "completed",
-               "dropped", "gpu_seconds_busy", "cold_starts", "prewarm_hits")
-    table.add_column("policy")
-    for column in columns:
-        table.add_column(column.replace("_", " "), justify="right")
+    columns = {"ttft_p50_s": "TTFT p50 s", "ttft_p99_s": "TTFT p99 s", "tpot_mean_s": "TPOT s",
+               "slo_attainment": "in SLO", "completed": "done", "dropped": "drop",
+               "gpu_seconds_busy": "GPU·s", "cold_starts": "cold", "prewarm_hits": "warm"}
+    table.add_column("policy", no_wrap=True)
+    for header in columns.values():
+        table.add_column(header, justify="right")
     for name, row in summary.items():
         table.add_row(name, *(_fmt(row[c]) for c in columns))
-    Console().print(table)
+    Console(width=max(Console().width, 120)).print(table)
+    console.print("[dim]in SLO: share of requests with TTFT within the SLO; cold: cold starts; "
+                  "warm: scale-ups served by a prewarmed replica[/dim]")
 
 
 def _fmt(value) -> str:
