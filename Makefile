@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/warmserve simulate --workload paper
+	$(BIN)/warmserve serve
 
 test: $(STAMP)
 	$(BIN)/pytest -q

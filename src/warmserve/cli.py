@@ -198,6 +198,37 @@ def models_generate(
     loop.shutdown()
 
 
+@app.command()
+def serve(
+    config: ConfigOpt = None,
+    host: Annotated[str | None, typer.Option(help="Address (default: the config's).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default: the config's).")] = None,
+    log_level: VerbLogLevel = None,
+) -> None:
+    """Serve the configured models behind one OpenAI-compatible endpoint."""
+    _verb_log_level(log_level)
+    import uvicorn
+
+    from warmserve.cluster.manager import LocalCluster
+    from warmserve.server.app import create_app
+
+    source = config or "cpu-local"
+    try:
+        cfg = load_config(source)
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+    cluster = LocalCluster(source, cfg, _cache_dir())
+    console.print(f"starting {len(cluster.workers)} workers for {len(cfg.models)} models ...")
+    cluster.start()
+    cluster.warm_up()
+    try:
+        uvicorn.run(create_app(cluster, cfg), host=host or cfg.server.host,
+                    port=cfg.server.port if port is None else port,
+                    log_level=log_level or "info", timeout_graceful_shutdown=30)
+    finally:
+        cluster.close()
+
+
 WorkloadOpt = Annotated[str, typer.Option(
     "--workload", "-w", help="A preset (paper, scale, azure-conv, azure-code, servegen, "
     "azure-functions) or a request CSV (arrival_s,model,input_tokens,output_tokens).")]

@@ -11,6 +11,7 @@ import importlib.metadata
 import importlib.util
 import json
 import logging
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -43,7 +44,7 @@ def resolve_checkpoint(spec: str, cache_dir: Path, progress: Callable[[str], Non
     if scheme == "synth":
         out = cache_dir / "synth" / value
         if not _is_complete(out):
-            write_synthetic(value, out, progress=progress)
+            write_synthetic(value, out, progress=progress, replace=False)
         return out
     if scheme == "gguf":
         gguf = Path(value).expanduser()
@@ -51,14 +52,14 @@ def resolve_checkpoint(spec: str, cache_dir: Path, progress: Callable[[str], Non
             raise CheckpointError(f"checkpoint {spec!r}: no file {gguf}")
         out = cache_dir / "gguf" / f"{gguf.stem}-{gguf.stat().st_size}"
         if not _is_complete(out):
-            import_gguf(gguf, out)
+            import_gguf(gguf, out, replace=False)
         return out
     if scheme == "package":
         gguf = find_package_gguf(value)
         version = importlib.metadata.version(value)
         out = cache_dir / "package" / f"{value}-{version}"
         if not _is_complete(out):
-            import_gguf(gguf, out)
+            import_gguf(gguf, out, replace=False)
         return out
     raise CheckpointError(f"checkpoint {spec!r}: unknown scheme {scheme!r}")
 
@@ -155,7 +156,8 @@ def hf_tensor_shapes(arch: ModelArch) -> dict[str, tuple[int, ...]]:
 
 
 def write_synthetic(shape: str, out: Path, dtype: str = "bfloat16", seed: int = 0,
-                    progress: Callable[[str], None] | None = None, device: str = "cpu") -> Path:
+                    progress: Callable[[str], None] | None = None, device: str = "cpu",
+                    replace: bool = True) -> Path:
     """Write a checkpoint of random weights with a named real shape (values ~ N(0, 0.02)).
 
     `device` only says where the random numbers are drawn (a GPU draws 16 GB in a blink).
@@ -164,14 +166,15 @@ def write_synthetic(shape: str, out: Path, dtype: str = "bfloat16", seed: int = 
     if shape not in SYNTH_ARCHS:
         raise CheckpointError(f"unknown synthetic shape {shape!r}; known: {', '.join(SYNTH_ARCHS)}")
     dtype = "float32" if shape == "tiny" else dtype
-    return write_random_checkpoint(SYNTH_ARCHS[shape], out, dtype, seed, progress, device)
+    return write_random_checkpoint(SYNTH_ARCHS[shape], out, dtype, seed, progress, device,
+                                   replace)
 
 
 def write_random_checkpoint(arch: ModelArch, out: Path, dtype: str = "float32", seed: int = 0,
-                            progress: Callable[[str], None] | None = None, device: str = "cpu"
-                            ) -> Path:
+                            progress: Callable[[str], None] | None = None, device: str = "cpu",
+                            replace: bool = True) -> Path:
     """Write random weights of any architecture as a Hugging Face directory."""
-    tmp = out.with_name(out.name + ".partial")
+    tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     generator = torch.Generator(device).manual_seed(seed)
@@ -196,11 +199,11 @@ def write_random_checkpoint(arch: ModelArch, out: Path, dtype: str = "float32", 
     from warmserve.engine.tokenizer import write_byte_tokenizer
 
     write_byte_tokenizer(tmp, arch)
-    _finish(tmp, out)
+    _finish(tmp, out, replace)
     return out
 
 
-def import_gguf(gguf: Path, out: Path) -> Path:
+def import_gguf(gguf: Path, out: Path, replace: bool = True) -> Path:
     """Convert a GGUF file once into a float32 safetensors directory (needs the gguf extra)."""
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -209,7 +212,7 @@ def import_gguf(gguf: Path, out: Path) -> Path:
             f"importing {gguf.name} needs the 'gguf' extra: pip install 'warmserve[gguf]'"
         ) from None
     log.info("converting %s to safetensors (once; cached in %s)", gguf.name, out)
-    tmp = out.with_name(out.name + ".partial")
+    tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -229,7 +232,7 @@ def import_gguf(gguf: Path, out: Path) -> Path:
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
     tokenizer.save_pretrained(str(tmp))
-    _finish(tmp, out)
+    _finish(tmp, out, replace)
     return out
 
 
@@ -272,8 +275,15 @@ def _is_complete(path: Path) -> bool:
     return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
 
 
-def _finish(tmp: Path, out: Path) -> None:
-    """Publish a finished directory atomically, so an interrupted write is never used."""
-    shutil.rmtree(out, ignore_errors=True)
+def _finish(tmp: Path, out: Path, replace: bool = True) -> None:
+    """Publish a finished directory atomically, so an interrupted write is never used.
+    Without `replace`, a checkpoint another process published first is kept."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp.rename(out)
+    if replace:
+        shutil.rmtree(out, ignore_errors=True)
+    try:
+        tmp.rename(out)
+    except OSError:
+        if not _is_complete(out):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,193 @@
+"""The workers of this machine, and the router that picks one for a request.
+
+One `LocalWorkerProcess` per device of the config's nodes. The router sends a request to the
+least-loaded worker where the model is active; when there is none it activates the model —
+where it is prewarmed if it is anywhere, else on the worker with the most free pages (a cold
+load). A supervisor thread polls every worker's stats and replaces a worker that died.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from warmserve.cluster.local import LocalWorkerProcess
+from warmserve.config import WarmServeConfig
+from warmserve.engine.checkpoint import resolve_checkpoint
+from warmserve.worker.rpc import WorkerClient, WorkerGone
+from warmserve.worker.worker import Refused
+
+log = logging.getLogger(__name__)
+
+
+class NoCapacity(RuntimeError):
+    """No worker can serve the model right now (all refused or gone)."""
+
+
+@dataclass(eq=False)
+class WorkerHandle:
+    node: str
+    device_index: int
+    process: LocalWorkerProcess | None = None
+    stats: dict = field(default_factory=dict)
+    inflight: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    @property
+    def name(self) -> str:
+        return f"{self.node}/{self.device_index}"
+
+    @property
+    def client(self) -> WorkerClient:
+        if self.process is None:
+            raise WorkerGone(f"worker {self.name} is not running")
+        return self.process.client
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.alive
+
+    def state_of(self, model: str) -> str | None:
+        entry = self.stats.get("models", {}).get(model)
+        return entry["state"] if entry else None
+
+    def free_pages(self) -> int:
+        return self.stats.get("pool", {}).get("pages_free", 0)
+
+
+class LocalCluster:
+    def __init__(self, config_source: str, config: WarmServeConfig, cache_dir: Path,
+                 log_level: str = "warning", poll_interval_s: float = 0.5) -> None:
+        self.config_source = config_source
+        self.config = config
+        self.cache_dir = cache_dir
+        self.log_level = log_level
+        self.poll_interval_s = poll_interval_s
+        self.workers = [WorkerHandle(node.name, i) for node in config.cluster.nodes
+                        for i in range(node.num_devices)]
+        self._activation_locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._supervisor = threading.Thread(target=self._supervise, daemon=True,
+                                            name="cluster-supervisor")
+        self.replacements = 0
+
+    # --- life cycle --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        for model in self.config.models:  # convert or synthesize once, before any worker
+            resolve_checkpoint(model.checkpoint, self.cache_dir)
+        threads = [threading.Thread(target=self._launch, args=(w,)) for w in self.workers]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self.refresh()
+        self._supervisor.start()
+
+    def warm_up(self) -> None:
+        """One active instance per model on distinct workers, and a prewarmed copy elsewhere."""
+        for index, model in enumerate(m.name for m in self.config.models):
+            worker = self.workers[index % len(self.workers)]
+            try:
+                worker.client.activate(model)
+                spare = self.workers[(index + 1) % len(self.workers)]
+                if spare is not worker:
+                    spare.client.prewarm(model)
+            except (Refused, WorkerGone) as exc:
+                log.warning("warm-up of %s: %s", model, exc)
+        self.refresh()
+
+    def close(self) -> None:
+        self._stop.set()
+        for worker in self.workers:
+            if worker.process is not None:
+                worker.process.close()
+
+    # --- routing ------------------------------------------------------------------------------
+
+    def acquire(self, model: str) -> WorkerHandle:
+        """A worker that serves `model` now (activating it somewhere if needed)."""
+        worker = self._least_loaded(model)
+        if worker is None:
+            with self._activation_locks[model]:  # one activation per model at a time
+                worker = self._least_loaded(model) or self._activate(model)
+        with self._lock:
+            worker.inflight[model] += 1
+        return worker
+
+    def release(self, worker: WorkerHandle, model: str) -> None:
+        with self._lock:
+            worker.inflight[model] = max(0, worker.inflight[model] - 1)
+
+    def inflight(self, model: str) -> int:
+        with self._lock:
+            return sum(w.inflight[model] for w in self.workers)
+
+    def mark_gone(self, worker: WorkerHandle) -> None:
+        worker.stats = {}
+
+    def refresh(self) -> None:
+        for worker in self.workers:
+            try:
+                worker.stats = worker.client.stats() if worker.alive else {}
+            except WorkerGone:
+                worker.stats = {}
+
+    def snapshot(self) -> dict:
+        return {"workers": [{"name": w.name, "alive": w.alive, "stats": w.stats,
+                             "inflight": dict(w.inflight)} for w in self.workers],
+                "replacements": self.replacements}
+
+    def _least_loaded(self, model: str) -> WorkerHandle | None:
+        active = [w for w in self.workers if w.alive and w.state_of(model) == "active"]
+        with self._lock:
+            return min(active, key=lambda w: w.inflight[model], default=None)
+
+    def _activate(self, model: str) -> WorkerHandle:
+        prewarmed = [w for w in self.workers if w.alive and w.state_of(model) == "prewarmed"]
+        others = sorted((w for w in self.workers if w.alive and w not in prewarmed),
+                        key=lambda w: -w.free_pages())
+        reasons = []
+        for worker in prewarmed + others:
+            try:
+                worker.client.activate(model)
+                worker.stats = worker.client.stats()
+                return worker
+            except (Refused, WorkerGone) as exc:
+                reasons.append(f"{worker.name}: {exc}")
+        raise NoCapacity(f"no worker can serve {model!r} now ({'; '.join(reasons) or 'none up'})")
+
+    # --- supervision ---------------------------------------------------------------------------
+
+    def _launch(self, worker: WorkerHandle) -> None:
+        try:
+            worker.process = LocalWorkerProcess(self.config_source, worker.node,
+                                                worker.device_index, self.cache_dir,
+                                                self.log_level)
+        except WorkerGone as exc:
+            log.error("worker %s did not start: %s", worker.name, exc)
+            worker.process = None
+
+    def _supervise(self) -> None:
+        while not self._stop.wait(self.poll_interval_s):
+            for worker in self.workers:
+                if self._stop.is_set():
+                    return
+                if not worker.alive:
+                    log.warning("worker %s is gone; starting a new one", worker.name)
+                    if worker.process is not None:
+                        worker.process.close()
+                    worker.stats = {}
+                    worker.inflight.clear()
+                    self._launch(worker)
+                    self.replacements += 1
+                    continue
+                try:
+                    worker.stats = worker.client.stats()
+                except WorkerGone:
+                    worker.stats = {}
+            time.sleep(0)

@@ -1,0 +1,325 @@
+"""The OpenAI-compatible HTTP API over the cluster: chat and text completions (streamed or not),
+models, health, Prometheus metrics, and a read-only view of the cluster.
+
+Every error is an OpenAI-style object with a 4xx/5xx status; no request hangs: a full model
+queue answers 429 and a cluster without room 503, both with Retry-After.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from warmserve.cluster.manager import LocalCluster, NoCapacity
+from warmserve.config import WarmServeConfig
+from warmserve.engine.engine import RequestOutput
+from warmserve.engine.sampling import InvalidRequestError
+from warmserve.server.schemas import ChatCompletionRequest, CompletionRequest
+from warmserve.worker.rpc import RemoteError, WorkerGone
+
+_END = object()
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
+                 code: str | None = None, param: str | None = None,
+                 retry_after_s: int | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind, self.code, self.param = (
+            status, message, kind, code, param)
+        self.retry_after_s = retry_after_s
+
+
+def _error_response(err: APIError) -> JSONResponse:
+    headers = {"Retry-After": str(err.retry_after_s)} if err.retry_after_s else None
+    body = {"error": {"message": err.message, "type": err.kind, "param": err.param,
+                      "code": err.code}}
+    return JSONResponse(body, status_code=err.status, headers=headers)
+
+
+class _Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        buckets = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+        self.ttft = Histogram("warmserve_ttft_seconds", "Time to first token", ["model"],
+                              buckets=buckets, registry=self.registry)
+        self.tpot = Histogram("warmserve_tpot_seconds", "Time per output token", ["model"],
+                              buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1),
+                              registry=self.registry)
+        self.requests = Counter("warmserve_requests_total", "Requests by outcome",
+                                ["model", "outcome"], registry=self.registry)
+        self.queue = Gauge("warmserve_inflight_requests", "Requests in flight", ["model"],
+                           registry=self.registry)
+        self.instances = Gauge("warmserve_instances", "Active instances", ["model"],
+                               registry=self.registry)
+        self.prewarmed = Gauge("warmserve_prewarmed_replicas", "Prewarmed replicas", ["model"],
+                               registry=self.registry)
+        self.pages = Gauge("warmserve_pool_pages_used", "Pool pages in use", ["worker"],
+                           registry=self.registry)
+        self.replacements = Gauge("warmserve_worker_replacements", "Workers replaced",
+                                  registry=self.registry)
+
+    def refresh(self, cluster: LocalCluster, models: list[str]) -> None:
+        for model in models:
+            self.queue.labels(model).set(cluster.inflight(model))
+            states = [w.state_of(model) for w in cluster.workers]
+            self.instances.labels(model).set(states.count("active"))
+            self.prewarmed.labels(model).set(states.count("prewarmed"))
+        for w in cluster.workers:
+            pool = w.stats.get("pool", {})
+            self.pages.labels(w.name).set(pool.get("pages_total", 0) - pool.get("pages_free", 0))
+        self.replacements.set(cluster.replacements)
+
+
+def create_app(cluster: LocalCluster, config: WarmServeConfig) -> FastAPI:
+    app = FastAPI(title="WarmServe", version="0.1.0")
+    models = [m.name for m in config.models]
+    metrics = _Metrics()
+    keys = set(config.server.api_keys)
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, err: APIError) -> JSONResponse:
+        return _error_response(err)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, err: RequestValidationError) -> JSONResponse:
+        first = err.errors()[0] if err.errors() else {"loc": (), "msg": "invalid request"}
+        if first.get("type") == "json_invalid":
+            return _error_response(APIError(400, f"request body is not valid JSON: "
+                                                 f"{first.get('ctx', {}).get('error', '')}"))
+        param = ".".join(str(p) for p in first["loc"] if p != "body") or None
+        message = f"{param}: {first['msg']}" if param else first["msg"]
+        return _error_response(APIError(400, message, param=param))
+
+    @app.middleware("http")
+    async def _guard(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length and int(length) > config.server.max_body_bytes:
+            return _error_response(APIError(
+                413, f"request body of {length} bytes exceeds {config.server.max_body_bytes}"))
+        if keys and request.url.path.startswith("/v1/"):
+            token = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+            if token not in keys:
+                return _error_response(APIError(401, "invalid or missing API key",
+                                                "authentication_error", "invalid_api_key"))
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health() -> dict:
+        alive = sum(1 for w in cluster.workers if w.alive)
+        return {"status": "ok" if alive else "degraded", "workers_alive": alive,
+                "workers": len(cluster.workers)}
+
+    @app.get("/v1/models")
+    async def list_models() -> dict:
+        return {"object": "list", "data": [
+            {"id": m, "object": "model", "created": 0, "owned_by": "warmserve"} for m in models]}
+
+    @app.get("/v1/cluster")
+    async def cluster_view() -> dict:
+        return cluster.snapshot()
+
+    @app.get("/metrics")
+    async def prometheus() -> PlainTextResponse:
+        metrics.refresh(cluster, models)
+        return PlainTextResponse(generate_latest(metrics.registry),
+                                 media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatCompletionRequest, request: Request):
+        if body.logprobs:
+            raise APIError(400, "logprobs are not supported by this server yet", param="logprobs")
+        return await _serve(request, body, body.chat(), "chat.completion")
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        if body.logprobs is not None or body.echo:
+            raise APIError(400, "logprobs and echo are not supported by this server yet",
+                           param="logprobs" if body.logprobs is not None else "echo")
+        return await _serve(request, body, body.prompt, "text_completion")
+
+    async def _serve(request: Request, body: Any, prompt: Any, kind: str):
+        if body.model not in models:
+            raise APIError(404, f"The model `{body.model}` does not exist", code="model_not_found",
+                           param="model")
+        try:
+            params = body.sampling()
+        except InvalidRequestError as exc:
+            raise APIError(400, str(exc)) from None
+        if cluster.inflight(body.model) >= config.server.max_queued_per_model:
+            metrics.requests.labels(body.model, "rejected").inc()
+            raise APIError(429, f"too many requests in flight for {body.model}",
+                           "rate_limit_error", retry_after_s=1)
+        try:
+            worker = await asyncio.to_thread(cluster.acquire, body.model)
+        except NoCapacity as exc:
+            raise APIError(503, str(exc), "server_error", retry_after_s=2) from None
+        request_id = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}"
+        stream = _Stream(worker.client.generate(body.model, prompt, params, request_id))
+        try:
+            first = await stream.next()
+        except BaseException:
+            cluster.release(worker, body.model)
+            raise
+        start = time.perf_counter()
+        if body.stream:
+            return StreamingResponse(
+                _sse(stream, first, body, kind, request_id, worker, start),
+                media_type="text/event-stream")
+        try:
+            outputs = [first] + [o async for o in stream]
+        finally:
+            cluster.release(worker, body.model)
+        _observe(body.model, outputs, start)
+        return _full_response(outputs, body.model, kind, request_id)
+
+    async def _sse(stream, first, body, kind, request_id, worker, start) -> AsyncIterator[str]:
+        created = int(time.time())
+        outputs = [first]
+        try:
+            yield _chunk(first, body.model, kind, request_id, created, role=True)
+            async for output in stream:
+                outputs.append(output)
+                yield _chunk(output, body.model, kind, request_id, created)
+            if body.include_usage:
+                yield _data({"id": request_id, "object": f"{kind}.chunk", "created": created,
+                             "model": body.model, "choices": [], "usage": _usage(outputs)})
+            yield "data: [DONE]\n\n"
+            _observe(body.model, outputs, start)
+        except APIError as err:
+            yield _data({"error": {"message": err.message, "type": err.kind}})
+        except asyncio.CancelledError:  # the client went away: stop generating
+            await asyncio.to_thread(_abort, worker, body.model, request_id)
+            raise
+        finally:
+            stream.close()
+            cluster.release(worker, body.model)
+
+    def _observe(model: str, outputs: list[RequestOutput], start: float) -> None:
+        last = outputs[-1]
+        metrics.requests.labels(model, last.finish_reason.value if last.finish_reason
+                                else "unknown").inc()
+        times = [t for t in (getattr(o, "_received_s", None) for o in outputs) if t]
+        if times:
+            metrics.ttft.labels(model).observe(max(0.0, times[0] - start))
+            if len(times) > 1:
+                metrics.tpot.labels(model).observe((times[-1] - times[0]) / (len(times) - 1))
+
+    return app
+
+
+def _abort(worker, model: str, request_id: str) -> None:
+    with contextlib.suppress(Exception):  # the worker may be gone; nothing left to stop
+        worker.client.abort(model, request_id)
+
+
+class _Stream:
+    """Bridges a blocking worker stream to asyncio through a thread; maps worker errors."""
+
+    def __init__(self, iterator: Iterator[RequestOutput]) -> None:
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._loop = asyncio.get_running_loop()
+        self._closed = threading.Event()
+        threading.Thread(target=self._pump, args=(iterator,), daemon=True).start()
+
+    def _pump(self, iterator: Iterator[RequestOutput]) -> None:
+        try:
+            for item in iterator:
+                item._received_s = time.perf_counter()
+                self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+                if self._closed.is_set():
+                    return
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, _END)
+        except BaseException as exc:  # delivered to the consumer
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, exc)
+
+    async def next(self) -> RequestOutput:
+        item = await self._queue.get()
+        if item is _END:
+            raise StopAsyncIteration
+        if isinstance(item, InvalidRequestError):
+            raise APIError(400, str(item))
+        if isinstance(item, WorkerGone):
+            raise APIError(503, f"the worker serving this request failed: {item}",
+                           "server_error", retry_after_s=1)
+        if isinstance(item, BaseException):
+            raise APIError(500 if isinstance(item, RemoteError) else 503, str(item),
+                           "server_error")
+        if item.error:
+            raise APIError(400, item.error)
+        return item
+
+    def __aiter__(self) -> _Stream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if getattr(self, "_done", False):
+            raise StopAsyncIteration
+        item = await self.next()
+        if item.finished:
+            self._done = True
+        return item
+
+    def close(self) -> None:
+        self._closed.set()
+
+
+def _usage(outputs: list[RequestOutput]) -> dict:
+    last = outputs[-1]
+    return {"prompt_tokens": last.num_prompt_tokens, "completion_tokens": last.num_output_tokens,
+            "total_tokens": last.num_prompt_tokens + last.num_output_tokens}
+
+
+def _finish(output: RequestOutput) -> str | None:
+    if not output.finished or output.finish_reason is None:
+        return None
+    return {"stop": "stop", "length": "length"}.get(output.finish_reason.value, "stop")
+
+
+def _full_response(outputs: list[RequestOutput], model: str, kind: str, request_id: str) -> dict:
+    text = "".join(o.text for o in outputs)
+    choice: dict[str, Any] = {"index": 0, "finish_reason": _finish(outputs[-1]), "logprobs": None}
+    if kind == "chat.completion":
+        choice["message"] = {"role": "assistant", "content": text}
+    else:
+        choice["text"] = text
+    return {"id": request_id, "object": kind, "created": int(time.time()), "model": model,
+            "choices": [choice], "usage": _usage(outputs)}
+
+
+def _chunk(output: RequestOutput, model: str, kind: str, request_id: str, created: int,
+           role: bool = False) -> str:
+    choice: dict[str, Any] = {"index": 0, "finish_reason": _finish(output), "logprobs": None}
+    if kind == "chat.completion":
+        delta: dict[str, Any] = {"content": output.text}
+        if role:
+            delta["role"] = "assistant"
+        choice["delta"] = delta
+        obj = "chat.completion.chunk"
+    else:
+        choice["text"] = output.text
+        obj = "text_completion"
+    return _data({"id": request_id, "object": obj, "created": created, "model": model,
+                  "choices": [choice]})
+
+
+def _data(payload: dict) -> str:
+    return f"data: {json.dumps(payload)}\n\n"

@@ -1,0 +1,186 @@
+"""End to end: the real server, real worker processes, the official `openai` client."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from warmserve.cluster.manager import LocalCluster
+from warmserve.config import parse_config
+from warmserve.server.app import create_app
+
+KEY = "sk-test"
+
+
+def _config(**server) -> dict:
+    return {
+        "cluster": {"nodes": [{"name": "local", "host_memory_gib": 4, "pinned_cache_gib": 1,
+                               "devices": [{"type": "cpu", "count": 2, "memory_gib": 0.5}]}]},
+        "models": [{"name": m, "checkpoint": "synth:tiny", "dtype": "float32",
+                    "max_context": 512} for m in ("tiny-a", "tiny-b")],
+        "engine": {"kv_cache_gib": 0.01},
+        "policy": {"page_size_mib": 2},
+        "server": {"api_keys": [KEY], "max_body_bytes": 4096} | server,
+    }
+
+
+class _Server:
+    def __init__(self, config_dict: dict, tmp: Path, cache_dir: Path) -> None:
+        import yaml
+
+        path = tmp / "cluster.yaml"
+        path.write_text(yaml.safe_dump(config_dict))
+        self.config = parse_config(config_dict)
+        self.cluster = LocalCluster(str(path), self.config, cache_dir, poll_interval_s=0.2)
+        self.cluster.start()
+        self.cluster.warm_up()
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(create_app(self.cluster, self.config),
+                                                    port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.cluster.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, cache_dir, tiny_checkpoint):
+    srv = _Server(_config(), tmp_path_factory.mktemp("srv"), cache_dir)
+    yield srv
+    srv.close()
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def test_models_and_chat(client):
+    assert {m.id for m in client.models.list()} == {"tiny-a", "tiny-b"}
+    reply = client.chat.completions.create(
+        model="tiny-a", messages=[{"role": "user", "content": "hello"}], max_tokens=8,
+        temperature=0)
+    assert reply.choices[0].finish_reason in ("length", "stop")
+    assert reply.usage.completion_tokens <= 8 and reply.usage.prompt_tokens > 0
+
+
+def test_streaming_equals_non_streaming(client):
+    kwargs = {"model": "tiny-b", "messages": [{"role": "user", "content": "stream"}],
+              "max_tokens": 10, "temperature": 0}
+    whole = client.chat.completions.create(**kwargs).choices[0].message.content
+    chunks = client.chat.completions.create(**kwargs, stream=True,
+                                            stream_options={"include_usage": True})
+    pieces, usage = [], None
+    for chunk in chunks:
+        if chunk.choices:
+            pieces.append(chunk.choices[0].delta.content or "")
+        usage = chunk.usage or usage
+    assert "".join(pieces) == whole and usage.completion_tokens == 10
+
+
+def test_text_completions(client):
+    reply = client.completions.create(model="tiny-a", prompt="abc", max_tokens=4, temperature=0)
+    assert reply.usage.completion_tokens == 4 and reply.object == "text_completion"
+
+
+def test_errors_are_openai_objects(server, client):
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.BadRequestError, match="messages"):
+        client.chat.completions.create(model="tiny-a", messages=[])
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.chat.completions.create(model="tiny-a", max_tokens=0,
+                                       messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.BadRequestError, match="exceeds the model's context"):
+        client.chat.completions.create(model="tiny-a", max_tokens=100_000,
+                                       messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).models.list()
+    headers = {"authorization": f"Bearer {KEY}", "content-type": "application/json"}
+    bad = httpx.post(server.url + "/v1/chat/completions", content=b"{nope", headers=headers)
+    assert bad.status_code == 400 and "not valid JSON" in bad.json()["error"]["message"]
+    big = httpx.post(server.url + "/v1/completions", headers=headers,
+                     json={"model": "tiny-a", "prompt": "x" * 10_000})
+    assert big.status_code == 413 and "exceeds" in big.json()["error"]["message"]
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+    metrics = httpx.get(server.url + "/metrics").text
+    assert 'warmserve_ttft_seconds_count{model="tiny-a"}' in metrics
+    assert httpx.get(server.url + "/v1/cluster", headers=headers).json()["workers"]
+
+
+def test_killed_worker_fails_fast_and_is_replaced(server, client):
+    worker = next(w for w in server.cluster.workers if w.state_of("tiny-a") == "active")
+    stream = client.chat.completions.create(
+        model="tiny-a", messages=[{"role": "user", "content": "long"}], max_tokens=400,
+        temperature=0, stream=True)
+    next(iter(stream))
+    started = time.monotonic()
+    worker.process.kill()
+    with pytest.raises(Exception):  # noqa: B017 (an error event or a broken stream)
+        for chunk in stream:
+            if not chunk.choices:
+                raise RuntimeError("error event")
+    assert time.monotonic() - started < 10
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # the supervisor starts a new worker
+        if worker.alive:
+            break
+        time.sleep(0.2)
+    assert worker.alive and server.cluster.replacements >= 1
+    reply = client.chat.completions.create(  # served again (activated anew on some worker)
+        model="tiny-a", messages=[{"role": "user", "content": "again"}], max_tokens=3)
+    assert reply.usage.completion_tokens == 3
+
+
+def test_full_queue_answers_429(tmp_path, cache_dir, tiny_checkpoint):
+    srv = _Server(_config(max_queued_per_model=1), tmp_path, cache_dir)
+    try:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key=KEY, max_retries=0)
+        long = client.chat.completions.create(
+            model="tiny-a", messages=[{"role": "user", "content": "x"}], max_tokens=300,
+            stream=True)
+        next(iter(long))
+        with pytest.raises(openai.RateLimitError) as err:
+            client.chat.completions.create(model="tiny-a", max_tokens=2,
+                                           messages=[{"role": "user", "content": "y"}])
+        assert err.value.response.headers["retry-after"] == "1"
+        long.close()
+    finally:
+        srv.close()
+
+
+@pytest.mark.slow
+def test_embedded_default_serves_real_smollm2(tmp_path, smollm2_checkpoint):
+    """`warmserve serve`'s embedded default: two SmolLM2-135M-Instruct models, real weights."""
+    import yaml
+
+    from warmserve.config import builtin_config_text
+
+    config = yaml.safe_load(builtin_config_text("cpu-local"))
+    srv = _Server(config | {"server": {"api_keys": [KEY]}}, tmp_path,
+                  smollm2_checkpoint.parent.parent)
+    try:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+        for model in ("smollm2-135m-instruct", "smollm2-135m-instruct-b"):
+            reply = client.chat.completions.create(
+                model=model, temperature=0, max_tokens=30,
+                messages=[{"role": "user", "content": "What is the capital of France?"}])
+            assert reply.choices[0].message.content == "The capital of France is Paris."
+            assert reply.choices[0].finish_reason == "stop"
+    finally:
+        srv.close()
