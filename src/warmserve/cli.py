@@ -210,6 +210,7 @@ def serve(
     import uvicorn
 
     from warmserve.cluster.manager import LocalCluster
+    from warmserve.controller.loop import Controller
     from warmserve.server.app import create_app
 
     source = config or "cpu-local"
@@ -221,11 +222,14 @@ def serve(
     console.print(f"starting {len(cluster.workers)} workers for {len(cfg.models)} models ...")
     cluster.start()
     cluster.warm_up()
+    controller = Controller(cluster, cfg)
+    controller.start()
     try:
-        uvicorn.run(create_app(cluster, cfg), host=host or cfg.server.host,
+        uvicorn.run(create_app(cluster, cfg, controller), host=host or cfg.server.host,
                     port=cfg.server.port if port is None else port,
                     log_level=log_level or "info", timeout_graceful_shutdown=30)
     finally:
+        controller.stop()
         cluster.close()
 
 

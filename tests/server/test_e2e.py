@@ -14,6 +14,7 @@ import uvicorn
 
 from warmserve.cluster.manager import LocalCluster
 from warmserve.config import parse_config
+from warmserve.controller.loop import Controller
 from warmserve.server.app import create_app
 
 KEY = "sk-test"
@@ -32,7 +33,8 @@ def _config(**server) -> dict:
 
 
 class _Server:
-    def __init__(self, config_dict: dict, tmp: Path, cache_dir: Path) -> None:
+    def __init__(self, config_dict: dict, tmp: Path, cache_dir: Path,
+                 controller: bool = False) -> None:
         import yaml
 
         path = tmp / "cluster.yaml"
@@ -41,10 +43,14 @@ class _Server:
         self.cluster = LocalCluster(str(path), self.config, cache_dir, poll_interval_s=0.2)
         self.cluster.start()
         self.cluster.warm_up()
+        self.controller = Controller(self.cluster, self.config) if controller else None
+        if self.controller:
+            self.controller.start()
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(create_app(self.cluster, self.config),
+        self.server = uvicorn.Server(uvicorn.Config(create_app(self.cluster, self.config,
+                                                               self.controller),
                                                     port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -55,6 +61,8 @@ class _Server:
     def close(self) -> None:
         self.server.should_exit = True
         self.thread.join(10)
+        if self.controller:
+            self.controller.stop()
         self.cluster.close()
 
 
@@ -182,5 +190,31 @@ def test_embedded_default_serves_real_smollm2(tmp_path, smollm2_checkpoint):
                 messages=[{"role": "user", "content": "What is the capital of France?"}])
             assert reply.choices[0].message.content == "The capital of France is Paris."
             assert reply.choices[0].finish_reason == "stop"
+    finally:
+        srv.close()
+
+
+def test_controller_scales_a_model_up_under_load(tmp_path, cache_dir, tiny_checkpoint):
+    config = _config() | {"policy": {"page_size_mib": 2, "instance_capacity": 2,
+                                     "load_window_s": 1.0, "control_interval_s": 0.2}}
+    srv = _Server(config, tmp_path, cache_dir, controller=True)
+    try:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key=KEY, max_retries=0)
+        streams = [client.chat.completions.create(
+            model="tiny-a", messages=[{"role": "user", "content": f"load {i}"}],
+            max_tokens=450, stream=True) for i in range(4)]
+        for stream in streams:
+            next(iter(stream))
+        deadline = time.monotonic() + 20
+        active = 1
+        while time.monotonic() < deadline and active < 2:
+            active = sum(w.state_of("tiny-a") == "active" for w in srv.cluster.workers)
+            time.sleep(0.2)
+        assert active == 2  # activated where it was prewarmed
+        actions = httpx.get(srv.url + "/v1/cluster",
+                            headers={"authorization": f"Bearer {KEY}"}).json()
+        assert any(a["action"] == "activate" for a in actions["controller_actions"])
+        for stream in streams:
+            stream.close()
     finally:
         srv.close()

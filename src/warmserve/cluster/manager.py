@@ -147,9 +147,20 @@ class LocalCluster:
         with self._lock:
             return min(active, key=lambda w: w.inflight[model], default=None)
 
+    def activate_elsewhere(self, model: str) -> WorkerHandle:
+        """One more active instance of `model`, on a worker where it is not active yet."""
+        with self._activation_locks[model]:
+            return self._activate(model)
+
+    def deactivate(self, worker: WorkerHandle, model: str) -> None:
+        """Stop serving `model` on `worker`; its weights stay there, prewarmed."""
+        worker.client.deactivate(model)
+        worker.stats = worker.client.stats()
+
     def _activate(self, model: str) -> WorkerHandle:
-        prewarmed = [w for w in self.workers if w.alive and w.state_of(model) == "prewarmed"]
-        others = sorted((w for w in self.workers if w.alive and w not in prewarmed),
+        candidates = [w for w in self.workers if w.alive and w.state_of(model) != "active"]
+        prewarmed = [w for w in candidates if w.state_of(model) == "prewarmed"]
+        others = sorted((w for w in candidates if w not in prewarmed),
                         key=lambda w: -w.free_pages())
         reasons = []
         for worker in prewarmed + others:

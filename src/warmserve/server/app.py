@@ -89,7 +89,7 @@ class _Metrics:
         self.replacements.set(cluster.replacements)
 
 
-def create_app(cluster: LocalCluster, config: WarmServeConfig) -> FastAPI:
+def create_app(cluster: LocalCluster, config: WarmServeConfig, controller=None) -> FastAPI:
     app = FastAPI(title="WarmServe", version="0.1.0")
     models = [m.name for m in config.models]
     metrics = _Metrics()
@@ -135,7 +135,11 @@ def create_app(cluster: LocalCluster, config: WarmServeConfig) -> FastAPI:
 
     @app.get("/v1/cluster")
     async def cluster_view() -> dict:
-        return cluster.snapshot()
+        view = cluster.snapshot()
+        if controller is not None:
+            view["controller_actions"] = [
+                {"t": t, "action": a, "model": m, "worker": w} for t, a, m, w in controller.actions]
+        return view
 
     @app.get("/metrics")
     async def prometheus() -> PlainTextResponse:
@@ -164,6 +168,8 @@ def create_app(cluster: LocalCluster, config: WarmServeConfig) -> FastAPI:
             params = body.sampling()
         except InvalidRequestError as exc:
             raise APIError(400, str(exc)) from None
+        if controller is not None:
+            controller.record_arrival(body.model)
         if cluster.inflight(body.model) >= config.server.max_queued_per_model:
             metrics.requests.labels(body.model, "rejected").inc()
             raise APIError(429, f"too many requests in flight for {body.model}",

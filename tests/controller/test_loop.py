@@ -1,0 +1,90 @@
+"""The live controller against a fake cluster (the one seam for side effects)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from warmserve.config import parse_config
+from warmserve.controller.loop import Controller
+
+CONFIG = parse_config({
+    "cluster": {"nodes": [{"devices": [{"type": "cpu", "count": 3, "memory_gib": 1}]}]},
+    "models": [{"name": "m", "checkpoint": "synth:tiny"}],
+    "policy": {"instance_capacity": 4, "window_s": 10, "control_interval_s": 0.5,
+               "load_window_s": 2, "new_instance_protect_s": 3},
+})
+
+
+@dataclass(eq=False)
+class FakeWorker:
+    name: str
+    states: dict = field(default_factory=dict)
+    inflight: dict = field(default_factory=lambda: defaultdict(int))
+    alive: bool = True
+    prewarms: list = field(default_factory=list)
+
+    def state_of(self, model):
+        return self.states.get(model)
+
+    def free_pages(self):
+        return 10
+
+    @property
+    def client(self):
+        return self
+
+    def prewarm(self, model):
+        self.prewarms.append(model)
+        self.states[model] = "prewarmed"
+
+
+class FakeCluster:
+    def __init__(self) -> None:
+        self.workers = [FakeWorker(f"w{i}") for i in range(3)]
+        self.workers[0].states["m"] = "active"
+        self.load = 0
+        self.log = []
+
+    def inflight(self, model):
+        return self.load
+
+    def activate_elsewhere(self, model):
+        worker = next(w for w in self.workers if w.states.get(model) != "active")
+        worker.states[model] = "active"
+        self.log.append(("activate", worker.name))
+        return worker
+
+    def deactivate(self, worker, model):
+        worker.states[model] = "prewarmed"
+        self.log.append(("deactivate", worker.name))
+
+
+def test_scales_up_under_load_and_down_after_protection():
+    cluster = FakeCluster()
+    ctl = Controller(cluster, CONFIG)
+    cluster.load = 7  # > 0.8 x 4
+    for t in (0.0, 0.5, 1.0):
+        ctl.tick(t)
+    assert ("activate", "w1") in cluster.log
+    activated_at = 0.0
+    cluster.load = 0
+    for t in (1.5, 2.0, 2.5, 3.0, 3.5, 4.5, 5.0, 6.0):
+        ctl.tick(t)
+        if t - activated_at < 3:  # the new instance is protected for new_instance_protect_s
+            assert ("deactivate", "w1") not in cluster.log
+    active = [w.name for w in cluster.workers if w.states.get("m") == "active"]
+    assert len(active) == 1  # scaled back down to min_instances, never to zero
+
+
+def test_window_prewarms_for_forecast_bursts():
+    cluster = FakeCluster()
+    ctl = Controller(cluster, CONFIG)
+    for t, load in ((0, 2), (1, 9), (2, 12)):  # a burst inside the window
+        cluster.load = load
+        ctl._sample("m", t)
+    cluster.load = 2
+    ctl.close_window(10.0)
+    # forecast avg 7.7, peak 12 with B = 4 and one active: one foundation and one burst replica
+    assert [w.name for w in cluster.workers if w.prewarms] == ["w1", "w2"]
+    assert ctl.actions[-1][1] == "prewarm"
