@@ -318,6 +318,61 @@ def _fmt(value) -> str:
 
 
 @app.command()
+def bench(
+    url: Annotated[str, typer.Option(help="Base URL of an OpenAI-compatible endpoint.")],
+    workload: WorkloadOpt = "paper",
+    duration: Annotated[float | None, typer.Option(help="Replay only this many seconds.")] = 60.0,
+    rate: Annotated[float | None, typer.Option(help="Total request rate (preset only).")] = None,
+    models: Annotated[str | None, typer.Option(
+        help="Comma-separated served models for workload models 0, 1, … (default: /v1/models).")
+    ] = None,
+    api_key: Annotated[str | None, typer.Option(help="Bearer key.")] = None,
+    max_input_tokens: int = 1024,
+    max_output_tokens: int = 512,
+    slo: Annotated[float, typer.Option(help="TTFT SLO in seconds.")] = 1.0,
+    seed: Annotated[int | None, typer.Option()] = None,
+    config: Annotated[str, typer.Option("--config", "-c")] = "h100-node",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    log_level: VerbLogLevel = None,
+) -> None:
+    """Replay a workload open-loop against an endpoint; same keys as `simulate --json`."""
+    _verb_log_level(log_level)
+    import asyncio
+
+    import httpx
+
+    from warmserve.bench.replay import replay, summarize_live
+    from warmserve.sim.profiles import load_profile
+    from warmserve.sim.run import WorkloadError, build_scenario
+    from warmserve.workload.traces import TraceError
+
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        cfg = load_config(config)
+        scenario = build_scenario(workload, cfg, load_profile("h100"), duration, seed, None, rate)
+        served = models.split(",") if models else [
+            m["id"] for m in httpx.get(f"{url}/v1/models", headers=headers).json()["data"]]
+    except (ConfigError, WorkloadError, TraceError, ValueError, KeyError, OSError,
+            httpx.HTTPError) as exc:
+        raise _fail(str(exc).strip("'\"")) from None
+    w = scenario.workload
+    span = duration or float(w.arrival_s.max(initial=0.0))
+    console.print(f"replaying {int((w.arrival_s < span).sum())} requests over {span:.0f} s "
+                  f"on {', '.join(served)}")
+    results = asyncio.run(replay(url, w, served, api_key, max_input_tokens, max_output_tokens,
+                                 duration_s=duration))
+    try:
+        cluster = httpx.get(f"{url}/v1/cluster", headers=headers).json()
+    except (httpx.HTTPError, ValueError):
+        cluster = None
+    summary = {"live": summarize_live(results, span, slo, cluster)}
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    _print_summary(summary, scenario)
+
+
+@app.command()
 def predict(
     workload: WorkloadOpt = "paper",
     window: Annotated[float | None, typer.Option(help="Forecast window (simulated s).")] = None,

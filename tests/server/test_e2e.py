@@ -218,3 +218,22 @@ def test_controller_scales_a_model_up_under_load(tmp_path, cache_dir, tiny_check
             stream.close()
     finally:
         srv.close()
+
+
+def test_bench_replays_open_loop_with_simulate_keys(server):
+    import json as _json
+
+    from typer.testing import CliRunner
+
+    from warmserve.cli import app
+
+    result = CliRunner().invoke(app, [
+        "bench", "--url", server.url, "--workload", "azure-conv", "--rate", "4",
+        "--duration", "3", "--models", "tiny-a,tiny-b", "--api-key", KEY,
+        "--max-input-tokens", "32", "--max-output-tokens", "6", "--json"])
+    assert result.exit_code == 0, result.output
+    live = _json.loads(result.stdout)["live"]
+    assert {"ttft_p50_s", "ttft_p99_s", "tpot_mean_s", "completed", "dropped", "throughput_rps",
+            "slo_attainment", "gpu_seconds_busy", "cold_starts", "prewarm_hits"} <= set(live)
+    assert live["completed"] >= 5 and live["dropped"] == 0
+    assert 0 < live["ttft_p50_s"] < 5

@@ -26,6 +26,7 @@ class _Request(BaseModel):
     stream_options: dict | None = None
     n: int = Field(1, ge=1, le=1)
     user: str | None = None
+    ignore_eos: bool = False  # extension (as in vLLM): generate max_tokens whatever comes
 
     @field_validator("stop")
     @classmethod
@@ -39,7 +40,7 @@ class _Request(BaseModel):
         return SamplingParams(
             max_tokens=self.max_completion_tokens or self.max_tokens or MAX_TOKENS_DEFAULT,
             temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed,
-            stop=tuple(self.stop or ()), logprobs=logprobs,
+            stop=tuple(self.stop or ()), logprobs=logprobs, ignore_eos=self.ignore_eos,
         )
 
     @property

@@ -1,0 +1,116 @@
+"""Open-loop replay of a workload against any OpenAI-compatible endpoint.
+
+Each request is sent at its arrival time whatever happened to the others (open loop), streamed,
+and timed: TTFT at the first content chunk, TPOT over the rest. The summary has the same keys as
+`warmserve simulate --json`, so a live run and a simulated one compare line by line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass
+
+import httpx
+import numpy as np
+
+from warmserve.workload.builder import Workload
+
+WORDS = ("the", "model", "serves", "many", "requests", "on", "shared", "GPUs", "with", "low",
+         "latency", "and")
+
+
+@dataclass
+class Result:
+    ttft_s: float = float("nan")
+    tpot_s: float = float("nan")
+    tokens: int = 0
+    ok: bool = False
+    status: int | None = None
+
+
+def prompt_of(tokens: int, seed: int) -> str:
+    """A prompt of about `tokens` tokens (one word each for common tokenizers)."""
+    return " ".join(WORDS[(seed + i) % len(WORDS)] for i in range(max(1, tokens)))
+
+
+async def replay(url: str, workload: Workload, models: list[str], api_key: str | None = None,
+                 max_input_tokens: int = 1024, max_output_tokens: int = 512,
+                 timeout_s: float = 600.0, duration_s: float | None = None) -> list[Result]:
+    """Send every request of `workload` (model i -> models[i % len(models)]) at its time."""
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+    end = duration_s if duration_s is not None else float("inf")
+    index = [i for i in range(workload.num_requests) if workload.arrival_s[i] < end]
+    results = [Result() for _ in index]
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=timeout_s,
+                                 limits=limits) as client:
+        start = time.perf_counter()
+
+        async def one(slot: int, i: int) -> None:
+            await asyncio.sleep(max(0.0, workload.arrival_s[i] - (time.perf_counter() - start)))
+            body = {"model": models[int(workload.model_index[i]) % len(models)],
+                    "prompt": prompt_of(min(int(workload.input_tokens[i]), max_input_tokens), i),
+                    "max_tokens": min(int(workload.output_tokens[i]), max_output_tokens),
+                    "temperature": 0, "stream": True, "ignore_eos": True}
+            results[slot] = await _stream(client, body)
+
+        await asyncio.gather(*(one(slot, i) for slot, i in enumerate(index)))
+    return results
+
+
+async def _stream(client: httpx.AsyncClient, body: dict) -> Result:
+    result = Result()
+    sent = time.perf_counter()
+    times = []
+    try:
+        async with client.stream("POST", "/v1/completions", json=body) as response:
+            result.status = response.status_code
+            if response.status_code != 200:
+                await response.aread()
+                return result
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    return result
+                if chunk.get("choices") and chunk["choices"][0].get("text") is not None:
+                    times.append(time.perf_counter())
+    except httpx.HTTPError:
+        return result
+    if times:
+        result.ok = True
+        result.ttft_s = times[0] - sent
+        result.tokens = len(times)
+        if len(times) > 1:
+            result.tpot_s = (times[-1] - times[0]) / (len(times) - 1)
+    return result
+
+
+def summarize_live(results: list[Result], duration_s: float, ttft_slo_s: float,
+                   cluster: dict | None = None) -> dict:
+    ok = [r for r in results if r.ok]
+    ttft = np.array([r.ttft_s for r in ok])
+    tpot = np.array([r.tpot_s for r in ok if not np.isnan(r.tpot_s)])
+
+    def pct(q: float) -> float | None:
+        return float(np.percentile(ttft, q)) if len(ttft) else None
+
+    actions = (cluster or {}).get("controller_actions", [])
+    return {
+        "ttft_mean_s": float(ttft.mean()) if len(ttft) else None,
+        "ttft_p50_s": pct(50), "ttft_p90_s": pct(90), "ttft_p95_s": pct(95), "ttft_p99_s": pct(99),
+        "tpot_mean_s": float(tpot.mean()) if len(tpot) else None,
+        "completed": len(ok), "dropped": len(results) - len(ok),
+        "throughput_rps": len(ok) / duration_s if duration_s > 0 else None,
+        "slo_attainment": float((ttft <= ttft_slo_s).sum() / len(results)) if results else None,
+        "requests_within_slo": int((ttft <= ttft_slo_s).sum()),
+        "ttft_slo_s": ttft_slo_s,
+        "gpu_seconds_busy": None,  # not observable from outside the endpoint
+        "cold_starts": None,
+        "prewarm_hits": None,
+        "activations": sum(1 for a in actions if a["action"] == "activate") if cluster else None,
+        "rejected_429": sum(1 for r in results if r.status == 429),
+    }
