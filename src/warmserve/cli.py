@@ -203,26 +203,38 @@ def serve(
     config: ConfigOpt = None,
     host: Annotated[str | None, typer.Option(help="Address (default: the config's).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (default: the config's).")] = None,
+    policy: Annotated[str, typer.Option(
+        help="warmserve, serverlessllm, muxserve or dedicated: the same policy sets as the "
+             "simulator, live.")] = "warmserve",
     log_level: VerbLogLevel = None,
 ) -> None:
     """Serve the configured models behind one OpenAI-compatible endpoint."""
     _verb_log_level(log_level)
     import uvicorn
 
-    from warmserve.cluster.manager import LocalCluster
+    from warmserve.cluster.manager import LocalCluster, NoCapacity
     from warmserve.controller.loop import Controller
     from warmserve.server.app import create_app
+    from warmserve.sim.systems import get_system
 
     source = config or "cpu-local"
     try:
         cfg = load_config(source)
-    except ConfigError as exc:
+        if policy not in ("warmserve", "serverlessllm", "muxserve", "dedicated"):
+            raise ValueError(f"--policy {policy!r}: one of warmserve, serverlessllm, muxserve, "
+                             f"dedicated")
+        system = get_system(policy)
+    except (ConfigError, ValueError) as exc:
         raise _fail(str(exc)) from None
     cluster = LocalCluster(source, cfg, _cache_dir())
     console.print(f"starting {len(cluster.workers)} workers for {len(cfg.models)} models ...")
     cluster.start()
-    cluster.warm_up()
-    controller = Controller(cluster, cfg)
+    try:
+        cluster.warm_up(system)
+    except NoCapacity as exc:
+        cluster.close()
+        raise _fail(str(exc)) from None
+    controller = Controller(cluster, cfg, system=system)
     controller.start()
     try:
         uvicorn.run(create_app(cluster, cfg, controller), host=host or cfg.server.host,

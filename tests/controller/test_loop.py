@@ -55,9 +55,12 @@ class FakeCluster:
         self.log.append(("activate", worker.name))
         return worker
 
-    def deactivate(self, worker, model):
-        worker.states[model] = "prewarmed"
-        self.log.append(("deactivate", worker.name))
+    def deactivate(self, worker, model, evict=False):
+        if evict:
+            worker.states.pop(model)
+        else:
+            worker.states[model] = "prewarmed"
+        self.log.append(("evict" if evict else "deactivate", worker.name))
 
 
 def test_scales_up_under_load_and_down_after_protection():
@@ -88,3 +91,35 @@ def test_window_prewarms_for_forecast_bursts():
     # forecast avg 7.7, peak 12 with B = 4 and one active: one foundation and one burst replica
     assert [w.name for w in cluster.workers if w.prewarms] == ["w1", "w2"]
     assert ctl.actions[-1][1] == "prewarm"
+
+
+def test_reactive_baseline_keeps_alive_then_unloads_and_never_prewarms():
+    from warmserve.sim.systems import get_system
+
+    cluster = FakeCluster()
+    ctl = Controller(cluster, CONFIG, system=get_system("serverlessllm"))
+    cluster.load = 7
+    for t in (0.0, 0.5, 1.0):
+        ctl.tick(t)
+    assert ("activate", "w1") in cluster.log
+    cluster.load = 0
+    for t in (2.0, 5.0, 30.0):  # idle, but within keep_alive_s (60 s)
+        ctl.tick(t)
+    assert not any(a == "evict" for a, _ in cluster.log)
+    for t in (70.0, 71.0):
+        ctl.tick(t)
+    assert any(a == "evict" for a, _ in cluster.log)  # unloaded, not kept prewarmed
+    ctl._sample("m", 72.0)
+    ctl.close_window(80.0)
+    assert not any(w.prewarms for w in cluster.workers)
+
+
+def test_static_policies_do_not_scale():
+    from warmserve.sim.systems import get_system
+
+    cluster = FakeCluster()
+    ctl = Controller(cluster, CONFIG, system=get_system("muxserve"))
+    cluster.load = 50
+    for t in (0.0, 0.5, 1.0):
+        ctl.tick(t)
+    assert cluster.log == []

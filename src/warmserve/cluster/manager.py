@@ -18,6 +18,7 @@ from pathlib import Path
 from warmserve.cluster.local import LocalWorkerProcess
 from warmserve.config import WarmServeConfig
 from warmserve.engine.checkpoint import resolve_checkpoint
+from warmserve.sim.systems import SystemSpec, get_system
 from warmserve.worker.rpc import WorkerClient, WorkerGone
 from warmserve.worker.worker import Refused
 
@@ -88,17 +89,33 @@ class LocalCluster:
         self.refresh()
         self._supervisor.start()
 
-    def warm_up(self) -> None:
-        """One active instance per model on distinct workers, and a prewarmed copy elsewhere."""
-        for index, model in enumerate(m.name for m in self.config.models):
-            worker = self.workers[index % len(self.workers)]
-            try:
-                worker.client.activate(model)
+    def warm_up(self, system: SystemSpec | None = None) -> None:
+        """The starting placement of a policy set. warmserve: one active instance per model on
+        distinct workers and a prewarmed copy elsewhere; serverlessllm: the active instance
+        only; muxserve: every model active on every worker; dedicated: workers divided among
+        the models, each worker serving one model."""
+        system = system or get_system("warmserve")
+        models = [m.name for m in self.config.models]
+        if system.dedicated and len(self.workers) < len(models):
+            raise NoCapacity(f"dedicated needs a worker per model: {len(self.workers)} workers, "
+                             f"{len(models)} models")
+        plan: list[tuple[WorkerHandle, str, str]] = []
+        for index, worker in enumerate(self.workers):
+            if system.colocate:
+                plan += [(worker, model, "activate") for model in models]
+            elif system.dedicated:
+                plan.append((worker, models[index % len(models)], "activate"))
+        if not (system.colocate or system.dedicated):
+            for index, model in enumerate(models):
+                plan.append((self.workers[index % len(self.workers)], model, "activate"))
                 spare = self.workers[(index + 1) % len(self.workers)]
-                if spare is not worker:
-                    spare.client.prewarm(model)
+                if system.prewarm and spare is not self.workers[index % len(self.workers)]:
+                    plan.append((spare, model, "prewarm"))
+        for worker, model, verb in plan:
+            try:
+                getattr(worker.client, verb)(model)
             except (Refused, WorkerGone) as exc:
-                log.warning("warm-up of %s: %s", model, exc)
+                log.warning("warm-up: %s %s on %s: %s", verb, model, worker.name, exc)
         self.refresh()
 
     def close(self) -> None:
@@ -152,9 +169,12 @@ class LocalCluster:
         with self._activation_locks[model]:
             return self._activate(model)
 
-    def deactivate(self, worker: WorkerHandle, model: str) -> None:
-        """Stop serving `model` on `worker`; its weights stay there, prewarmed."""
+    def deactivate(self, worker: WorkerHandle, model: str, evict: bool = False) -> None:
+        """Stop serving `model` on `worker`; its weights stay there, prewarmed, unless
+        `evict` (the reactive baseline unloads what it stops)."""
         worker.client.deactivate(model)
+        if evict:
+            worker.client.evict(model)
         worker.stats = worker.client.stats()
 
     def _activate(self, model: str) -> WorkerHandle:

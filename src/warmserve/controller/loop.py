@@ -12,7 +12,6 @@ snapshot and applies the actions through the cluster's worker clients.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections import deque
@@ -23,6 +22,7 @@ from warmserve.cluster.manager import LocalCluster, NoCapacity
 from warmserve.config import WarmServeConfig
 from warmserve.control.policies import autoscale, replica_plan
 from warmserve.control.predictor import ModelForecaster
+from warmserve.sim.systems import SystemSpec, get_system
 from warmserve.worker.rpc import WorkerGone
 from warmserve.worker.worker import Refused
 
@@ -35,12 +35,15 @@ class _ModelLoad:
     window_samples: list = field(default_factory=list)
     arrivals: int = 0
     activated_at: dict[str, float] = field(default_factory=dict)  # worker name -> time
+    busy_at: dict[str, float] = field(default_factory=dict)  # worker name -> last time busy
 
 
 class Controller:
     def __init__(self, cluster: LocalCluster, config: WarmServeConfig, min_instances: int = 1,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 system: SystemSpec | None = None) -> None:
         self.cluster = cluster
+        self.system = system or get_system("warmserve")
         self.policy = config.policy
         self.models = [m.name for m in config.models]
         self.min_instances = min_instances
@@ -48,6 +51,7 @@ class Controller:
         self._load = {m: _ModelLoad() for m in self.models}
         self.forecasters = {m: ModelForecaster(10**6, self.policy.error_correction_windows)
                             for m in self.models}
+        self._first_tick: float | None = None
         self.actions: deque = deque(maxlen=200)  # (time, action, model, worker) for /v1/cluster
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="controller")
@@ -78,6 +82,10 @@ class Controller:
                 log.exception("controller tick failed")
 
     def tick(self, now: float) -> None:
+        if not self.system.autoscale:  # static placements (muxserve, dedicated)
+            return
+        if self._first_tick is None:  # instances found at start count as new from here
+            self._first_tick = now
         for model in self.models:
             load = self._sample(model, now)
             active = [w for w in self.cluster.workers if w.alive and w.state_of(model) == "active"]
@@ -90,6 +98,8 @@ class Controller:
                 self._scale_down(model, active, len(active) - desired, now)
 
     def close_window(self, now: float) -> None:
+        if not self.system.prewarm:
+            return
         window = self.policy.window_s
         for model in self.models:
             state = self._load[model]
@@ -112,6 +122,9 @@ class Controller:
         state = self._load[model]
         concurrency = self.cluster.inflight(model)
         state.samples.append((now, concurrency))
+        for worker in self.cluster.workers:
+            if worker.inflight[model]:
+                state.busy_at[worker.name] = now
         state.window_samples.append((now, concurrency))
         while state.samples and state.samples[0][0] < now - self.policy.load_window_s:
             state.samples.popleft()
@@ -130,12 +143,14 @@ class Controller:
     def _scale_down(self, model: str, active: list, count: int, now: float) -> None:
         protect = self.policy.new_instance_protect_s
         candidates = sorted(active, key=lambda w: w.inflight[model])
+        keep_alive = self.policy.keep_alive_s if self.system.keep_alive else 0.0
         for worker in candidates[:count]:
-            started = self._load[model].activated_at.get(worker.name, -math.inf)
-            if worker.inflight[model] or now - started < protect:
+            started = self._load[model].activated_at.get(worker.name, self._first_tick)
+            idle_since = max(started, self._load[model].busy_at.get(worker.name, started))
+            if worker.inflight[model] or now - started < protect or now - idle_since < keep_alive:
                 continue
-            try:
-                self.cluster.deactivate(worker, model)  # its weights stay prewarmed there
+            try:  # warmserve keeps the weights prewarmed there; the reactive baseline unloads
+                self.cluster.deactivate(worker, model, evict=not self.system.deactivate_to_prewarm)
                 self.actions.append((now, "deactivate", model, worker.name))
             except (Refused, WorkerGone) as exc:
                 log.info("cannot deactivate %s on %s: %s", model, worker.name, exc)
