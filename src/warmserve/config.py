@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 BUILTIN_CONFIGS = {
     "cpu-local": "cpu-local.yaml",
     "h100-node": "h100-node.yaml",
+    "h100-live": "h100-live.yaml",
 }
 DEFAULT_CONFIG_NAME = "cpu-local"
 # Where converted and synthetic checkpoints are cached (the CLI's --cache-dir overrides it).
@@ -184,6 +185,10 @@ class PolicyConfig(_Frozen):
         32, ge=2, le=1024,
         description="Pool page size (MiB). 32: per-call driver costs grow with the number of "
         "physical allocations, and 2-MiB pages make mapping 10x slower (docs/memory.md).",
+    )
+    min_instances: int = Field(
+        1, ge=0, le=1024, description="Live controller: fewest active instances per model "
+        "(0 lets idle models scale to zero)."
     )
     keep_alive_s: float = Field(
         60.0, ge=0, description="Reactive baseline: idle instances stay loaded this long (s)."

@@ -39,14 +39,16 @@ class _ModelLoad:
 
 
 class Controller:
-    def __init__(self, cluster: LocalCluster, config: WarmServeConfig, min_instances: int = 1,
+    def __init__(self, cluster: LocalCluster, config: WarmServeConfig,
+                 min_instances: int | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  system: SystemSpec | None = None) -> None:
         self.cluster = cluster
         self.system = system or get_system("warmserve")
         self.policy = config.policy
         self.models = [m.name for m in config.models]
-        self.min_instances = min_instances
+        self.min_instances = (config.policy.min_instances if min_instances is None
+                              else min_instances)
         self._clock = clock
         self._load = {m: _ModelLoad() for m in self.models}
         self.forecasters = {m: ModelForecaster(10**6, self.policy.error_correction_windows)
