@@ -127,14 +127,21 @@ class LocalCluster:
     # --- routing ------------------------------------------------------------------------------
 
     def acquire(self, model: str) -> WorkerHandle:
-        """A worker that serves `model` now (activating it somewhere if needed)."""
-        worker = self._least_loaded(model)
-        if worker is None:
-            with self._activation_locks[model]:  # one activation per model at a time
-                worker = self._least_loaded(model) or self._activate(model)
+        """A worker that serves `model` now (activating it somewhere if needed). Choosing the
+        worker and counting the request happen under one lock, so a scale-down that checks
+        for idle instances under the same lock never takes one a request was just sent to."""
         with self._lock:
-            worker.inflight[model] += 1
-        return worker
+            worker = self._least_loaded_locked(model)
+            if worker is not None:
+                worker.inflight[model] += 1
+                return worker
+        with self._activation_locks[model]:  # one activation per model at a time
+            with self._lock:
+                worker = self._least_loaded_locked(model)
+            worker = worker or self._activate(model)
+            with self._lock:
+                worker.inflight[model] += 1
+            return worker
 
     def release(self, worker: WorkerHandle, model: str) -> None:
         with self._lock:
@@ -159,10 +166,9 @@ class LocalCluster:
                              "inflight": dict(w.inflight)} for w in self.workers],
                 "replacements": self.replacements}
 
-    def _least_loaded(self, model: str) -> WorkerHandle | None:
+    def _least_loaded_locked(self, model: str) -> WorkerHandle | None:
         active = [w for w in self.workers if w.alive and w.state_of(model) == "active"]
-        with self._lock:
-            return min(active, key=lambda w: w.inflight[model], default=None)
+        return min(active, key=lambda w: w.inflight[model], default=None)
 
     def activate_elsewhere(self, model: str) -> WorkerHandle:
         """One more active instance of `model`, on a worker where it is not active yet."""
@@ -171,7 +177,13 @@ class LocalCluster:
 
     def deactivate(self, worker: WorkerHandle, model: str, evict: bool = False) -> None:
         """Stop serving `model` on `worker`; its weights stay there, prewarmed, unless
-        `evict` (the reactive baseline unloads what it stops)."""
+        `evict` (the reactive baseline unloads what it stops). Refused while it has requests."""
+        with self._lock:
+            if worker.inflight[model]:
+                raise Refused(f"{model} on {worker.name} has requests in flight")
+            entry = worker.stats.get("models", {}).get(model)
+            if entry:  # the router stops choosing it now
+                entry["state"] = "deactivating"
         worker.client.deactivate(model)
         if evict:
             worker.client.evict(model)

@@ -122,6 +122,7 @@ class UniversalWorker:
             resident = self._require(name)
             if resident.state is not ModelState.ACTIVE:
                 raise Refused(f"{name} is {resident.state.value}, not active")
+            resident.state = ModelState.PREWARMED  # new requests are refused from here on
             resident.loop.shutdown()
             self._unmap_kv(resident)
 
