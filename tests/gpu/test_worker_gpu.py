@@ -35,6 +35,11 @@ def test_gpu_worker_process(tmp_path, cache_dir, tiny_checkpoint):
         a = [t for o in client.generate("a", list(range(9, 60)), params) for t in o.token_ids]
         b = [t for o in client.generate("b", list(range(9, 60)), params) for t in o.token_ids]
         assert a == b and len(a) == 16  # same weights, same answer
+        client.deactivate("a")  # KV pages unmapped; the runner and its CUDA graphs kept
+        client.activate("a")  # pages mapped again at the same addresses
+        again = [t for o in client.generate("a", list(range(9, 60)), params)
+                 for t in o.token_ids]
+        assert again == a
         client.deactivate("b")
         client.evict("b")
         assert set(client.stats()["models"]) == {"a"}

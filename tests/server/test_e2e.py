@@ -237,3 +237,21 @@ def test_bench_replays_open_loop_with_simulate_keys(server):
             "slo_attainment", "gpu_seconds_busy", "cold_starts", "prewarm_hits"} <= set(live)
     assert live["completed"] >= 5 and live["dropped"] == 0
     assert 0 < live["ttft_p50_s"] < 5
+
+
+def test_shutdown_drains_in_flight_requests(tmp_path, cache_dir, tiny_checkpoint):
+    srv = _Server(_config(), tmp_path, cache_dir)
+    try:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key=KEY, max_retries=0)
+        stream = client.chat.completions.create(
+            model="tiny-b", messages=[{"role": "user", "content": "drain"}], max_tokens=200,
+            temperature=0, stream=True, stream_options={"include_usage": True})
+        chunks = iter(stream)
+        next(chunks)
+        srv.server.should_exit = True  # what SIGINT/SIGTERM do: stop accepting, then drain
+        usage = None
+        for chunk in chunks:
+            usage = chunk.usage or usage
+        assert usage is not None and usage.completion_tokens == 200  # finished, not cut off
+    finally:
+        srv.close()

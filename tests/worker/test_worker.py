@@ -61,10 +61,12 @@ def test_cold_activation_and_deactivate_keeps_weights(worker, expected):
     worker.activate("b")  # never prewarmed: loaded cold
     assert _tokens(worker, "b") == expected
     free_before = worker.pool.num_free_pages
+    runner = worker._residents["b"].runner
     worker.deactivate("b")
     assert worker.stats()["models"]["b"]["state"] == "prewarmed"
     assert worker.pool.num_free_pages > free_before  # the KV pages went back
     worker.activate("b")
+    assert worker._residents["b"].runner is runner  # reused: same addresses, graphs valid
     assert _tokens(worker, "b") == expected
 
 

@@ -211,14 +211,22 @@ class LLMEngine:
 def create_engine(checkpoint: Path, config: EngineConfig, dtype: str, device: str,
                   max_context: int, provider: TensorProvider | None = None,
                   kv_cache_bytes: int | None = None, seed: int = 0,
-                  model: torch.nn.Module | None = None, tokenizer: Tokenizer | None = None
-                  ) -> LLMEngine:
+                  model: torch.nn.Module | None = None, tokenizer: Tokenizer | None = None,
+                  runner: ModelRunner | None = None) -> LLMEngine:
     """Load a checkpoint directory into a ready engine on `device`.
 
     A worker passes `model` (built over a prewarmed slot when the prewarm finished) and
-    `tokenizer` to turn a prewarmed replica into an engine without building anything again.
+    `tokenizer` to turn a prewarmed replica into an engine without building anything again;
+    from the second activation on it passes the `runner` too: the slot's addresses never move,
+    so the runner's KV view and CUDA graphs stay valid across deactivations.
     """
     arch = read_arch(checkpoint)
+    tokenizer = tokenizer or Tokenizer(checkpoint, arch)
+    context = min(max_context, arch.max_position)
+    if runner is not None:
+        scheduler = Scheduler(BlockManager(runner.scratch_block, config.block_size_tokens),
+                              config.max_num_seqs, config.max_tokens_per_step)
+        return LLMEngine(runner, scheduler, tokenizer, context)
     provider = provider or TorchProvider(device)
     torch_dtype = DTYPES[dtype]
     model = model if model is not None else build_model(arch, checkpoint, torch_dtype, provider)
@@ -237,8 +245,7 @@ def create_engine(checkpoint: Path, config: EngineConfig, dtype: str, device: st
     )
     scheduler = Scheduler(BlockManager(num_blocks, config.block_size_tokens),
                           config.max_num_seqs, config.max_tokens_per_step)
-    tokenizer = tokenizer or Tokenizer(checkpoint, arch)
-    return LLMEngine(runner, scheduler, tokenizer, min(max_context, arch.max_position))
+    return LLMEngine(runner, scheduler, tokenizer, context)
 
 
 def _num_kv_blocks(config: EngineConfig, kv_cache_bytes: int | None, block_bytes: int,

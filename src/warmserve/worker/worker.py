@@ -60,6 +60,7 @@ class _Resident:
     model: torch.nn.Module | None = None
     tokenizer: Tokenizer | None = None
     loop: EngineLoop | None = None
+    runner: Any = None  # kept across deactivations (fixed addresses: graphs stay valid)
     lent_blocks: list[int] = field(default_factory=list)
     kv_pending: Any = None
     progress: PrewarmProgress = field(default_factory=PrewarmProgress)
@@ -252,22 +253,27 @@ class UniversalWorker:
         layout, page = r.layout, self.pool.page_bytes
         kv_pages = list(layout.kv_pages(0, layout.num_blocks))
         first = min(len(kv_pages), self._first_kv_pages(layout))
-        # The first chunk maps now; as much of the rest as is free maps behind it. Blocks whose
-        # pages are not mapped yet start out of service: staged ones return when their pages
-        # land, the others stay lent until `reclaim`.
+        # The first chunk maps now, with the scratch block (the last one: CUDA-graph padding
+        # rows write there); as much of the rest as is free maps behind it. Blocks whose pages
+        # are not mapped yet start out of service: staged ones return when their pages land,
+        # the others stay lent until `reclaim`.
+        scratch = list(layout.kv_pages(layout.num_blocks - 1, 1))
+        now = sorted(set(kv_pages[:first]) | set(scratch))
         try:
-            self.pool.map(r.slot, kv_pages[:first]).result()
+            self.pool.map(r.slot, now).result()
         except PoolFullError as exc:
             raise Refused(f"{r.config.name}: no room for a KV cache: {exc}") from None
-        rest = kv_pages[first: first + self.pool.num_free_pages]
+        rest = [p for p in kv_pages[first:] if p not in r.slot.pages][: self.pool.num_free_pages]
         r.kv_pending = self.pool.map(r.slot, rest) if rest else None
         engine = create_engine(
             r.checkpoint, self.engine_config, r.config.dtype, str(self.device),
             r.config.max_context, provider=LayoutProvider(self.pool.view(r.slot), layout, True),
-            kv_cache_bytes=layout.kv_bytes, model=r.model, tokenizer=r.tokenizer)
+            kv_cache_bytes=layout.kv_bytes, model=r.model, tokenizer=r.tokenizer,
+            runner=r.runner)
+        r.runner = engine.runner
         bm = engine.block_manager
         ready_now = first * page // layout.block_bytes
-        ready_later = (first + len(rest)) * page // layout.block_bytes
+        ready_later = (first + len(rest)) * page // layout.block_bytes  # a contiguous prefix
         staged = list(range(min(ready_now, bm.num_blocks), min(ready_later, bm.num_blocks)))
         unmapped = list(range(min(ready_later, bm.num_blocks), bm.num_blocks))
         bm.withhold(staged + unmapped)
