@@ -135,7 +135,8 @@ class ModelRunner:
                     self._decode_forward(bucket, meta)
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
+                # thread_local: other engines of the worker keep running while this captures
+                with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
                     logits = self._decode_forward(bucket, meta)
             self._graphs[bucket] = _Graph(graph, logits)
         torch.cuda.synchronize()
