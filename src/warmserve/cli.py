@@ -206,6 +206,9 @@ def serve(
     policy: Annotated[str, typer.Option(
         help="warmserve, serverlessllm, muxserve or dedicated: the same policy sets as the "
              "simulator, live.")] = "warmserve",
+    history: Annotated[Path | None, typer.Option(
+        help="CSV of earlier windows to seed the forecaster: model,avg_concurrency,"
+             "peak_concurrency,rate_rps (oldest first).")] = None,
     log_level: VerbLogLevel = None,
 ) -> None:
     """Serve the configured models behind one OpenAI-compatible endpoint."""
@@ -235,6 +238,14 @@ def serve(
         cluster.close()
         raise _fail(str(exc)) from None
     controller = Controller(cluster, cfg, system=system)
+    if history is not None:
+        from warmserve.workload.traces import TraceError
+
+        try:
+            console.print(f"forecaster seeded with {controller.seed_history(history)} windows")
+        except TraceError as exc:
+            cluster.close()
+            raise _fail(str(exc)) from None
     controller.start()
     try:
         uvicorn.run(create_app(cluster, cfg, controller), host=host or cfg.server.host,
@@ -371,13 +382,16 @@ def bench(
     span = duration or float(w.arrival_s.max(initial=0.0))
     console.print(f"replaying {int((w.arrival_s < span).sum())} requests over {span:.0f} s "
                   f"on {', '.join(served)}")
+    def cluster_view() -> dict | None:
+        try:
+            return httpx.get(f"{url}/v1/cluster", headers=headers).json()
+        except (httpx.HTTPError, ValueError):
+            return None
+
+    before = cluster_view()
     results = asyncio.run(replay(url, w, served, api_key, max_input_tokens, max_output_tokens,
                                  duration_s=duration))
-    try:
-        cluster = httpx.get(f"{url}/v1/cluster", headers=headers).json()
-    except (httpx.HTTPError, ValueError):
-        cluster = None
-    summary = {"live": summarize_live(results, span, slo, cluster)}
+    summary = {"live": summarize_live(results, span, slo, cluster_view(), before)}
     if as_json:
         print(json.dumps(summary, indent=2))
         return

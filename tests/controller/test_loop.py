@@ -123,3 +123,20 @@ def test_static_policies_do_not_scale():
     for t in (0.0, 0.5, 1.0):
         ctl.tick(t)
     assert cluster.log == []
+
+
+def test_seed_history_from_csv(tmp_path):
+    import pytest
+
+    from warmserve.workload.traces import TraceError
+
+    path = tmp_path / "h.csv"
+    day = [(5, 8, 1), (20, 30, 4)] * 4320  # a day of 10-s windows
+    path.write_text("model,avg_concurrency,peak_concurrency,rate_rps\n"
+                    + "".join(f"m,{a},{p},{r}\n" for a, p, r in day))
+    ctl = Controller(FakeCluster(), CONFIG)
+    assert ctl.seed_history(path) == len(day)
+    assert ctl.forecasters["m"].forecast().peak_concurrency == 8  # the same slot yesterday
+    path.write_text("model,avg_concurrency,peak_concurrency,rate_rps\nzz,1,1,1\n")
+    with pytest.raises(TraceError, match=r"h\.csv:2: model 'zz' is not served"):
+        ctl.seed_history(path)

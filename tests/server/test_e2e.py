@@ -128,6 +128,7 @@ def test_errors_are_openai_objects(server, client):
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
     metrics = httpx.get(server.url + "/metrics").text
     assert 'warmserve_ttft_seconds_count{model="tiny-a"}' in metrics
+    assert "warmserve_prewarm_hits" in metrics and "warmserve_cold_starts" in metrics
     assert httpx.get(server.url + "/v1/cluster", headers=headers).json()["workers"]
 
 
@@ -211,6 +212,7 @@ def test_controller_scales_a_model_up_under_load(tmp_path, cache_dir, tiny_check
             active = sum(w.state_of("tiny-a") == "active" for w in srv.cluster.workers)
             time.sleep(0.2)
         assert active == 2  # activated where it was prewarmed
+        assert srv.cluster.prewarm_hits >= 1
         actions = httpx.get(srv.url + "/v1/cluster",
                             headers={"authorization": f"Bearer {KEY}"}).json()
         assert any(a["action"] == "activate" for a in actions["controller_actions"])

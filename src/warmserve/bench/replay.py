@@ -90,7 +90,7 @@ async def _stream(client: httpx.AsyncClient, body: dict) -> Result:
 
 
 def summarize_live(results: list[Result], duration_s: float, ttft_slo_s: float,
-                   cluster: dict | None = None) -> dict:
+                   cluster: dict | None = None, cluster_before: dict | None = None) -> dict:
     ok = [r for r in results if r.ok]
     ttft = np.array([r.ttft_s for r in ok])
     tpot = np.array([r.tpot_s for r in ok if not np.isnan(r.tpot_s)])
@@ -109,8 +109,15 @@ def summarize_live(results: list[Result], duration_s: float, ttft_slo_s: float,
         "requests_within_slo": int((ttft <= ttft_slo_s).sum()),
         "ttft_slo_s": ttft_slo_s,
         "gpu_seconds_busy": None,  # not observable from outside the endpoint
-        "cold_starts": None,
-        "prewarm_hits": None,
+        "cold_starts": _delta(cluster, cluster_before, "cold_starts"),
+        "prewarm_hits": _delta(cluster, cluster_before, "prewarm_hits"),
         "activations": sum(1 for a in actions if a["action"] == "activate") if cluster else None,
         "rejected_429": sum(1 for r in results if r.status == 429),
     }
+
+
+def _delta(after: dict | None, before: dict | None, key: str) -> int | None:
+    """A WarmServe endpoint's counter over the run (None for other endpoints)."""
+    if not after or key not in after:
+        return None
+    return after[key] - ((before or {}).get(key, 0))

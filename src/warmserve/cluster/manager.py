@@ -75,6 +75,8 @@ class LocalCluster:
         self._supervisor = threading.Thread(target=self._supervise, daemon=True,
                                             name="cluster-supervisor")
         self.replacements = 0
+        self.cold_starts = 0  # activations that had to load weights
+        self.prewarm_hits = 0  # activations of weights already in a slot
 
     # --- life cycle --------------------------------------------------------------------------
 
@@ -164,7 +166,8 @@ class LocalCluster:
     def snapshot(self) -> dict:
         return {"workers": [{"name": w.name, "alive": w.alive, "stats": w.stats,
                              "inflight": dict(w.inflight)} for w in self.workers],
-                "replacements": self.replacements}
+                "replacements": self.replacements, "cold_starts": self.cold_starts,
+                "prewarm_hits": self.prewarm_hits}
 
     def _least_loaded_locked(self, model: str) -> WorkerHandle | None:
         active = [w for w in self.workers if w.alive and w.state_of(model) == "active"]
@@ -199,6 +202,11 @@ class LocalCluster:
             try:
                 worker.client.activate(model)
                 worker.stats = worker.client.stats()
+                with self._lock:
+                    if worker in prewarmed:
+                        self.prewarm_hits += 1
+                    else:
+                        self.cold_starts += 1
                 return worker
             except (Refused, WorkerGone) as exc:
                 reasons.append(f"{worker.name}: {exc}")

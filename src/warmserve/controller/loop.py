@@ -17,6 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from warmserve.cluster.manager import LocalCluster, NoCapacity
 from warmserve.config import WarmServeConfig
@@ -51,7 +52,8 @@ class Controller:
                               else min_instances)
         self._clock = clock
         self._load = {m: _ModelLoad() for m in self.models}
-        self.forecasters = {m: ModelForecaster(10**6, self.policy.error_correction_windows)
+        per_day = max(1, round(86400 / self.policy.window_s))  # seasonality: a day
+        self.forecasters = {m: ModelForecaster(per_day, self.policy.error_correction_windows)
                             for m in self.models}
         self._first_tick: float | None = None
         self.actions: deque = deque(maxlen=200)  # (time, action, model, worker) for /v1/cluster
@@ -64,6 +66,21 @@ class Controller:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(5)
+
+    def seed_history(self, path: Path) -> int:
+        """Feed the forecasters earlier windows from a CSV with header
+        `model,avg_concurrency,peak_concurrency,rate_rps` (one row per window, oldest first,
+        whole days of `window_s` windows). Returns the rows used."""
+        rows = load_history(path, set(self.models))
+        for model, values in rows.items():
+            forecaster = self.forecasters[model]
+            for avg, peak, rate in values:
+                forecaster.observe(avg, peak, rate)
+            for series in forecaster.series.values():
+                series.errors.clear()
+                series.seasonal_abs_errors.clear()
+                series.last_abs_errors.clear()
+        return sum(len(v) for v in rows.values())
 
     def record_arrival(self, model: str) -> None:
         if model in self._load:
@@ -169,3 +186,23 @@ class Controller:
             except (Refused, WorkerGone):
                 continue
         return False
+
+
+def load_history(path: Path, models: set[str]) -> dict[str, list[tuple[float, float, float]]]:
+    """Rows of a history CSV by model; errors name the file and line."""
+    from warmserve.workload.traces import TraceError, _rows
+
+    out: dict[str, list[tuple[float, float, float]]] = {}
+    for line, row in _rows(path, ("model", "avg_concurrency", "peak_concurrency", "rate_rps")):
+        if row["model"] not in models:
+            raise TraceError(f"{path}:{line}: model {row['model']!r} is not served "
+                             f"({', '.join(sorted(models))})")
+        try:
+            values = tuple(float(row[k]) for k in ("avg_concurrency", "peak_concurrency",
+                                                   "rate_rps"))
+        except ValueError as exc:
+            raise TraceError(f"{path}:{line}: {exc}") from None
+        if min(values) < 0:
+            raise TraceError(f"{path}:{line}: negative value {min(values)}")
+        out.setdefault(row["model"], []).append(values)
+    return out

@@ -76,6 +76,10 @@ class _Metrics:
                            registry=self.registry)
         self.replacements = Gauge("warmserve_worker_replacements", "Workers replaced",
                                   registry=self.registry)
+        self.cold_starts = Gauge("warmserve_cold_starts", "Activations that loaded weights",
+                                 registry=self.registry)
+        self.prewarm_hits = Gauge("warmserve_prewarm_hits",
+                                  "Activations of prewarmed weights", registry=self.registry)
 
     def refresh(self, cluster: LocalCluster, models: list[str]) -> None:
         for model in models:
@@ -87,6 +91,8 @@ class _Metrics:
             pool = w.stats.get("pool", {})
             self.pages.labels(w.name).set(pool.get("pages_total", 0) - pool.get("pages_free", 0))
         self.replacements.set(cluster.replacements)
+        self.cold_starts.set(cluster.cold_starts)
+        self.prewarm_hits.set(cluster.prewarm_hits)
 
 
 def create_app(cluster: LocalCluster, config: WarmServeConfig, controller=None) -> FastAPI:
