@@ -87,3 +87,14 @@ def test_host_cache_is_lru_and_refuses_what_cannot_fit(tiny_checkpoint):
     assert "a" in cache and "c" in cache and "b" not in cache
     with pytest.raises(HostCacheFullError, match="exceed the host cache"):
         HostWeightCache(100, pin=False).load("x", tiny_checkpoint, arch, layout)
+
+
+def test_layout_with_blocks_that_divide_pages_badly(smollm2_checkpoint):
+    """SmolLM2 fp32: a 16-token block is 720 KiB, so 32 MiB pages hold no whole number of
+    blocks. The cache is still the size asked for; only lending becomes coarse."""
+    arch = read_arch(smollm2_checkpoint)
+    layout = plan_layout(arch, torch.float32, 32 << 20, 16, kv_bytes=256 << 20)
+    assert layout.block_bytes == 737280
+    assert layout.num_blocks == (256 << 20) // 737280
+    assert layout.capacity_bytes - layout.kv_offset < (256 << 20) + (32 << 20)
+    assert (layout.blocks_per_unit * layout.block_bytes) % (32 << 20) == 0

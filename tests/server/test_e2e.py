@@ -191,6 +191,16 @@ def test_embedded_default_serves_real_smollm2(tmp_path, smollm2_checkpoint):
                 messages=[{"role": "user", "content": "What is the capital of France?"}])
             assert reply.choices[0].message.content == "The capital of France is Paris."
             assert reply.choices[0].finish_reason == "stop"
+        deadline = time.monotonic() + 60  # the warm-up's spare copies finish prewarming
+        while time.monotonic() < deadline:
+            srv.cluster.refresh()
+            states = sorted(s for w in srv.cluster.workers
+                            for s in (w.state_of(m) for m in ("smollm2-135m-instruct",
+                                                              "smollm2-135m-instruct-b")) if s)
+            if states == ["active", "active", "prewarmed", "prewarmed"]:
+                break
+            time.sleep(0.5)
+        assert states == ["active", "active", "prewarmed", "prewarmed"]
     finally:
         srv.close()
 

@@ -82,11 +82,12 @@ def plan_layout(arch: ModelArch, dtype: torch.dtype, page_bytes: int, block_size
     kv_offset = -(-weight_bytes // page_bytes) * page_bytes
     block_shape = (arch.num_layers, 2, block_size, arch.num_kv_heads, arch.head_dim)
     block_bytes = math.prod(block_shape) * dtype.itemsize
-    unit = math.lcm(block_bytes, page_bytes)
-    blocks_per_unit = unit // block_bytes
-    units = max(1, kv_bytes // unit)
+    # Lending moves whole units (blocks that fill whole pages); the cache itself is any number
+    # of blocks, so a block size that divides pages badly only makes lending coarse.
+    blocks_per_unit = math.lcm(block_bytes, page_bytes) // block_bytes
+    num_blocks = max(2, kv_bytes // block_bytes)
     return SlotLayout(tuple(tensors), weight_bytes, page_bytes, kv_offset, block_bytes,
-                      block_shape, blocks_per_unit, units * blocks_per_unit, dtype)
+                      block_shape, blocks_per_unit, num_blocks, dtype)
 
 
 class LayoutProvider:

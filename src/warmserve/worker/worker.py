@@ -246,8 +246,10 @@ class UniversalWorker:
             raise Refused(f"{r.config.name}: {reason}")
 
     def _first_kv_pages(self, layout: SlotLayout) -> int:
-        unit = layout.blocks_per_unit * layout.block_bytes
-        return -(-max(self.first_kv_bytes, unit) // self.pool.page_bytes)
+        """Pages mapped before the first request: `first_kv_bytes` of KV (whole blocks), or
+        the whole cache if it is smaller."""
+        first = max(layout.block_bytes, min(self.first_kv_bytes, layout.kv_bytes))
+        return len(layout.kv_pages(0, -(-first // layout.block_bytes)))
 
     def _map_kv_and_start(self, r: _Resident) -> None:
         layout, page = r.layout, self.pool.page_bytes
