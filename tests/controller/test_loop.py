@@ -23,6 +23,8 @@ class FakeWorker:
     inflight: dict = field(default_factory=lambda: defaultdict(int))
     alive: bool = True
     prewarms: list = field(default_factory=list)
+    stats: dict = field(default_factory=lambda: {"pool": {"pages_free": 10,
+                                                          "page_bytes": 1 << 30}})
 
     def state_of(self, model):
         return self.states.get(model)
@@ -37,9 +39,12 @@ class FakeWorker:
     def prewarm(self, model):
         self.prewarms.append(model)
         self.states[model] = "prewarmed"
+        self.stats.setdefault("models", {})[model] = {"state": "prewarmed"}
 
 
 class FakeCluster:
+    cache_dir = None
+
     def __init__(self) -> None:
         self.workers = [FakeWorker(f"w{i}") for i in range(3)]
         self.workers[0].states["m"] = "active"
@@ -140,3 +145,72 @@ def test_seed_history_from_csv(tmp_path):
     path.write_text("model,avg_concurrency,peak_concurrency,rate_rps\nzz,1,1,1\n")
     with pytest.raises(TraceError, match=r"h\.csv:2: model 'zz' is not served"):
         ctl.seed_history(path)
+
+
+class KVWorker(FakeWorker):
+    """A worker with stats and the lend / reclaim / evict verbs, recording what it is asked."""
+
+    def __init__(self, name, entry, refuse_reclaim=False):
+        super().__init__(name)
+        self.entry = {"state": "active", "block_bytes": 2 << 20, "blocks_per_unit": 16} | entry
+        self.refuse_reclaim = refuse_reclaim
+        self.calls = []
+        self.stats = {"pool": {"page_bytes": 32 << 20},
+                      "models": {"m": self.entry, "other": {"state": "prewarmed"}}}
+        self.states = {"m": "active", "other": "prewarmed"}
+
+    @property
+    def client(self):
+        return _KVClient(self)
+
+
+class _KVClient:
+    def __init__(self, worker):
+        self.w = worker
+
+    def lend(self, model, pages):
+        self.w.calls.append(("lend", model, pages))
+        return pages
+
+    def reclaim(self, model):
+        self.w.calls.append(("reclaim", model))
+        if self.w.refuse_reclaim:
+            self.w.refuse_reclaim = False
+            from warmserve.worker.worker import Refused
+
+            raise Refused("pages in use")
+        return 1
+
+    def evict(self, model):
+        self.w.calls.append(("evict", model))
+
+    def stats(self):
+        return self.w.stats
+
+    def prewarm(self, model):
+        self.w.prewarms.append(model)
+
+
+def _kv_controller(worker):
+    cluster = FakeCluster()
+    cluster.workers = [worker]
+    return Controller(cluster, CONFIG)
+
+
+def test_idle_kv_is_lent_in_whole_units_at_window_close():
+    worker = KVWorker("w0", {"blocks_usable": 100, "blocks_free": 96, "blocks_lent": 0,
+                             "running": 1})
+    ctl = _kv_controller(worker)
+    ctl._sample("m", 0.0)
+    ctl.close_window(10.0)
+    # keep ceil(100 x 1 / 4) = 25 blocks free: lend 71 blocks = 142 MiB -> 4 whole 32 MiB pages
+    assert ("lend", "m", 4) in worker.calls
+
+
+def test_lent_kv_is_reclaimed_when_load_rises_evicting_prewarms_if_needed():
+    worker = KVWorker("w0", {"blocks_usable": 40, "blocks_free": 10, "blocks_lent": 60,
+                             "running": 3}, refuse_reclaim=True)
+    ctl = _kv_controller(worker)
+    ctl.tick(0.0)  # keep ceil(100 x 3 / 4) = 75 free, only 10 are: take the 60 back
+    assert worker.calls == [("reclaim", "m"), ("evict", "other"), ("reclaim", "m")]
+    assert [a[1] for a in ctl.actions] == ["evict", "reclaim"]

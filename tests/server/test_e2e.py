@@ -267,3 +267,36 @@ def test_shutdown_drains_in_flight_requests(tmp_path, cache_dir, tiny_checkpoint
         assert usage is not None and usage.completion_tokens == 200  # finished, not cut off
     finally:
         srv.close()
+
+
+def test_controller_lends_idle_kv_and_takes_it_back_under_load(tmp_path, cache_dir,
+                                                               tiny_checkpoint):
+    config = _config() | {"policy": {"page_size_mib": 2, "instance_capacity": 4,
+                                     "window_s": 1.0, "control_interval_s": 0.2}}
+    srv = _Server(config, tmp_path, cache_dir, controller=True)
+    try:
+        def lent() -> int:
+            srv.cluster.refresh()
+            return sum(m.get("blocks_lent", 0) for w in srv.cluster.workers
+                       for m in w.stats.get("models", {}).values())
+
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and lent() == 0:  # idle: the windows lend KV
+            time.sleep(0.3)
+        assert lent() > 0
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key=KEY, max_retries=0)
+        streams = [client.chat.completions.create(
+            model="tiny-a", messages=[{"role": "user", "content": f"kv {i}"}], max_tokens=300,
+            stream=True) for i in range(3)]
+        for stream in streams:
+            next(iter(stream))
+        actions = []
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and "reclaim" not in actions:
+            actions = [a for _, a, _, _ in srv.controller.actions]
+            time.sleep(0.2)
+        assert "lend" in actions and "reclaim" in actions
+        for stream in streams:  # the requests finish on the reclaimed cache
+            assert sum(1 for _ in stream) > 0
+    finally:
+        srv.close()

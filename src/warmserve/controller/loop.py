@@ -12,6 +12,7 @@ snapshot and applies the actions through the cluster's worker clients.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -20,14 +21,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from warmserve.cluster.manager import LocalCluster, NoCapacity
-from warmserve.config import WarmServeConfig
-from warmserve.control.policies import autoscale, replica_plan
+from warmserve.config import ModelConfig, WarmServeConfig
+from warmserve.control.policies import (
+    GpuCapacity,
+    ReplicaRequest,
+    autoscale,
+    lendable_kv_tokens,
+    place_prewarms,
+    replica_plan,
+)
 from warmserve.control.predictor import ModelForecaster
+from warmserve.engine.arch import SYNTH_ARCHS
+from warmserve.engine.checkpoint import DTYPES, read_arch, resolve_checkpoint
 from warmserve.sim.systems import SystemSpec, get_system
 from warmserve.worker.rpc import WorkerGone
 from warmserve.worker.worker import Refused
 
 log = logging.getLogger(__name__)
+
+H2D_BYTES_PER_S = 52e9  # cold-start time in replica scores: weight bytes over pinned H2D
 
 
 @dataclass
@@ -48,6 +60,8 @@ class Controller:
         self.system = system or get_system("warmserve")
         self.policy = config.policy
         self.models = [m.name for m in config.models]
+        self.weight_bytes = {m.name: model_weight_bytes(m, cluster.cache_dir)
+                             for m in config.models}
         self.min_instances = (config.policy.min_instances if min_instances is None
                               else min_instances)
         self._clock = clock
@@ -101,6 +115,8 @@ class Controller:
                 log.exception("controller tick failed")
 
     def tick(self, now: float) -> None:
+        if self.system.kv_lending:
+            self._reclaim_where_needed(now)
         if not self.system.autoscale:  # static placements (muxserve, dedicated)
             return
         if self._first_tick is None:  # instances found at start count as new from here
@@ -127,13 +143,60 @@ class Controller:
             self.forecasters[model].observe(sum(values) / len(values), max(values),
                                             state.arrivals / window)
             state.window_samples, state.arrivals = [], 0
-            forecast = self.forecasters[model].forecast()
-            active = sum(1 for w in self.cluster.workers if w.state_of(model) == "active")
-            plan = replica_plan(model, forecast, active, self.policy.instance_capacity, 1, 0, 1.0)
-            resident = sum(1 for w in self.cluster.workers if w.state_of(model) is not None)
-            for _ in range(max(0, active + len(plan) - resident)):
-                if not self._prewarm(model, now):
-                    break
+        if self.system.kv_lending:
+            self._lend_idle_kv(now)
+        self._place_prewarms(now)
+
+    # --- KV-cache reservation -------------------------------------------------------------
+
+    def _kv_entries(self):
+        """(worker, model, stats entry, blocks it may lend) for every active instance: the
+        published reservation keeps total x running / B blocks free and lends the rest."""
+        for worker in self.cluster.workers:
+            for model, entry in worker.stats.get("models", {}).items():
+                if entry.get("state") == "active" and "blocks_usable" in entry:
+                    total = entry["blocks_usable"] + entry["blocks_lent"]
+                    lendable = lendable_kv_tokens(total, total - entry["blocks_free"],
+                                                  entry["running"],
+                                                  self.policy.instance_capacity)
+                    yield worker, model, entry, lendable
+
+    def _lend_idle_kv(self, now: float) -> None:
+        """Lend each instance's free KV blocks beyond its reservation to the pool."""
+        for worker, model, entry, lendable in list(self._kv_entries()):
+            page = worker.stats["pool"]["page_bytes"]
+            unit_pages = entry["blocks_per_unit"] * entry["block_bytes"] // page
+            pages = lendable * entry["block_bytes"] // page // unit_pages * unit_pages
+            if pages <= 0:
+                continue
+            try:
+                if worker.client.lend(model, pages):
+                    self.actions.append((now, "lend", model, worker.name))
+                    worker.stats = worker.client.stats()
+            except (Refused, WorkerGone) as exc:
+                log.info("lend on %s: %s", worker.name, exc)
+
+    def _reclaim_where_needed(self, now: float) -> None:
+        """Take lent pages back when an instance's free blocks fall below its reservation,
+        evicting prewarmed models on that worker if they hold the memory."""
+        for worker, model, entry, _ in list(self._kv_entries()):
+            total = entry["blocks_usable"] + entry["blocks_lent"]
+            target_free = math.ceil(total * entry["running"] / self.policy.instance_capacity)
+            if not entry["blocks_lent"] or entry["blocks_free"] >= target_free:
+                continue
+            try:
+                try:
+                    worker.client.reclaim(model)
+                except Refused:
+                    for other, other_entry in worker.stats.get("models", {}).items():
+                        if other_entry.get("state") == "prewarmed":
+                            worker.client.evict(other)
+                            self.actions.append((now, "evict", other, worker.name))
+                    worker.client.reclaim(model)
+                self.actions.append((now, "reclaim", model, worker.name))
+                worker.stats = worker.client.stats()
+            except (Refused, WorkerGone) as exc:
+                log.info("reclaim on %s: %s", worker.name, exc)
 
     # --- actions ------------------------------------------------------------------------------
 
@@ -174,18 +237,34 @@ class Controller:
             except (Refused, WorkerGone) as exc:
                 log.info("cannot deactivate %s on %s: %s", model, worker.name, exc)
 
-    def _prewarm(self, model: str, now: float) -> bool:
-        candidates = sorted((w for w in self.cluster.workers
-                             if w.alive and w.state_of(model) is None),
-                            key=lambda w: -w.free_pages())
-        for worker in candidates:
+    def _place_prewarms(self, now: float) -> None:
+        """Forecast -> foundation and burst replicas -> evict-aware placement over the workers'
+        free memory (each worker a one-GPU group); prewarm what is placed and not resident."""
+        workers = [w for w in self.cluster.workers if w.alive]
+        requests: list[ReplicaRequest] = []
+        for model in self.models:
+            states = [w.state_of(model) for w in workers]
+            size = self.weight_bytes[model]
+            plan = replica_plan(model, self.forecasters[model].forecast(), states.count("active"),
+                                self.policy.instance_capacity, 1, size, size / H2D_BYTES_PER_S)
+            requests += plan[states.count("prewarmed"):]  # the ones not prewarmed yet
+        capacity = [GpuCapacity(i, 0, w.free_pages() * w.stats.get("pool", {}).get(
+            "page_bytes", 0), frozenset(m for m in self.models if w.state_of(m) is not None))
+            for i, w in enumerate(workers)]
+        for placement in place_prewarms(requests, capacity, max(1, len(workers))):
+            worker = workers[placement.gpus[0]]
             try:
-                worker.client.prewarm(model)
-                self.actions.append((now, "prewarm", model, worker.name))
-                return True
-            except (Refused, WorkerGone):
-                continue
-        return False
+                worker.client.prewarm(placement.model)
+                self.actions.append((now, "prewarm", placement.model, worker.name))
+            except (Refused, WorkerGone) as exc:
+                log.info("prewarm %s on %s: %s", placement.model, worker.name, exc)
+
+
+def model_weight_bytes(model: ModelConfig, cache_dir: Path) -> int:
+    shape = model.checkpoint.removeprefix("synth:")
+    arch = (SYNTH_ARCHS[shape] if model.checkpoint.startswith("synth:")
+            else read_arch(resolve_checkpoint(model.checkpoint, cache_dir)))
+    return arch.num_parameters() * DTYPES[model.dtype].itemsize
 
 
 def load_history(path: Path, models: set[str]) -> dict[str, list[tuple[float, float, float]]]:

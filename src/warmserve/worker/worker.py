@@ -185,6 +185,9 @@ class UniversalWorker:
                     s = r.loop.stats()
                     entry |= {"running": s.num_running, "waiting": s.num_waiting,
                               "blocks_free": s.num_blocks_free, "blocks_lent": s.num_blocks_lent,
+                              "blocks_usable": s.num_blocks_usable,
+                              "block_bytes": r.layout.block_bytes,
+                              "blocks_per_unit": r.layout.blocks_per_unit,
                               "tokens_per_s": s.tokens_per_s}
                 models[name] = entry
             return {"device": str(self.device), "pool": self.pool.stats(), "models": models}
