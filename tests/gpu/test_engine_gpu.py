@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.engine.conftest import run_all
 from warmserve.config import EngineConfig
 from warmserve.engine.layers import triton_decode
 from warmserve.engine.layers.attention import decode_reference
@@ -43,11 +44,7 @@ def test_cuda_graph_decode_equals_eager_greedy(tiny_checkpoint):
         for i in range(5):
             engine.add_request(str(i), list(range(3 + i, 40 + 3 * i)),
                                SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
-        tokens: dict[str, list[int]] = {}
-        while engine.has_work():
-            for out in engine.step():
-                tokens.setdefault(out.request_id, []).extend(out.token_ids)
-        outputs[graphs] = tokens
+        outputs[graphs] = run_all(engine)
     assert outputs[True] == outputs[False]
 
 
@@ -63,9 +60,5 @@ def test_cuda_engine_equals_cpu_engine_greedy(tiny_checkpoint):
         for i in range(6):
             engine.add_request(str(i), list(range(5 + i, 60 + 9 * i)),
                                SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))
-        tokens: dict[str, list[int]] = {}
-        while engine.has_work():
-            for out in engine.step():
-                tokens.setdefault(out.request_id, []).extend(out.token_ids)
-        outputs[device] = tokens
+        outputs[device] = run_all(engine)
     assert outputs["cuda"] == outputs["cpu"]

@@ -153,9 +153,6 @@ class LocalCluster:
         with self._lock:
             return sum(w.inflight[model] for w in self.workers)
 
-    def mark_gone(self, worker: WorkerHandle) -> None:
-        worker.stats = {}
-
     def refresh(self) -> None:
         for worker in self.workers:
             try:

@@ -250,6 +250,7 @@ class _Stream:
         self._queue: asyncio.Queue = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
         self._closed = threading.Event()
+        self._finished = False  # the last output (finished=True) was handed out
         threading.Thread(target=self._pump, args=(iterator,), daemon=True).start()
 
     def _pump(self, iterator: Iterator[RequestOutput]) -> None:
@@ -283,11 +284,11 @@ class _Stream:
         return self
 
     async def __anext__(self) -> RequestOutput:
-        if getattr(self, "_done", False):
+        if self._finished:
             raise StopAsyncIteration
         item = await self.next()
         if item.finished:
-            self._done = True
+            self._finished = True
         return item
 
     def close(self) -> None:
