@@ -193,6 +193,10 @@ class PolicyConfig(_Frozen):
     keep_alive_s: float = Field(
         60.0, ge=0, description="Reactive baseline: idle instances stay loaded this long (s)."
     )
+    rebalance_reserve_s: float = Field(
+        60.0, gt=0, description="WarmServe rebalancing: how long a group being drained for a "
+        "starving model stays reserved for it (s)."
+    )
     ttft_slo_s: float = Field(1.0, gt=0, description="TTFT service-level objective (s).")
 
     @model_validator(mode="after")

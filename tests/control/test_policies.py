@@ -10,13 +10,16 @@ from hypothesis import strategies as st
 
 from warmserve.control.policies import (
     GpuCapacity,
+    Holding,
     ReplicaRequest,
     aligned_groups,
     autoscale,
+    drain_for,
     lendable_kv_tokens,
     place_prewarms,
     replica_plan,
     route,
+    surplus_instances,
 )
 from warmserve.control.predictor import Forecast
 
@@ -127,3 +130,48 @@ def test_route_least_loaded_with_room():
                          [(1000, 0, 0, 1000), (1000, 100, 16, 400), (1000, 600, 32, 0)])
 def test_kv_reservation(total, used, running, lend):
     assert lendable_kv_tokens(total, used, running, 32) == lend
+
+
+@pytest.mark.parametrize(("load", "instances", "surplus"),
+                         [(0, 0, 0), (0, 2, 2), (10, 1, 0), (10, 3, 2), (26, 2, 0), (25, 2, 1),
+                          (60, 3, 0), (52, 3, 0), (51, 3, 1)])
+def test_surplus_stays_under_the_up_threshold(load, instances, surplus):
+    assert surplus_instances(load, instances, 32, 0.8) == surplus
+    kept = instances - surplus
+    assert load <= 0.8 * 32 * kept or kept == instances  # never pushed over the threshold
+
+
+def test_drain_for_frees_the_cheapest_group_of_surplus_instances():
+    groups = aligned_groups(8, 1, 4)  # (0..3), (4..7)
+    holdings = [Holding(1, "a", (0,), 10), Holding(2, "a", (1,), 2), Holding(3, "b", (2, 3), 5),
+                Holding(4, "a", (4,), 1), Holding(5, "c", (6,), 0)]
+    # a may give two instances, c one: group 4..7 (a's 1 + c's 0 running) beats 0..3 (b holds)
+    assert drain_for(groups, holdings, {"a": 2, "c": 1}) == ((4, 5, 6, 7), [4, 5])
+    assert drain_for(groups, holdings, {"a": 2}) is None  # c cannot give its only instance
+    # with b's surplus too, 0..3 qualifies but drains 17 running requests: still 4..7
+    assert drain_for(groups, holdings, {"a": 3, "b": 1, "c": 1})[0] == (4, 5, 6, 7)
+    assert drain_for(groups, holdings, {"a": 3, "b": 1}) == ((0, 1, 2, 3), [1, 2, 3])
+    assert drain_for(groups, holdings, {"a": 1, "b": 1}) is None  # a's count is per model
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from("abc"), st.sampled_from([1, 2, 4]),
+                          st.integers(0, 7), st.integers(0, 32)), max_size=8),
+       st.dictionaries(st.sampled_from("abc"), st.integers(0, 3)), st.sampled_from([1, 2, 4]))
+def test_drain_for_invariants(raw, surplus, tp):
+    holdings, used = [], set()
+    for i, (model, size, slot, running) in enumerate(raw):
+        gpus = tuple(range(slot - slot % size, slot - slot % size + size))
+        if used & set(gpus):
+            continue
+        used |= set(gpus)
+        holdings.append(Holding(i, model, gpus, running))
+    plan = drain_for(aligned_groups(8, 1, tp), holdings, surplus)
+    if plan is None:
+        return
+    group, ids = plan
+    overlapping = {h.instance for h in holdings if set(h.gpus) & set(group)}
+    assert set(ids) == overlapping and ids  # exactly what blocks the group
+    for model in "abc":
+        assert sum(1 for h in holdings if h.instance in ids and h.model == model) <= \
+            surplus.get(model, 0)

@@ -5,7 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from warmserve.workload.builder import WorkloadSpec, build_workload, concurrency_by_window
+from warmserve.workload.builder import (
+    WorkloadSpec,
+    build_workload,
+    concurrency_by_window,
+    renewal_arrivals,
+)
 from warmserve.workload.presets import PRESETS, get_preset
 
 SPEC = WorkloadSpec(("a", "b", "c", "d"), total_rate_rps=20.0, duration_s=600.0, window_s=60.0)
@@ -53,8 +58,59 @@ def test_concurrency_by_window_exact():
     assert rate.tolist() == [0.2, 0.1]
 
 
+@pytest.mark.parametrize(("pattern", "shape", "cv"),
+                         [(0, 1.0, 1.0), (1, 0.25, 2.0), (1, 4.0, 0.5), (2, 0.5, 2.236),
+                          (2, 2.0, 0.523)])
+def test_renewal_arrivals_keep_rate_and_burstiness(pattern, shape, cv):
+    rng = np.random.default_rng(3)
+    n, length = 400, 500.0
+    t = renewal_arrivals(np.full(n, pattern, np.int8), np.full(n, shape), np.full(n, 2.0),
+                         np.arange(n) * 1e4, length, rng)
+    row = (t // 1e4).astype(int)
+    offset = t - row * 1e4
+    assert (offset >= 0).all() and (offset < length).all()  # inside each row's span
+    assert len(t) / n == pytest.approx(2.0 * length, rel=0.05)  # mean 1 / rate
+    gaps = np.concatenate([np.diff(np.sort(offset[row == r])) for r in range(n)])
+    assert gaps.std() / gaps.mean() == pytest.approx(cv, rel=0.15)  # the family's CV
+
+
+def test_renewal_arrivals_idle_rows_and_nothing():
+    rng = np.random.default_rng(0)
+    t = renewal_arrivals(np.zeros(2, np.int8), np.ones(2), np.array([0.0, 1.0]),
+                         np.array([0.0, 100.0]), 50.0, rng)
+    assert len(t) and (t >= 100).all()
+    assert len(renewal_arrivals(np.zeros(0, np.int8), np.zeros(0), np.zeros(0), np.zeros(0),
+                                10.0, rng)) == 0
+
+
+CLIENTS = WorkloadSpec(("a", "b", "c", "d"), total_rate_rps=20.0, duration_s=600.0,
+                       window_s=60.0, arrivals="clients", time_scale=72.0)
+
+
+def test_client_arrivals_are_bursty_reproducible_and_noted():
+    a, b = build_workload(CLIENTS), build_workload(CLIENTS)
+    assert np.array_equal(a.arrival_s, b.arrival_s)
+    assert any("per-client" in note for note in a.notes)
+    assert (np.diff(a.arrival_s) >= 0).all() and a.arrival_s.max() < CLIENTS.duration_s
+    assert a.input_tokens.max() <= 1024
+    for name in CLIENTS.models:
+        assert a.history[name].peak_concurrency.shape == (3, 10)
+    # burstier than a Poisson stream of the same rate: per-second counts overdispersed
+    first = a.arrival_s[a.model_index == 0]
+    counts = np.bincount(first.astype(int), minlength=600)
+    assert counts.var() > 2 * counts.mean()
+
+
+def test_client_arrivals_follow_the_day_and_the_share():
+    w = build_workload(WorkloadSpec(("a",), 10.0, 1200.0, window_s=60.0, arrivals="clients",
+                                    time_scale=72.0, start_hour=0.0, history_periods=0))
+    # a day of m-large in 20 minutes: the rate over the day averages near the 14-day mean
+    assert w.num_requests / 1200.0 == pytest.approx(10.0, rel=0.5)
+
+
 @pytest.mark.parametrize("bad", [{"total_rate_rps": 0}, {"duration_s": -1}, {"shape": "x"},
-                                 {"models": ()}])
+                                 {"models": ()}, {"arrivals": "poisson"}, {"lengths": "chat"},
+                                 {"arrivals": "clients", "shape": "functions"}])
 def test_bad_spec(bad):
     fields = {"models": ("a",), "total_rate_rps": 1.0, "duration_s": 10.0} | bad
     with pytest.raises(ValueError):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
+
+import numpy as np
 import pytest
 
 from warmserve.workload.traces import (
@@ -9,6 +12,7 @@ from warmserve.workload.traces import (
     load_azure_functions,
     load_azure_llm,
     load_request_file,
+    load_servegen_clients,
     load_servegen_rates,
 )
 
@@ -27,6 +31,41 @@ def test_shipped_servegen_and_functions():
     counts = load_azure_functions()
     assert counts.shape == (1000, 1440) and counts.sum() == 608228
     assert counts[0].sum() >= counts[1].sum()  # busiest first
+
+
+def test_shipped_servegen_clients_sum_to_the_aggregate():
+    clients, rates = load_servegen_clients(), load_servegen_rates()
+    for model in ("m-large", "m-mid", "m-small"):
+        c = clients[model]
+        assert c.mean_rate == pytest.approx(rates[model].mean(), rel=1e-4)
+        assert (np.diff(c.window) >= 0).all() and (c.rate > 0).all() and (c.shape > 0).all()
+        window = np.bincount(c.window, weights=c.rate, minlength=2016)
+        assert window == pytest.approx(rates[model], rel=1e-3, abs=1e-6)
+        rows = c.rows_in(100, 101)
+        assert (c.window[rows] == 100).all()
+
+
+def test_servegen_clients_errors(tmp_path):
+    header = "model,client,window_start_s,rate,cv,pattern,p1,p2\n"
+    good = "m,0,600,0.5,2.0,Gamma,0.25,8.0\nm,1,600,0,0,,0,0\nm,1,0,0.1,1,Weibull,0.5,1\n"
+    path = tmp_path / "c.csv.gz"
+    path.write_bytes(gzip.compress((header + good).encode()))
+    c = load_servegen_clients(path)["m"]
+    assert c.window.tolist() == [0, 1] and c.client.tolist() == [1, 0]  # idle row dropped
+    assert c.pattern.tolist() == [2, 1] and c.shape.tolist() == [0.5, 0.25]
+    path.write_bytes(gzip.compress((header + good).encode())[:-30])  # truncated archive
+    with pytest.raises(TraceError, match=r"c\.csv\.gz:\d+: unreadable"):
+        load_servegen_clients(path)
+    plain = tmp_path / "c.csv"
+    plain.write_text(header + "m,0,600,0.5,2.0,Pareto,1,1\n")
+    with pytest.raises(TraceError, match=r"c\.csv:2: .*Pareto"):
+        load_servegen_clients(plain)
+    plain.write_text(header + "m,0,9999999,0.5,2.0,Gamma,1,1\n")
+    with pytest.raises(TraceError, match=r"c\.csv:2: .*outside"):
+        load_servegen_clients(plain)
+    plain.write_text(header + "m,0,0,0.5,2.0,Gamma,0,1\n")
+    with pytest.raises(TraceError, match=r"c\.csv:2: Gamma shape"):
+        load_servegen_clients(plain)
 
 
 def test_truncated_row_names_file_and_line(tmp_path):

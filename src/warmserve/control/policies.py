@@ -1,6 +1,7 @@
 """The control policies, as pure functions of plain records (the simulator and the live
 controller call the same ones): replica planning and scoring, evict-aware placement of
-prewarmed replicas, KV-cache reservation, the reactive autoscaler and the router."""
+prewarmed replicas, KV-cache reservation, the reactive autoscaler, GPU rebalancing for a
+starving model, and the router."""
 
 from __future__ import annotations
 
@@ -115,6 +116,50 @@ def autoscale(load: float, instances: int, capacity: int, up_ratio: float, down_
     if load < down_ratio * cap:
         return math.ceil(load / down_ratio / capacity)
     return instances
+
+
+@dataclass(frozen=True)
+class Holding:
+    """A serving instance as the rebalancer sees it."""
+
+    instance: int
+    model: str
+    gpus: tuple[int, ...]
+    running: int
+
+
+def surplus_instances(load: float, instances: int, capacity: int, up_ratio: float) -> int:
+    """Instances a model could give up and still stay under the autoscaler's up-threshold."""
+    needed = math.ceil(load / (up_ratio * capacity)) if load > 0 else 0
+    return max(0, instances - max(needed, 1 if load > 0 else 0))
+
+
+def drain_for(groups: Sequence[tuple[int, ...]], holdings: Sequence[Holding],
+              surplus: dict[str, int]) -> tuple[tuple[int, ...], list[int]] | None:
+    """Free one of `groups` (aligned, of the starving model's size) for a model that has
+    requests waiting and no free group (beyond the published algorithm, whose autoscaler only
+    scales a model down for its own load). A group qualifies when every instance on it belongs
+    to a model with surplus instances (counted per model); the choice drains the fewest
+    running requests, then the fewest instances. Returns the group and the instances to
+    drain, or None."""
+    on_gpu: dict[int, list[Holding]] = {}
+    for h in holdings:
+        for g in h.gpus:
+            on_gpu.setdefault(g, []).append(h)
+    best, best_key = None, None
+    for group in groups:
+        taken = {h.instance: h for g in group for h in on_gpu.get(g, ())}
+        if not taken:
+            continue  # a free group needs no draining (the caller found none)
+        per_model: dict[str, int] = {}
+        for h in taken.values():
+            per_model[h.model] = per_model.get(h.model, 0) + 1
+        if any(count > surplus.get(model, 0) for model, count in per_model.items()):
+            continue
+        key = (sum(h.running for h in taken.values()), len(taken), group)
+        if best_key is None or key < best_key:
+            best, best_key = (group, sorted(taken)), key
+    return best
 
 
 def route(loads: Sequence[int], capacity: int) -> int | None:

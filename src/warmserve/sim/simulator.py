@@ -20,12 +20,15 @@ import numpy as np
 from warmserve.config import PolicyConfig
 from warmserve.control.policies import (
     GpuCapacity,
+    Holding,
     ReplicaRequest,
     aligned_groups,
     autoscale,
+    drain_for,
     lendable_kv_tokens,
     place_prewarms,
     replica_plan,
+    surplus_instances,
 )
 from warmserve.control.predictor import Forecast, ModelForecaster
 from warmserve.sim.profiles import DeviceProfile, ModelCost
@@ -62,6 +65,7 @@ class _ModelState:
     window_peak: int = 0
     window_arrivals: int = 0
     forecast: Forecast | None = None
+    load: float = 0.0  # the autoscaler's last 5-s mean concurrency
 
 
 @dataclass
@@ -116,12 +120,13 @@ class Simulator:
         self.seq = 0
         self.now = 0.0
         self.ids = 0
-        self.counts = {"cold": 0, "prewarm": 0, "keep": 0, "reclaim": 0}
+        self.counts = {"cold": 0, "prewarm": 0, "keep": 0, "reclaim": 0, "rebalance": 0}
         self.node_cache: list[list[int]] = [[] for _ in range(self.cluster.num_nodes)]
         self.timeline: dict[str, dict[str, list]] = {
             name: {"t": [], "load": [], "forecast_peak": [], "instances": [], "prewarms": []}
             for name in workload.models}
         self.released: list[Instance] = []
+        self.reserved: dict[int, tuple[int, float]] = {}  # gpu -> (model, until): rebalancing
 
     # --- the loop --------------------------------------------------------------------------
 
@@ -217,9 +222,11 @@ class Simulator:
         state.window_arrivals += 1
         if state.queue or not self._try_admit(state, i):
             state.queue.append(i)
-            if not any(inst.accepting for inst in state.instances) and (
-                    self.sys.autoscale):
-                self._scale_up(state, 1)
+            if self.sys.autoscale:  # the router queues and triggers a scale-up
+                pending = sum(1 for inst in state.instances
+                              if inst.accepting and inst.ready_at > self.now)
+                if pending * self.B < len(state.queue):
+                    self._scale_up(state, 1)
 
     def _try_admit(self, state: _ModelState, i: int) -> bool:
         """Route to the least-loaded live instance with room (KV room too)."""
@@ -319,6 +326,7 @@ class Simulator:
             old_t, old_i = state.tick_samples[0]  # the deque spans load_window_s
             span = self.now - old_t
             load = (state.integral - old_i) / span if span > 0 else state.concurrency
+            state.load = load
             live = [inst for inst in state.instances if inst.accepting]
             desired = autoscale(load, len(live), self.B,
                                 policy.scale_up_ratio, policy.scale_down_ratio)
@@ -353,7 +361,10 @@ class Simulator:
             return True
         group = self._cold_group(state)
         if group is None:
+            if self.sys.rebalance:
+                self._rebalance(state)
             return False
+        self._unreserve(group)
         self._evict_all(group)
         load_s = self._load_time(state, group)
         start = max([self.now] + [self.cluster.gpus[g].pcie_free_at for g in group])
@@ -379,10 +390,11 @@ class Simulator:
     def _activate_prewarm(self, state: _ModelState) -> bool:
         options = [p for g in self.cluster.gpus for p in g.prewarms
                    if p.model == state.index and p.gpus[0] == g.id
-                   and all(self.cluster.gpus[x].is_free for x in p.gpus)]
+                   and all(self._usable(x, state.index) for x in p.gpus)]
         if not options:
             return False
         chosen = min(options, key=lambda p: p.ready_at)
+        self._unreserve(chosen.gpus)
         self._evict(chosen)
         self._evict_all(chosen.gpus)
         ready = max(self.now, chosen.ready_at) + self.cfg.profile.activation_s
@@ -394,7 +406,7 @@ class Simulator:
         tp = state.cost.tp
         groups = [grp for grp in aligned_groups(self.cluster.gpus_per_node,
                                                 self.cluster.num_nodes, tp)
-                  if all(self.cluster.gpus[g].is_free for g in grp)]
+                  if all(self._usable(g, state.index) for g in grp)]
         if not groups and self.sys.keep_alive:
             groups = self._evict_kept_for(tp)
         if not groups:
@@ -407,6 +419,59 @@ class Simulator:
             return (not cached, prewarmed, -self._packing(grp), grp)
 
         return min(groups, key=cost)
+
+    def _usable(self, gpu: int, model: int) -> bool:
+        """Free, and not reserved for another model's rebalancing."""
+        if not self.cluster.gpus[gpu].is_free:
+            return False
+        owner = self.reserved.get(gpu)
+        return owner is None or owner[0] == model or owner[1] <= self.now
+
+    def _unreserve(self, group: tuple[int, ...]) -> None:
+        for g in group:
+            self.reserved.pop(g, None)
+
+    def _rebalance(self, state: _ModelState) -> None:
+        """No free group for a model with requests waiting: drain other models' surplus
+        instances from one aligned group and reserve it (see policies.drain_for)."""
+        live = sum(1 for i in state.instances if i.accepting)
+        if not state.queue or state.load <= live * self.B:
+            return  # not starving: requests wait only for a moment, or nothing waits
+        if any(m == state.index and until > self.now for m, until in self.reserved.values()):
+            return  # a group is already being drained for this model
+        groups = [grp for grp in aligned_groups(self.cluster.gpus_per_node,
+                                                self.cluster.num_nodes, state.cost.tp)
+                  if not any(g in self.reserved and self.reserved[g][1] > self.now
+                             for g in grp)]
+        holdings, surplus, by_id = [], {}, {}
+        protect = self.cfg.policy.new_instance_protect_s
+        for other in self.models:
+            if other is state:
+                continue
+            serving = [i for i in other.instances if i.accepting and i.ready_at <= self.now]
+            demand = max(other.load, other.forecast.avg_concurrency if other.forecast else 0.0)
+            surplus[self.w.models[other.index]] = surplus_instances(
+                demand, len(serving), self.B, self.cfg.policy.scale_up_ratio)
+            for inst in serving:
+                if self.now - inst.created_at < protect:
+                    continue
+                holdings.append(Holding(inst.id, self.w.models[other.index], inst.gpus,
+                                        inst.running))
+                by_id[inst.id] = inst
+        plan = drain_for(groups, holdings, surplus)
+        if plan is None:
+            return
+        group, ids = plan
+        until = self.now + self.cfg.policy.rebalance_reserve_s
+        for g in group:
+            self.reserved[g] = (state.index, until)
+        for inst_id in ids:
+            inst = by_id[inst_id]
+            inst.draining = True
+            inst.refresh()
+            if inst.running == 0:
+                self._release(inst)
+        self.counts["rebalance"] += 1
 
     def _packing(self, group: tuple[int, ...]) -> int:
         """Busy GPUs in the aligned blocks around a group: packing small instances next to
@@ -452,6 +517,15 @@ class Simulator:
             self._push(ready_at, READY, inst)
 
     def _release(self, inst: Instance) -> None:
+        self._release_weights(inst)
+        owner = self.reserved.get(inst.gpus[0])
+        if owner is not None and owner[1] > self.now:
+            waiting = self.models[owner[0]]
+            if waiting.queue and not any(i.accepting and i.ready_at > self.now
+                                         for i in waiting.instances):
+                self._scale_up(waiting, 1)
+
+    def _release_weights(self, inst: Instance) -> None:
         state = self.models[inst.model]
         if self.sys.keep_alive:
             inst.kept_since = self.now

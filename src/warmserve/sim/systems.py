@@ -8,8 +8,10 @@
   GPU; compute slows down when co-located models run together.
 - dedicated: every model on enough GPUs for its peak, from the start (the ideal TTFT and the cost
   ceiling; may use more GPUs than the cluster has).
-Ablations of warmserve: no forecast (prewarm for the last window's load), no KV reservation
-(prewarm on free GPUs only), round-robin placement.
+WarmServe here also rebalances: a model with requests waiting and no free GPU group gets one by
+draining other models' surplus instances (beyond the paper; `warmserve-no-rebalance` is the
+published algorithm alone). Ablations of warmserve: no rebalancing, no forecast (prewarm for
+the last window's load), no KV reservation (prewarm on free GPUs only), round-robin placement.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class SystemSpec:
     engine_init: bool = False  # a cold start also starts an engine process
     keep_alive: bool = False  # idle instances stay loaded for a while
     deactivate_to_prewarm: bool = False  # a released instance's weights stay prewarmed
+    rebalance: bool = False  # drain other models' surplus instances for a starving model
     colocate: bool = False  # MuxServe static co-location
     dedicated: bool = False  # peak-provisioned, unbounded GPUs
     description: str = ""
@@ -36,15 +39,20 @@ class SystemSpec:
 SYSTEMS: dict[str, SystemSpec] = {
     s.name: s for s in (
         SystemSpec("warmserve", prewarm=True, kv_lending=True, deactivate_to_prewarm=True,
-                   description="forecast, evict-aware prewarming, KV lending (all techniques)"),
-        SystemSpec("warmserve-no-forecast", prewarm=True, forecast=False, kv_lending=True,
+                   rebalance=True, description="forecast, evict-aware prewarming, KV lending, "
+                   "GPU rebalancing (all techniques)"),
+        SystemSpec("warmserve-no-rebalance", prewarm=True, kv_lending=True,
                    deactivate_to_prewarm=True,
+                   description="ablation: the published algorithm (no GPU rebalancing)"),
+        SystemSpec("warmserve-no-forecast", prewarm=True, forecast=False, kv_lending=True,
+                   deactivate_to_prewarm=True, rebalance=True,
                    description="ablation: prewarm for the last window's load"),
         SystemSpec("warmserve-no-kv-reservation", prewarm=True, kv_lending=False,
-                   deactivate_to_prewarm=True,
+                   deactivate_to_prewarm=True, rebalance=True,
                    description="ablation: prewarm on free GPUs only"),
         SystemSpec("warmserve-round-robin", prewarm=True, kv_lending=True, round_robin=True,
-                   deactivate_to_prewarm=True, description="ablation: round-robin placement"),
+                   deactivate_to_prewarm=True, rebalance=True,
+                   description="ablation: round-robin placement"),
         SystemSpec("serverlessllm", engine_init=True, keep_alive=True,
                    description="reactive autoscaling, DRAM/SSD loading, keep-alive"),
         SystemSpec("muxserve", autoscale=False, colocate=True,
@@ -54,7 +62,8 @@ SYSTEMS: dict[str, SystemSpec] = {
     )
 }
 DEFAULT_SYSTEMS = ("warmserve", "serverlessllm", "muxserve", "dedicated")
-ABLATIONS = ("warmserve-no-forecast", "warmserve-no-kv-reservation", "warmserve-round-robin")
+ABLATIONS = ("warmserve-no-rebalance", "warmserve-no-forecast", "warmserve-no-kv-reservation",
+             "warmserve-round-robin")
 
 
 def get_system(name: str) -> SystemSpec:

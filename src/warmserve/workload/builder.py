@@ -1,17 +1,27 @@
 """Multi-model workloads built from real traces, the way the paper builds them.
 
 N models share a total rate R by a power law (share_i ∝ (i+1)^-α). Each model follows its own
-period of a multi-day rate shape (ServeGen's 14 days, or one day of an Azure Functions
-function), time-compressed by `time_scale` (trace seconds per simulated second). Within that
-envelope, arrival times and token lengths come from the Azure LLM inference trace (one real
-hour, looped from a per-model offset and thinned to the envelope) — the Azure trace of 2023
-has no earlier days, so the multi-day shape must come from elsewhere. Each model's earlier
-periods ("days") are built the same way and summarised per forecast window: that is the
-history the forecaster learns from. Everything is seeded and reproducible.
+period ("day") of a multi-day trace, time-compressed by `time_scale` (trace seconds per
+simulated second). Two arrival processes:
+
+- `arrivals="clients"`: ServeGen's per-client processes. In each 10-minute window every active
+  client sends requests with the inter-arrival distribution ServeGen fitted for it (Gamma,
+  Weibull or exponential, with its shape; the mean is the client's rate), so bursts come from
+  the trace's own clients. The per-client rates are scaled so that the model's mean over the 14
+  days is its share of R.
+- `arrivals="azure"`: the arrival times of the Azure LLM inference trace (one real hour, looped
+  from a per-model offset) thinned to a rate envelope: ServeGen's per-model aggregate, one day
+  of an Azure Functions function, or flat.
+
+Token lengths come from the Azure LLM inference trace 2023 (conv or code) — the only trace
+with LLM token lengths for these models. Each model's earlier periods are built the same way
+and summarised per forecast window: that is the history the forecaster learns from. Everything
+is seeded and reproducible.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -19,9 +29,11 @@ import numpy as np
 
 from warmserve.workload.traces import (
     SERVEGEN_WINDOW_S,
+    SERVEGEN_WINDOWS,
     LLMTrace,
     load_azure_functions,
     load_azure_llm,
+    load_servegen_clients,
     load_servegen_rates,
 )
 
@@ -45,7 +57,8 @@ class WorkloadSpec:
     total_rate_rps: float
     duration_s: float
     alpha: float = 1.0
-    arrivals: str = "conv"  # Azure LLM trace for arrivals and token lengths: conv or code
+    lengths: str = "conv"  # the Azure LLM trace giving token lengths (and azure arrivals)
+    arrivals: str = "azure"  # azure (trace times thinned to the shape) | clients (ServeGen)
     shape: str = "servegen"  # servegen | functions | mixed (alternating) | flat
     time_scale: float = 72.0  # trace seconds per simulated second (72: a day in 20 minutes)
     start_hour: float = 6.0  # time of day (trace) at which the simulated period starts
@@ -64,6 +77,13 @@ class WorkloadSpec:
                 raise ValueError(f"{name}={value} must be > 0")
         if self.shape not in ("servegen", "functions", "mixed", "flat"):
             raise ValueError(f"shape={self.shape!r}: one of servegen, functions, mixed, flat")
+        if self.arrivals not in ("azure", "clients"):
+            raise ValueError(f"arrivals={self.arrivals!r}: one of azure, clients")
+        if self.arrivals == "clients" and self.shape != "servegen":
+            raise ValueError(f"arrivals='clients' replays ServeGen's clients, so it needs "
+                             f"shape='servegen', not {self.shape!r}")
+        if self.lengths not in ("conv", "code"):
+            raise ValueError(f"lengths={self.lengths!r}: one of conv, code")
 
     @property
     def period_s(self) -> float:
@@ -117,6 +137,7 @@ class _Shapes:
     def __init__(self, spec: WorkloadSpec) -> None:
         self.spec = spec
         self._servegen = load_servegen_rates() if spec.shape in ("servegen", "mixed") else {}
+        self.clients = load_servegen_clients() if spec.arrivals == "clients" else {}
         self._functions = (load_azure_functions(top=4 * len(spec.models))
                            if spec.shape in ("functions", "mixed") else None)
 
@@ -153,25 +174,31 @@ class _Shapes:
 def build_workload(spec: WorkloadSpec, service_time: ServiceTime = default_service_time
                    ) -> Workload:
     """Requests for the simulated period plus each model's per-window history."""
-    base = load_azure_llm(spec.arrivals)
+    base = load_azure_llm(spec.lengths)
     shapes = _Shapes(spec)
     rng = np.random.default_rng(spec.seed)
     shares = spec.shares()
+    requests = _client_requests if spec.arrivals == "clients" else _model_requests
     parts, history, actual = [], {}, {}
     for i, name in enumerate(spec.models):
         rate = spec.total_rate_rps * shares[i]
-        t, n_in, n_out = _model_requests(base, shapes, i, 0, rate, spec, rng)
+        t, n_in, n_out = requests(base, shapes, i, 0, rate, spec, rng)
         parts.append((t, np.full(len(t), i, np.int32), n_in, n_out))
         actual[name] = _window_series([(t, n_in, n_out)], spec, service_time, i)
         if shapes.has_history(i) and spec.history_periods:
-            past = [_model_requests(base, shapes, i, -p, rate, spec, rng)
+            past = [requests(base, shapes, i, -p, rate, spec, rng)
                     for p in range(spec.history_periods, 0, -1)]
             history[name] = _window_series(past, spec, service_time, i)
     arrival = np.concatenate([p[0] for p in parts])
     order = np.argsort(arrival, kind="stable")
-    notes = [f"arrivals and token lengths: Azure LLM inference 2023 ({spec.arrivals}), one hour "
-             f"looped per model from its own offset"]
-    if spec.shape in ("servegen", "mixed"):
+    if spec.arrivals == "clients":
+        notes = ["arrivals: ServeGen's per-client processes (fitted inter-arrival distribution "
+                 "and rate of each client and 10-minute window), one day per model",
+                 f"token lengths: Azure LLM inference 2023 ({spec.lengths}), sampled per request"]
+    else:
+        notes = [f"arrivals and token lengths: Azure LLM inference 2023 ({spec.lengths}), one "
+                 f"hour looped per model from its own offset"]
+    if spec.shape in ("servegen", "mixed") and spec.arrivals == "azure":
         notes.append("multi-day rate shape: ServeGen per-model aggregate (14 days), one day per "
                      "model; the Azure LLM trace has no earlier days")
     if spec.shape in ("functions", "mixed"):
@@ -212,6 +239,78 @@ def _model_requests(base: LLMTrace, shapes: _Shapes, i: int, period: int, rate_r
     index = index[accept]
     return (times[accept], np.minimum(base.input_tokens[index], spec.input_cap),
             base.output_tokens[index])
+
+
+def _client_requests(base: LLMTrace, shapes: _Shapes, i: int, period: int, rate_rps: float,
+                     spec: WorkloadSpec, rng: np.random.Generator
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One model's arrivals over [0, duration) of a period from ServeGen's clients."""
+    clients = shapes.clients[SERVEGEN_SERIES[i % len(SERVEGEN_SERIES)]]
+    scale = rate_rps / clients.mean_rate  # the model's 14-day mean rate becomes its share
+    trace_start = shapes.day_of(i, period)
+    window_sim_s = SERVEGEN_WINDOW_S / spec.time_scale
+    first = int(trace_start // SERVEGEN_WINDOW_S)
+    last = int(np.ceil((trace_start + spec.duration_s * spec.time_scale) / SERVEGEN_WINDOW_S))
+    starts, rows = [], []
+    for w in range(first, last):  # windows may wrap past the trace's last day
+        sel = clients.rows_in(w % SERVEGEN_WINDOWS, w % SERVEGEN_WINDOWS + 1)
+        rows.append(np.arange(sel.start, sel.stop))
+        starts.append(np.full(sel.stop - sel.start,
+                              (w * SERVEGEN_WINDOW_S - trace_start) / spec.time_scale))
+    row = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+    times = renewal_arrivals(clients.pattern[row], clients.shape[row], clients.rate[row] * scale,
+                             np.concatenate(starts) if starts else np.zeros(0),
+                             window_sim_s, rng)
+    times = np.sort(times[(times >= 0) & (times < spec.duration_s)])
+    pick = rng.integers(len(base.arrival_s), size=len(times))
+    return (times, np.minimum(base.input_tokens[pick], spec.input_cap),
+            base.output_tokens[pick])
+
+
+def renewal_arrivals(pattern: np.ndarray, shape: np.ndarray, rate: np.ndarray,
+                     start: np.ndarray, length_s: float, rng: np.random.Generator) -> np.ndarray:
+    """Arrival times of independent renewal processes, one per row, each over
+    [start, start + length_s): inter-arrival times from the row's family (an index into
+    SERVEGEN_PATTERNS: exponential, Gamma or Weibull with the given shape), scaled to mean
+    1 / rate. Each process starts in its stationary phase (the first arrival a uniform
+    fraction of a gap after the start)."""
+    out = []
+    weibull = pattern == 2
+    unit_mean = np.ones(len(rate))  # a Weibull(k) draw has mean Γ(1 + 1/k)
+    unit_mean[weibull] = [math.gamma(1.0 + 1.0 / k) for k in shape[weibull]]
+    open_rows = np.flatnonzero(rate > 0)
+    elapsed = np.zeros(len(rate))
+    first = True
+    while len(open_rows):
+        expected = rate[open_rows] * (length_s - elapsed[open_rows])
+        draws = np.ceil(expected * 1.25 + 4).astype(np.int64)
+        owner = np.repeat(open_rows, draws)
+        gaps = _gaps(pattern[owner], shape[owner], rng) / (unit_mean[owner] * rate[owner])
+        offsets = np.concatenate([[0], np.cumsum(draws)[:-1]])
+        if first:
+            gaps[offsets] *= rng.random(len(offsets))
+            first = False
+        total = np.cumsum(gaps)
+        base = np.repeat(total[offsets] - gaps[offsets], draws)  # segmented cumulative sum
+        at = elapsed[owner] + (total - base)
+        inside = at < length_s
+        out.append(start[owner[inside]] + at[inside])
+        elapsed[open_rows] = at[offsets + draws - 1]
+        open_rows = open_rows[elapsed[open_rows] < length_s]
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def _gaps(pattern: np.ndarray, shape: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Inter-arrival draws from each row's family and shape: exponential (mean 1), Gamma(k)
+    with scale 1/k (mean 1), Weibull(k) with scale 1 (mean Γ(1 + 1/k))."""
+    gaps = rng.exponential(size=len(pattern))
+    gamma, weibull = pattern == 1, pattern == 2
+    if gamma.any():
+        k = shape[gamma]
+        gaps[gamma] = rng.gamma(k) / k
+    if weibull.any():
+        gaps[weibull] = rng.weibull(shape[weibull])
+    return gaps
 
 
 def _window_series(periods: list[tuple[np.ndarray, np.ndarray, np.ndarray]], spec: WorkloadSpec,

@@ -42,24 +42,26 @@ _M8, _S8 = _many(8)
 _M64, _S64 = _many(64)
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (
-    Preset("paper", "The paper's setup: Llama-2 7B TP1 x2, 13B TP2, 70B TP4 on 2x8 H100; Azure "
-           "conv arrivals and lengths, ServeGen day shapes compressed 72x (a day in 20 min)",
-           WorkloadSpec(_PAPER_MODELS, total_rate_rps=60.0, duration_s=1200.0, arrivals="conv",
-                        shape="servegen", time_scale=72.0, window_s=60.0),
+    Preset("paper", "The paper's setup: Llama-2 7B TP1 x2, 13B TP2, 70B TP4 on 2x8 H100; "
+           "ServeGen's per-client arrivals, one day per model compressed 72x (a day in 20 "
+           "min); Azure conv token lengths",
+           WorkloadSpec(_PAPER_MODELS, total_rate_rps=60.0, duration_s=1200.0, lengths="conv",
+                        arrivals="clients", shape="servegen", time_scale=72.0, window_s=60.0),
            _PAPER_SHAPES, num_gpus=16),
     Preset("azure-conv", "The Azure conv trace as it is (one real hour, no day shape) on the "
            "paper's cluster", WorkloadSpec(_PAPER_MODELS, total_rate_rps=80.0,
-                                           duration_s=1200.0, arrivals="conv", shape="flat",
+                                           duration_s=1200.0, lengths="conv", shape="flat",
                                            time_scale=1.0, window_s=60.0, history_periods=0),
            _PAPER_SHAPES, num_gpus=16),
     Preset("azure-code", "The Azure code trace as it is (long prompts, short answers) on the "
            "paper's cluster", WorkloadSpec(_PAPER_MODELS, total_rate_rps=80.0,
-                                           duration_s=1200.0, arrivals="code", shape="flat",
+                                           duration_s=1200.0, lengths="code", shape="flat",
                                            time_scale=1.0, window_s=60.0, history_periods=0),
            _PAPER_SHAPES, num_gpus=16),
-    Preset("servegen", "Eight models following ServeGen's 14-day language-model shapes on 32 "
-           "GPUs", WorkloadSpec(_M8, total_rate_rps=150.0, duration_s=1200.0, shape="servegen",
-                                time_scale=72.0, window_s=60.0), _S8, num_gpus=32),
+    Preset("servegen", "Eight models replaying ServeGen's language-model clients (14 days) "
+           "on 32 GPUs", WorkloadSpec(_M8, total_rate_rps=150.0, duration_s=1200.0,
+                                      shape="servegen", arrivals="clients", time_scale=72.0,
+                                      window_s=60.0), _S8, num_gpus=32),
     Preset("azure-functions", "Eight models following the busiest Azure Functions of 2019 (one "
            "day, per minute) on 32 GPUs", WorkloadSpec(_M8, total_rate_rps=150.0,
                                                        duration_s=1200.0, shape="functions",

@@ -7,6 +7,7 @@ Every loader names the file and line of a malformed row. Rows that are well-form
 from __future__ import annotations
 
 import csv
+import gzip
 import logging
 from dataclasses import dataclass
 from datetime import datetime
@@ -22,6 +23,9 @@ AZURE_LLM_FILES = {
     "code": "AzureLLMInferenceTrace_code.csv",
 }
 SERVEGEN_FILE = "servegen_aggregate_rate_per_model.csv"
+SERVEGEN_CLIENTS_FILE = "servegen_clients.csv.gz"
+SERVEGEN_WINDOWS = 2016  # 14 days of 10-minute windows
+SERVEGEN_PATTERNS = ("Exponential", "Gamma", "Weibull")
 FUNCTIONS_FILE = "azure_functions_2019_1000_inv.csv"
 SERVEGEN_WINDOW_S = 600.0
 
@@ -106,6 +110,66 @@ def load_servegen_rates(path: Path | None = None) -> dict[str, np.ndarray]:
     return out
 
 
+@dataclass(frozen=True)
+class ClientWindows:
+    """ServeGen's per-client arrival processes of one model: one row per (client, window) in
+    which the client is active. The inter-arrival times of a row follow `pattern` (an index into
+    SERVEGEN_PATTERNS) with shape parameter `shape`; its mean is 1 / rate."""
+
+    client: np.ndarray  # [R] int32
+    window: np.ndarray  # [R] int32, sorted; 10-minute window index (0 .. SERVEGEN_WINDOWS-1)
+    rate: np.ndarray  # [R] float64, requests/s (ServeGen's relative weights)
+    pattern: np.ndarray  # [R] int8
+    shape: np.ndarray  # [R] float64 (Gamma: k; Weibull: k; Exponential: 1)
+
+    @property
+    def mean_rate(self) -> float:
+        """The model's aggregate rate averaged over all windows."""
+        return float(self.rate.sum()) / SERVEGEN_WINDOWS
+
+    def rows_in(self, first: int, last: int) -> slice:
+        """Rows of windows first..last-1 (no wrap-around)."""
+        lo, hi = np.searchsorted(self.window, [first, last])
+        return slice(int(lo), int(hi))
+
+
+def load_servegen_clients(path: Path | None = None) -> dict[str, ClientWindows]:
+    """ServeGen's per-client windows (`model,client,window_start_s,rate,cv,pattern,p1,p2`)."""
+    path = path or shipped(SERVEGEN_CLIENTS_FILE)
+    cols: dict[str, list[list]] = {}
+    required = ("model", "client", "window_start_s", "rate", "pattern", "p1")
+    for line, row in _rows(path, required):
+        name = row["pattern"] or "Exponential"
+        if name not in SERVEGEN_PATTERNS:
+            raise TraceError(f"{path}:{line}: pattern {name!r} is not one of "
+                             f"{', '.join(SERVEGEN_PATTERNS)}")
+        pattern = SERVEGEN_PATTERNS.index(name)
+        try:
+            window = int(float(row["window_start_s"]) // SERVEGEN_WINDOW_S)
+            rate, shape = float(row["rate"]), float(row["p1"])
+            client = int(row["client"])
+        except ValueError as exc:
+            raise TraceError(f"{path}:{line}: {exc}") from None
+        if not 0 <= window < SERVEGEN_WINDOWS:
+            raise TraceError(f"{path}:{line}: window_start_s {row['window_start_s']} is outside "
+                             f"the trace's {SERVEGEN_WINDOWS} windows")
+        if rate <= 0:
+            continue  # an idle client-window carries no arrivals
+        if pattern and not shape > 0:
+            raise TraceError(f"{path}:{line}: {row['pattern']} shape p1={row['p1']} must be > 0")
+        cols.setdefault(row["model"], []).append([client, window, rate, pattern,
+                                                  shape if pattern else 1.0])
+    if not cols:
+        raise TraceError(f"{path}: no active client windows")
+    out = {}
+    for model, rows in cols.items():
+        table = np.asarray(rows, dtype=np.float64)
+        table = table[np.argsort(table[:, 1], kind="stable")]
+        out[model] = ClientWindows(table[:, 0].astype(np.int32), table[:, 1].astype(np.int32),
+                                   table[:, 2], table[:, 3].astype(np.int8), table[:, 4])
+    return out
+
+
 def load_azure_functions(path: Path | None = None, top: int | None = None) -> np.ndarray:
     """Per-minute invocation counts `[functions, 1440]`, busiest function first."""
     path = path or shipped(FUNCTIONS_FILE)
@@ -147,20 +211,40 @@ def load_request_file(path: Path) -> RequestFile:
 def _rows(path: Path, required: tuple[str, ...]):
     """Yield (line number, row dict); errors name the file and line."""
     try:
-        handle = open(path, newline="")  # noqa: SIM115 (closed below, generator)
+        if path.suffix == ".gz":
+            handle = gzip.open(path, "rt", newline="")  # noqa: SIM115 (closed below)
+        else:
+            handle = open(path, newline="")  # noqa: SIM115 (closed below, generator)
     except OSError as exc:
         raise TraceError(f"{path}: cannot open: {exc.strerror}") from None
     with handle:
         reader = csv.DictReader(handle)
-        missing = [c for c in required if c not in (reader.fieldnames or [])]
+        try:
+            fieldnames = reader.fieldnames
+        except (OSError, EOFError, csv.Error) as exc:
+            raise TraceError(f"{path}:1: unreadable: {exc}") from None
+        missing = [c for c in required if c not in (fieldnames or [])]
         if missing:
             raise TraceError(f"{path}:1: header lacks column(s) {', '.join(missing)}")
         width = len(reader.fieldnames or [])
-        for row in reader:
+        for row in _checked(reader, path):
             if None in row or len(row) != width or any(v is None for v in row.values()):
                 raise TraceError(f"{path}:{reader.line_num}: expected {width} fields "
                                  f"(truncated or malformed row)")
             yield reader.line_num, row
+
+
+def _checked(reader: csv.DictReader, path: Path):
+    """The reader's rows; a corrupt or truncated (compressed) file names its line."""
+    rows = iter(reader)
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except (OSError, EOFError, csv.Error) as exc:
+            raise TraceError(f"{path}:{reader.line_num + 1}: unreadable: {exc}") from None
+        yield row
 
 
 def _report_skipped(path: Path, skipped: int) -> None:
