@@ -41,7 +41,7 @@ def main() -> None:
         t0 = time.perf_counter()
         sim._tick()
         t1 = time.perf_counter()
-        sim._plan_prewarms()
+        sim.cap.plan_prewarms()
         t2 = time.perf_counter()
         ticks.append(t1 - t0)
         plans.append(t2 - t1)

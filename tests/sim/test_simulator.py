@@ -12,6 +12,8 @@ from warmserve.sim.simulator import SimConfig, Simulator
 from warmserve.sim.systems import SYSTEMS, get_system
 from warmserve.workload.builder import WindowSeries, Workload, WorkloadSpec
 
+from .test_capacity import two_model_sim
+
 PROFILE = load_profile("h100")
 CONFIG = load_config("h100-node")
 
@@ -109,67 +111,14 @@ def test_csv_workload(tmp_path):
         build_scenario(str(tmp_path / "missing.csv"), CONFIG, PROFILE)
 
 
-def _two_model_sim(system: str) -> Simulator:
-    """A 7B model ("s") and a 70B TP4 model ("big") on one 8-GPU node; no requests yet."""
-    spec = WorkloadSpec(("s", "big"), total_rate_rps=1.0, duration_s=60.0, window_s=30.0,
-                        shape="flat", history_periods=0)
-    arrivals = np.array([10.0])
-    workload = Workload(spec, ("s", "big"), arrivals, np.array([1], np.int32),
-                        np.array([100], np.int32), np.array([10], np.int32))
-    costs = [PROFILE.model("llama-2-7b"), PROFILE.model("llama-2-70b")]
-    return Simulator(workload, costs, get_system(system), SimConfig(8, 8, PolicyConfig(), PROFILE))
-
-
-def _crowd(sim: Simulator, running: int) -> None:
-    """Seven instances of "s" (one GPU each, GPU 7 free) with little load; "big" starving."""
-    small, big = sim.models
-    for g in range(7):
-        sim._new_instance(small, (g,), ready_at=0.0)
-        small.instances[-1].running = running
-    sim.now = 100.0
-    small.load = 60.0  # needs ceil(60 / 25.6) = 3 instances: 4 are surplus
-    big.queue.append(0)
-    big.load = 40.0
-
-
-def test_rebalancing_drains_surplus_instances_for_a_starving_model():
-    sim = _two_model_sim("warmserve")
-    _crowd(sim, running=0)
-    small, big = sim.models
-    assert not sim._acquire(big)  # no free group: drain one, then scale up when it empties
-    # the group with the free GPU needs 3 drained instances, the other 4: it drains 4, 5, 6
-    assert sorted(i.gpus[0] for i in small.instances) == [0, 1, 2, 3]
-    assert [i.gpus for i in big.instances] == [(4, 5, 6, 7)]
-    assert sim.counts["rebalance"] == 1 and sim.counts["cold"] == 1
-
-
-def test_a_group_being_drained_is_reserved_for_the_starving_model():
-    sim = _two_model_sim("warmserve")
-    _crowd(sim, running=3)  # drained instances finish their requests first
-    small, big = sim.models
-    assert not sim._acquire(big)
-    draining = sorted(i.gpus[0] for i in small.instances if i.draining)
-    assert draining == [4, 5, 6]
-    assert sim._cold_group(small) is None  # GPU 7 is free but reserved for "big"
-    assert sim._cold_group(big) is None  # not free yet
-    for inst in [i for i in small.instances if i.draining]:
-        inst.running = 0
-        sim._release(inst)
-    assert [i.gpus for i in big.instances] == [(4, 5, 6, 7)]
-    assert not sim.reserved
-
-
-def test_without_rebalancing_a_starving_model_waits():
-    sim = _two_model_sim("warmserve-no-rebalance")
-    _crowd(sim, running=0)
-    small, big = sim.models
-    assert not sim._acquire(big)
-    assert len(small.instances) == 7 and not big.instances and not sim.reserved
-
-
-def test_rebalancing_leaves_models_without_surplus_alone():
-    sim = _two_model_sim("warmserve")
-    _crowd(sim, running=0)
-    sim.models[0].load = 150.0  # needs all 7
-    assert not sim._acquire(sim.models[1])
-    assert len(sim.models[0].instances) == 7 and sim.counts["rebalance"] == 0
+def test_gpu_seconds_count_a_kept_and_reused_instance_from_its_load():
+    sim = two_model_sim("serverlessllm")
+    small = sim.models[0]
+    sim.cap.new_instance(small, (0,), ready_at=0.0)
+    sim.events.now = 10.0
+    sim.cap.release(small.instances[0])  # idle: kept alive, still holding its GPU
+    sim.events.now = 20.0
+    assert sim.cap.acquire(small) and sim.cap.counts["keep"] == 1
+    assert small.instances[0].active_since == 20.0  # protection restarts...
+    sim.events.now = 30.0
+    assert sim._result().gpu_seconds_busy == pytest.approx(30.0)  # ...the GPU-seconds do not

@@ -1,4 +1,5 @@
-"""Simulated cluster state: GPUs with a memory pool, serving instances, prewarmed replicas.
+"""Simulated cluster state: GPUs with a memory pool, serving instances, prewarmed replicas, and
+each model's runtime state.
 
 Memory per GPU is one account: instance weights, the KV tokens its running requests hold, and
 prewarmed weights. An instance's KV cache is elastic: it may use any free pool memory of its
@@ -7,8 +8,10 @@ GPUs, and (WarmServe) take back memory lent to prewarms by evicting them.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
+from warmserve.control.predictor import Forecast, ModelForecaster
 from warmserve.sim.profiles import ModelCost
 
 
@@ -27,7 +30,7 @@ class Instance:
     model: int
     gpus: tuple[int, ...]
     cost: ModelCost
-    created_at: float
+    created_at: float  # GPUs held from here (GPU-seconds count from it)
     ready_at: float
     running: int = 0
     kv_tokens: int = 0  # tokens reserved by running requests
@@ -36,6 +39,11 @@ class Instance:
     kept_since: float | None = None  # keep-alive: idle but loaded (reactive baseline)
     released_at: float | None = None
     accepting: bool = True  # live: not draining, not kept idle, not released (see refresh)
+    active_since: float = -1.0  # last (re)start as a serving instance: scale-down protection
+
+    def __post_init__(self) -> None:
+        if self.active_since < 0:
+            self.active_since = self.created_at
 
     def refresh(self) -> None:
         """Recompute `accepting` after changing draining, kept_since or released_at (the
@@ -121,3 +129,27 @@ class Cluster:
             self.gpus[g].prewarms.remove(prewarm)
             self.gpus[g].used -= prewarm.bytes_per_gpu
         return True
+
+
+@dataclass
+class ModelState:
+    """One model's runtime state: its queue, instances, and the load the controller sees."""
+
+    index: int
+    cost: ModelCost
+    forecaster: ModelForecaster
+    queue: deque = field(default_factory=deque)  # request indices waiting for an instance
+    instances: list[Instance] = field(default_factory=list)
+    concurrency: int = 0  # requests in the system (queued or running)
+    integral: float = 0.0  # ∫ concurrency dt up to last_change_s
+    last_change_s: float = 0.0
+    tick_samples: deque = field(default_factory=deque)  # (time, integral), load_window_s long
+    window_start_integral: float = 0.0
+    window_peak: int = 0
+    window_arrivals: int = 0
+    forecast: Forecast | None = None
+    load: float = 0.0  # the autoscaler's last 5-s mean concurrency
+
+    def live(self) -> list[Instance]:
+        """Instances accepting requests (ready or still loading)."""
+        return [i for i in self.instances if i.accepting]

@@ -1,0 +1,386 @@
+"""Capacity in the simulator: everything that creates or removes serving instances and
+prewarmed replicas, following the system's policy set (systems.py).
+
+Scale-up takes, in order, a kept-alive instance (reactive baseline), a prewarmed replica on
+free GPUs (WarmServe: activation only), or a cold load onto a free aligned group — and, when no
+group is free, WarmServe drains another model's surplus instances for the starving model
+(rebalancing). Prewarms are planned every forecast window with the control policies.
+"""
+
+from __future__ import annotations
+
+from warmserve.control.policies import (
+    GpuCapacity,
+    Holding,
+    ReplicaRequest,
+    aligned_groups,
+    drain_for,
+    lendable_kv_tokens,
+    place_prewarms,
+    replica_plan,
+    surplus_instances,
+)
+from warmserve.sim.events import EXPIRE, READY, EventQueue
+from warmserve.sim.state import Cluster, Gpu, Instance, ModelState, Prewarm
+from warmserve.sim.systems import SystemSpec
+
+
+class CapacityManager:
+    def __init__(self, cluster: Cluster, models: list[ModelState], names: tuple[str, ...],
+                 shares: list[float], system: SystemSpec, config, events: EventQueue) -> None:
+        self.cluster = cluster
+        self.models = models
+        self.names = names
+        self.shares = shares
+        self.sys = system
+        self.cfg = config  # SimConfig
+        self.B = config.policy.instance_capacity
+        self.events = events
+        self.ids = 0
+        self.counts = {"cold": 0, "prewarm": 0, "keep": 0, "reclaim": 0, "rebalance": 0}
+        self.node_cache: list[list[int]] = [[] for _ in range(cluster.num_nodes)]
+        self.released: list[Instance] = []
+        self.reserved: dict[int, tuple[int, float]] = {}  # gpu -> (model, until): rebalancing
+
+    @property
+    def now(self) -> float:
+        return self.events.now
+
+    def place_initial(self, counts: list[int]) -> None:
+        """Start-up: co-locate (MuxServe), or give each model `counts[m]` instances (on new
+        GPUs for the dedicated system), then fill the host caches."""
+        if self.sys.colocate:
+            self.place_colocated()
+            return
+        for state, count in zip(self.models, counts, strict=True):
+            for _ in range(count):
+                if self.sys.dedicated:
+                    group = self.grow_cluster(state.cost.tp)
+                else:
+                    group = self.free_group(state.cost.tp)
+                if group is None:
+                    break
+                self.new_instance(state, group, ready_at=0.0)
+        if not self.sys.dedicated:
+            self.fill_host_cache()
+
+    def scale_up(self, state: ModelState, count: int) -> None:
+        for _ in range(count):
+            if not self.acquire(state):
+                return
+
+    def scale_down(self, state: ModelState, live: list[Instance], count: int) -> None:
+        protect = self.cfg.policy.new_instance_protect_s
+        for inst in sorted(live, key=lambda i: i.running)[:count]:
+            if self.now - inst.active_since < protect or inst.ready_at > self.now:
+                continue
+            inst.draining = True
+            inst.refresh()
+            if inst.running == 0:
+                self.release(inst)
+
+    def acquire(self, state: ModelState) -> bool:
+        if self.sys.keep_alive and self._reuse_kept(state):
+            return True
+        if self.sys.prewarm and self._activate_prewarm(state):
+            return True
+        group = self.cold_group(state)
+        if group is None:
+            if self.sys.rebalance:
+                self._rebalance(state)
+            return False
+        self._unreserve(group)
+        self._evict_all(group)
+        load_s = self._load_time(state, group)
+        start = max([self.now] + [self.cluster.gpus[g].pcie_free_at for g in group])
+        for g in group:
+            self.cluster.gpus[g].pcie_free_at = start + load_s
+        init = self.cfg.profile.engine_init_s if self.sys.engine_init else 0.0
+        self.new_instance(state, group, ready_at=start + load_s + init)
+        self.counts["cold"] += 1
+        return True
+
+    def _reuse_kept(self, state: ModelState) -> bool:
+        kept = [i for i in state.instances if i.kept_since is not None]
+        if not kept:
+            return False
+        inst = kept[0]
+        inst.kept_since = None
+        inst.draining = False
+        inst.refresh()
+        inst.active_since = self.now
+        self.counts["keep"] += 1
+        return True
+
+    def _activate_prewarm(self, state: ModelState) -> bool:
+        options = [p for g in self.cluster.gpus for p in g.prewarms
+                   if p.model == state.index and p.gpus[0] == g.id
+                   and all(self._usable(x, state.index) for x in p.gpus)]
+        if not options:
+            return False
+        chosen = min(options, key=lambda p: p.ready_at)
+        self._unreserve(chosen.gpus)
+        self.evict(chosen)
+        self._evict_all(chosen.gpus)
+        ready = max(self.now, chosen.ready_at) + self.cfg.profile.activation_s
+        self.new_instance(state, chosen.gpus, ready_at=ready)
+        self.counts["prewarm"] += 1
+        return True
+
+    def cold_group(self, state: ModelState) -> tuple[int, ...] | None:
+        tp = state.cost.tp
+        groups = [grp for grp in aligned_groups(self.cluster.gpus_per_node,
+                                                self.cluster.num_nodes, tp)
+                  if all(self._usable(g, state.index) for g in grp)]
+        if not groups and self.sys.keep_alive:
+            groups = self._evict_kept_for(tp)
+        if not groups:
+            return None
+
+        def cost(grp: tuple[int, ...]) -> tuple:
+            node = self.cluster.gpus[grp[0]].node
+            cached = state.index in self.node_cache[node]  # locality: DRAM-cached first
+            prewarmed = sum(p.score for g in grp for p in self.cluster.gpus[g].prewarms)
+            return (not cached, prewarmed, -self._packing(grp), grp)
+
+        return min(groups, key=cost)
+
+    def _usable(self, gpu: int, model: int) -> bool:
+        """Free, and not reserved for another model's rebalancing."""
+        if not self.cluster.gpus[gpu].is_free:
+            return False
+        owner = self.reserved.get(gpu)
+        return owner is None or owner[0] == model or owner[1] <= self.now
+
+    def _unreserve(self, group: tuple[int, ...]) -> None:
+        for g in group:
+            self.reserved.pop(g, None)
+
+    def _rebalance(self, state: ModelState) -> None:
+        """No free group for a model with requests waiting: drain other models' surplus
+        instances from one aligned group and reserve it (see policies.drain_for)."""
+        live = sum(1 for i in state.instances if i.accepting)
+        if not state.queue or state.load <= live * self.B:
+            return  # not starving: requests wait only for a moment, or nothing waits
+        if any(m == state.index and until > self.now for m, until in self.reserved.values()):
+            return  # a group is already being drained for this model
+        groups = [grp for grp in aligned_groups(self.cluster.gpus_per_node,
+                                                self.cluster.num_nodes, state.cost.tp)
+                  if not any(g in self.reserved and self.reserved[g][1] > self.now
+                             for g in grp)]
+        holdings, surplus, by_id = [], {}, {}
+        protect = self.cfg.policy.new_instance_protect_s
+        for other in self.models:
+            if other is state:
+                continue
+            serving = [i for i in other.instances if i.accepting and i.ready_at <= self.now]
+            demand = max(other.load, other.forecast.avg_concurrency if other.forecast else 0.0)
+            surplus[self.names[other.index]] = surplus_instances(
+                demand, len(serving), self.B, self.cfg.policy.scale_up_ratio)
+            for inst in serving:
+                if self.now - inst.active_since < protect:
+                    continue
+                holdings.append(Holding(inst.id, self.names[other.index], inst.gpus,
+                                        inst.running))
+                by_id[inst.id] = inst
+        plan = drain_for(groups, holdings, surplus)
+        if plan is None:
+            return
+        group, ids = plan
+        until = self.now + self.cfg.policy.rebalance_reserve_s
+        for g in group:
+            self.reserved[g] = (state.index, until)
+        for inst_id in ids:
+            inst = by_id[inst_id]
+            inst.draining = True
+            inst.refresh()
+            if inst.running == 0:
+                self.release(inst)
+        self.counts["rebalance"] += 1
+
+    def _packing(self, group: tuple[int, ...]) -> int:
+        """Busy GPUs in the aligned blocks around a group: packing small instances next to
+        busy GPUs keeps large aligned groups free for large models (best fit)."""
+        busy = 0
+        size = len(group) * 2
+        while size <= self.cluster.gpus_per_node:
+            start = group[0] - group[0] % size
+            busy += sum(1 for g in range(start, start + size) if not self.cluster.gpus[g].is_free)
+            size *= 2
+        return busy
+
+    def _evict_kept_for(self, tp: int) -> list[tuple[int, ...]]:
+        kept = sorted((i for s in self.models for i in s.instances if i.kept_since is not None),
+                      key=lambda i: i.kept_since)
+        for inst in kept:  # least recently used first
+            self.remove_instance(inst)
+            groups = [grp for grp in aligned_groups(self.cluster.gpus_per_node,
+                                                    self.cluster.num_nodes, tp)
+                      if all(self.cluster.gpus[g].is_free for g in grp)]
+            if groups:
+                return groups
+        return []
+
+    def _load_time(self, state: ModelState, group: tuple[int, ...]) -> float:
+        node = self.cluster.gpus[group[0]].node
+        per_gpu = state.cost.weight_bytes_per_gpu
+        profile = self.cfg.profile
+        if state.index in self.node_cache[node] or self.sys.prewarm:
+            return per_gpu / profile.h2d_bytes_per_s
+        cache = self.node_cache[node]  # LRU: load from SSD, then keep in DRAM
+        cache.append(state.index)
+        while sum(self.models[m].cost.weight_bytes for m in cache) > self.cfg.host_cache_bytes:
+            cache.pop(0)
+        return per_gpu / profile.ssd_bytes_per_s
+
+    def new_instance(self, state: ModelState, group: tuple[int, ...], ready_at: float) -> None:
+        self.ids += 1
+        inst = Instance(self.ids, state.index, tuple(group), state.cost, self.now, ready_at)
+        state.instances.append(inst)
+        self.cluster.place_instance(inst)
+        if ready_at > self.now:
+            self.events.push(ready_at, READY, inst)
+
+    def release(self, inst: Instance) -> None:
+        self._release_weights(inst)
+        owner = self.reserved.get(inst.gpus[0])
+        if owner is not None and owner[1] > self.now:
+            waiting = self.models[owner[0]]
+            if waiting.queue and not any(i.accepting and i.ready_at > self.now
+                                         for i in waiting.instances):
+                self.scale_up(waiting, 1)
+
+    def _release_weights(self, inst: Instance) -> None:
+        state = self.models[inst.model]
+        if self.sys.keep_alive:
+            inst.kept_since = self.now
+            inst.draining = False
+            inst.refresh()
+            self.events.push(self.now + self.cfg.policy.keep_alive_s, EXPIRE, inst)
+            return
+        self.remove_instance(inst)
+        if self.sys.deactivate_to_prewarm:  # the weights stay where they are, prewarmed
+            self.cluster.place_prewarm(
+                Prewarm(state.index, inst.gpus, 0.0, self.now, inst.cost.weight_bytes_per_gpu))
+
+    def expire(self, inst: Instance) -> None:
+        kept = inst.released_at is None and inst.kept_since is not None
+        if kept and self.now - inst.kept_since >= self.cfg.policy.keep_alive_s - 1e-9:
+            self.remove_instance(inst)
+
+    def remove_instance(self, inst: Instance) -> None:
+        inst.released_at = self.now
+        inst.kept_since = None
+        inst.refresh()
+        self.models[inst.model].instances.remove(inst)
+        self.cluster.remove_instance(inst)
+        self.released.append(inst)
+
+    def evict(self, prewarm: Prewarm) -> None:
+        if self.cluster.remove_prewarm(prewarm) and prewarm.ready_at > self.now:
+            for g in prewarm.gpus:  # cancelled mid-load: the link is free again
+                gpu = self.cluster.gpus[g]
+                gpu.pcie_free_at = min(gpu.pcie_free_at, self.now)
+
+    def _evict_all(self, group: tuple[int, ...]) -> None:
+        for g in group:
+            for p in list(self.cluster.gpus[g].prewarms):
+                self.evict(p)
+
+    def plan_prewarms(self) -> None:
+        profile = self.cfg.profile
+        requests: list[ReplicaRequest] = []
+        for state in self.models:
+            running = sum(1 for i in state.instances if i.accepting)
+            cold_s = state.cost.weight_bytes_per_gpu / profile.h2d_bytes_per_s
+            requests += replica_plan(self.names[state.index], state.forecast, running,
+                                     self.B, state.cost.tp, state.cost.weight_bytes_per_gpu,
+                                     cold_s)
+        capacity = [GpuCapacity(g.id, g.node, self._prewarm_room(g),
+                                frozenset(self.names[i.model] for i in g.instances))
+                    for g in self.cluster.gpus]
+        placements = place_prewarms(requests, capacity, self.cluster.gpus_per_node,
+                                    self.sys.round_robin)
+        wanted = {(self.names.index(p.model), p.gpus): p.score for p in placements}
+        current = {(p.model, p.gpus): p for g in self.cluster.gpus for p in g.prewarms
+                   if p.gpus[0] == g.id}
+        for key, prewarm in current.items():
+            if key in wanted:
+                prewarm.score = wanted[key]
+            else:
+                self.evict(prewarm)
+        for (model, gpus), score in wanted.items():
+            if (model, gpus) not in current:
+                self._start_prewarm(model, gpus, score)
+
+    def _prewarm_room(self, gpu: Gpu) -> int:
+        if gpu.is_free:
+            return gpu.free_bytes() + gpu.prewarmed_bytes()
+        if not self.sys.kv_lending or any(i.kept_since is not None for i in gpu.instances):
+            return 0
+        inst = gpu.instances[0]
+        per_token = inst.cost.kv_bytes_per_token // inst.cost.tp
+        total = inst.kv_tokens + self.cluster.kv_room_tokens(inst, reclaim=True)
+        lend = lendable_kv_tokens(total, inst.kv_tokens, inst.running, self.B)
+        return lend * per_token
+
+    def _start_prewarm(self, model: int, gpus: tuple[int, ...], score: float) -> None:
+        cost = self.models[model].cost
+        start = max([self.now] + [self.cluster.gpus[g].pcie_free_at for g in gpus])
+        ready = start + cost.weight_bytes_per_gpu / self.cfg.profile.h2d_bytes_per_s
+        for g in gpus:
+            self.cluster.gpus[g].pcie_free_at = ready
+        self.cluster.place_prewarm(Prewarm(model, gpus, score, ready, cost.weight_bytes_per_gpu))
+
+    def fill_host_cache(self) -> None:
+        order = sorted(range(len(self.models)), key=lambda m: -self.shares[m])
+        for cache in self.node_cache:
+            used = 0
+            for m in order:
+                size = self.models[m].cost.weight_bytes
+                if used + size <= self.cfg.host_cache_bytes:
+                    cache.append(m)
+                    used += size
+
+    def free_group(self, tp: int) -> tuple[int, ...] | None:
+        return next((grp for grp in aligned_groups(self.cluster.gpus_per_node,
+                                                   self.cluster.num_nodes, tp)
+                     if all(self.cluster.gpus[g].is_free for g in grp)), None)
+
+    def grow_cluster(self, tp: int) -> tuple[int, ...]:
+        per_node = self.cluster.gpus_per_node
+        used = len(self.cluster.gpus)
+        groups = [grp for grp in aligned_groups(per_node, self.cluster.num_nodes, tp)
+                  if all(self.cluster.gpus[g].is_free for g in grp)]
+        if groups:
+            return groups[0]
+        self.cluster.add_gpus(per_node - used % per_node if used % per_node else per_node,
+                              self.cfg.profile.pool_bytes)
+        return self.grow_cluster(tp)
+
+    def place_colocated(self) -> None:
+        """MuxServe-style: all models co-located, planned from average rates. Replicas go, one
+        at a time, to the model with the most compute demand (rate share x parameters) per
+        replica, on the group with the least weight memory used, while each GPU keeps a quarter
+        of its pool for the shared KV cache; until no replica fits."""
+        shares = self.shares
+        demand = {s.index: shares[s.index] * s.cost.weight_bytes for s in self.models}
+        replicas = dict.fromkeys(demand, 0)
+        budget = 0.75  # share of a GPU's pool that weights may take
+        open_models = set(demand)
+        while open_models:
+            m = max(open_models, key=lambda i: (demand[i] / (replicas[i] + 1), -i))
+            state = self.models[m]
+            groups = [grp for grp in aligned_groups(self.cluster.gpus_per_node,
+                                                    self.cluster.num_nodes, state.cost.tp)
+                      if all(self.cluster.gpus[g].used_bytes() + state.cost.weight_bytes_per_gpu
+                             <= budget * self.cluster.gpus[g].pool_bytes
+                             and all(i.model != m for i in self.cluster.gpus[g].instances)
+                             for g in grp)]
+            if not groups:
+                open_models.discard(m)
+                continue
+            grp = min(groups, key=lambda grp: (
+                sum(self.cluster.gpus[g].used_bytes() for g in grp), grp))
+            self.new_instance(state, grp, ready_at=0.0)
+            replicas[m] += 1
