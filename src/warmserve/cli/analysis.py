@@ -1,0 +1,117 @@
+"""`warmserve simulate` and `warmserve predict`: the simulator and the forecaster on workloads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from warmserve.cli.common import (
+    VerbLogLevel,
+    WorkloadOpt,
+    app,
+    console,
+    fail,
+    fmt,
+    print_summary,
+    verb_log_level,
+)
+from warmserve.config import ConfigError, load_config
+
+
+@app.command()
+def simulate(
+    workload: WorkloadOpt = "paper",
+    config: Annotated[str, typer.Option("--config", "-c", help="Config (models of a CSV "
+                                        "workload, policy parameters).")] = "h100-node",
+    gpus: Annotated[int | None, typer.Option(help="GPUs in the cluster.")] = None,
+    gpus_per_node: Annotated[int | None, typer.Option(help="GPUs per node.")] = None,
+    policies: Annotated[str, typer.Option(help="Comma-separated policy sets; 'all' adds the "
+                                          "ablations.")] = "warmserve,serverlessllm,muxserve,"
+                                                           "dedicated",
+    duration: Annotated[float | None, typer.Option(help="Simulated seconds.")] = None,
+    rate: Annotated[float | None, typer.Option(help="Total request rate (preset only).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Workload seed.")] = None,
+    slo: Annotated[float | None, typer.Option(help="TTFT SLO in seconds.")] = None,
+    profile: Annotated[str, typer.Option(help="Cost profile name or YAML file.")] = "h100",
+    jobs: Annotated[int, typer.Option(help="Policies simulated in parallel.")] = 2,
+    out: Annotated[Path | None, typer.Option(help="Write CSVs and plots here.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    log_level: VerbLogLevel = None,
+) -> None:
+    """Simulate the cluster under a workload for each policy set and compare."""
+    verb_log_level(log_level)
+    from rich.progress import Progress
+
+    from warmserve.sim.profiles import load_profile
+    from warmserve.sim.report import write_outputs
+    from warmserve.sim.run import WorkloadError, build_scenario, summaries
+    from warmserve.sim.run import simulate as run_sim
+    from warmserve.sim.systems import ABLATIONS, DEFAULT_SYSTEMS
+    from warmserve.workload.traces import TraceError
+
+    names = [p.strip() for p in policies.split(",") if p.strip()]
+    if names == ["all"]:
+        names = list(DEFAULT_SYSTEMS) + list(ABLATIONS)
+    try:
+        cfg = load_config(config)
+        prof = load_profile(profile)
+        scenario = build_scenario(workload, cfg, prof, duration, seed, None, rate, gpus,
+                                  gpus_per_node)
+        with Progress(console=console, transient=True, disable=as_json) as progress:
+            task = progress.add_task(f"simulating {len(names)} policies", total=len(names))
+            results = run_sim(scenario, names, cfg, prof, jobs,
+                              on_done=lambda _: progress.advance(task))
+    except (ConfigError, WorkloadError, TraceError, ValueError, KeyError, OSError) as exc:
+        raise fail(str(exc).strip("'\"")) from None
+    summary = summaries(results, slo or cfg.policy.ttft_slo_s)
+    if out:
+        write_outputs(out, scenario.workload, results, summary)
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    print_summary(summary, scenario)
+
+
+@app.command()
+def predict(
+    workload: WorkloadOpt = "paper",
+    window: Annotated[float | None, typer.Option(help="Forecast window (simulated s).")] = None,
+    config: Annotated[str, typer.Option("--config", "-c")] = "h100-node",
+    profile: Annotated[str, typer.Option(help="Cost profile name or YAML file.")] = "h100",
+    seed: Annotated[int | None, typer.Option()] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    log_level: VerbLogLevel = None,
+) -> None:
+    """Forecast each model's load window by window and report the errors."""
+    verb_log_level(log_level)
+    from warmserve.control.forecast_eval import evaluate_forecasts
+    from warmserve.sim.profiles import load_profile
+    from warmserve.sim.run import WorkloadError, build_scenario
+    from warmserve.workload.traces import TraceError
+
+    try:
+        cfg = load_config(config)
+        scenario = build_scenario(workload, cfg, load_profile(profile), seed=seed,
+                                  window_s=window)
+    except (ConfigError, WorkloadError, TraceError, ValueError, KeyError, OSError) as exc:
+        raise fail(str(exc).strip("'\"")) from None
+    report = evaluate_forecasts(scenario.workload, cfg.policy.error_correction_windows)
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    table = Table(title=f"forecast errors (mean relative), window {scenario.workload.window_s} s")
+    for column in ("model", "peak", "avg", "naive last window", "naive same slot yesterday"):
+        table.add_column(column, justify="right")
+    rows = [*report["models"].items(), ("overall", report["overall"])]
+    for name, row in rows:
+        table.add_row(name, *(fmt(row[k]) for k in (
+            "peak_mre", "avg_mre", "naive_last_window_peak_mre",
+            "naive_same_slot_yesterday_peak_mre")))
+    Console().print(table)
+    for note in scenario.workload.notes:
+        console.print(f"[dim]{note}[/dim]")

@@ -1,0 +1,139 @@
+"""`warmserve serve` and `warmserve bench`: the live system and its load generator."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from warmserve.cli.common import (
+    ConfigOpt,
+    VerbLogLevel,
+    WorkloadOpt,
+    app,
+    checkpoint_cache,
+    console,
+    fail,
+    print_summary,
+    verb_log_level,
+)
+from warmserve.config import ConfigError, load_config
+
+
+@app.command()
+def serve(
+    config: ConfigOpt = None,
+    host: Annotated[str | None, typer.Option(help="Address (default: the config's).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default: the config's).")] = None,
+    policy: Annotated[str, typer.Option(
+        help="warmserve, serverlessllm, muxserve or dedicated: the same policy sets as the "
+             "simulator, live.")] = "warmserve",
+    history: Annotated[Path | None, typer.Option(
+        help="CSV of earlier windows to seed the forecaster: model,avg_concurrency,"
+             "peak_concurrency,rate_rps (oldest first).")] = None,
+    log_level: VerbLogLevel = None,
+) -> None:
+    """Serve the configured models behind one OpenAI-compatible endpoint."""
+    verb_log_level(log_level)
+    import uvicorn
+
+    from warmserve.cluster.manager import LocalCluster, NoCapacity
+    from warmserve.controller.loop import Controller
+    from warmserve.server.app import create_app
+    from warmserve.sim.systems import get_system
+
+    source = config or "cpu-local"
+    try:
+        cfg = load_config(source)
+        if policy not in ("warmserve", "serverlessllm", "muxserve", "dedicated"):
+            raise ValueError(f"--policy {policy!r}: one of warmserve, serverlessllm, muxserve, "
+                             f"dedicated")
+        system = get_system(policy)
+    except (ConfigError, ValueError) as exc:
+        raise fail(str(exc)) from None
+    cluster = LocalCluster(source, cfg, checkpoint_cache())
+    console.print(f"starting {len(cluster.workers)} workers for {len(cfg.models)} models ...")
+    cluster.start()
+    try:
+        cluster.warm_up(system)
+    except NoCapacity as exc:
+        cluster.close()
+        raise fail(str(exc)) from None
+    controller = Controller(cluster, cfg, system=system)
+    if history is not None:
+        from warmserve.workload.traces import TraceError
+
+        try:
+            console.print(f"forecaster seeded with {controller.seed_history(history)} windows")
+        except TraceError as exc:
+            cluster.close()
+            raise fail(str(exc)) from None
+    controller.start()
+    try:
+        uvicorn.run(create_app(cluster, cfg, controller), host=host or cfg.server.host,
+                    port=cfg.server.port if port is None else port,
+                    log_level=log_level or "info", timeout_graceful_shutdown=30)
+    finally:
+        controller.stop()
+        cluster.close()
+
+
+
+@app.command()
+def bench(
+    url: Annotated[str, typer.Option(help="Base URL of an OpenAI-compatible endpoint.")],
+    workload: WorkloadOpt = "paper",
+    duration: Annotated[float | None, typer.Option(help="Replay only this many seconds.")] = 60.0,
+    rate: Annotated[float | None, typer.Option(help="Total request rate (preset only).")] = None,
+    models: Annotated[str | None, typer.Option(
+        help="Comma-separated served models for workload models 0, 1, … (default: /v1/models).")
+    ] = None,
+    api_key: Annotated[str | None, typer.Option(help="Bearer key.")] = None,
+    max_input_tokens: int = 1024,
+    max_output_tokens: int = 512,
+    slo: Annotated[float, typer.Option(help="TTFT SLO in seconds.")] = 1.0,
+    seed: Annotated[int | None, typer.Option()] = None,
+    config: Annotated[str, typer.Option("--config", "-c")] = "h100-node",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    log_level: VerbLogLevel = None,
+) -> None:
+    """Replay a workload open-loop against an endpoint; same keys as `simulate --json`."""
+    verb_log_level(log_level)
+    import asyncio
+
+    import httpx
+
+    from warmserve.bench.replay import replay, summarize_live
+    from warmserve.sim.profiles import load_profile
+    from warmserve.sim.run import WorkloadError, build_scenario
+    from warmserve.workload.traces import TraceError
+
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        cfg = load_config(config)
+        scenario = build_scenario(workload, cfg, load_profile("h100"), duration, seed, None, rate)
+        served = models.split(",") if models else [
+            m["id"] for m in httpx.get(f"{url}/v1/models", headers=headers).json()["data"]]
+    except (ConfigError, WorkloadError, TraceError, ValueError, KeyError, OSError,
+            httpx.HTTPError) as exc:
+        raise fail(str(exc).strip("'\"")) from None
+    w = scenario.workload
+    span = duration or float(w.arrival_s.max(initial=0.0))
+    console.print(f"replaying {int((w.arrival_s < span).sum())} requests over {span:.0f} s "
+                  f"on {', '.join(served)}")
+    def cluster_view() -> dict | None:
+        try:
+            return httpx.get(f"{url}/v1/cluster", headers=headers).json()
+        except (httpx.HTTPError, ValueError):
+            return None
+
+    before = cluster_view()
+    results = asyncio.run(replay(url, w, served, api_key, max_input_tokens, max_output_tokens,
+                                 duration_s=duration))
+    summary = {"live": summarize_live(results, span, slo, cluster_view(), before)}
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    print_summary(summary, scenario)
