@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from warmserve.control.policies import (
+    DrainPlan,
     GpuCapacity,
     Holding,
     ReplicaRequest,
@@ -146,12 +147,27 @@ def test_drain_for_frees_the_cheapest_group_of_surplus_instances():
     holdings = [Holding(1, "a", (0,), 10), Holding(2, "a", (1,), 2), Holding(3, "b", (2, 3), 5),
                 Holding(4, "a", (4,), 1), Holding(5, "c", (6,), 0)]
     # a may give two instances, c one: group 4..7 (a's 1 + c's 0 running) beats 0..3 (b holds)
-    assert drain_for(groups, holdings, {"a": 2, "c": 1}) == ((4, 5, 6, 7), [4, 5])
+    assert drain_for(groups, holdings, {"a": 2, "c": 1}) == DrainPlan((4, 5, 6, 7), (4, 5))
     assert drain_for(groups, holdings, {"a": 2}) is None  # c cannot give its only instance
-    # with b's surplus too, 0..3 qualifies but drains 17 running requests: still 4..7
-    assert drain_for(groups, holdings, {"a": 3, "b": 1, "c": 1})[0] == (4, 5, 6, 7)
-    assert drain_for(groups, holdings, {"a": 3, "b": 1}) == ((0, 1, 2, 3), [1, 2, 3])
+    # with b's surplus too, 0..3 qualifies but touches 4 GPUs of instances: still 4..7
+    assert drain_for(groups, holdings, {"a": 3, "b": 1, "c": 1}).group == (4, 5, 6, 7)
+    assert drain_for(groups, holdings, {"a": 3, "b": 1}) == DrainPlan((0, 1, 2, 3), (1, 2, 3))
     assert drain_for(groups, holdings, {"a": 1, "b": 1}) is None  # a's count is per model
+
+
+def test_drain_for_moves_instances_without_surplus_to_free_gpus():
+    groups = aligned_groups(8, 1, 4)
+    holdings = [Holding(1, "a", (1,), 9), Holding(2, "b", (7,), 3)]  # GPUs 0, 2-6 free
+    free = {1: [(0,), (2,), (3,), (4,), (5,), (6,)]}
+    plan = drain_for(groups, holdings, {}, free)
+    # either group needs one move; 4..7 has fewer running requests; b moves to GPU 0
+    assert plan == DrainPlan((4, 5, 6, 7), (2,), ((2, (0,)),))
+    assert drain_for(groups, holdings, {"b": 1}, free) == DrainPlan((4, 5, 6, 7), (2,))
+    assert drain_for(groups, holdings, {}, {1: [(4,)]}) == DrainPlan(
+        (0, 1, 2, 3), (1,), ((1, (4,)),))  # the only free GPU lies outside 0..3
+    assert drain_for(groups, holdings, {}, {1: [(2,)]}) == DrainPlan(
+        (4, 5, 6, 7), (2,), ((2, (2,)),))  # GPU 2 lies inside 0..3: only 4..7 works
+    assert drain_for(groups, holdings, {}, {}) is None  # nowhere to move
 
 
 @settings(max_examples=200, deadline=None)
@@ -166,12 +182,21 @@ def test_drain_for_invariants(raw, surplus, tp):
             continue
         used |= set(gpus)
         holdings.append(Holding(i, model, gpus, running))
-    plan = drain_for(aligned_groups(8, 1, tp), holdings, surplus)
+    free = {size: [grp for grp in aligned_groups(8, 1, size) if not used & set(grp)]
+            for size in (1, 2, 4)}
+    plan = drain_for(aligned_groups(8, 1, tp), holdings, surplus, free)
     if plan is None:
         return
-    group, ids = plan
-    overlapping = {h.instance for h in holdings if set(h.gpus) & set(group)}
-    assert set(ids) == overlapping and ids  # exactly what blocks the group
-    for model in "abc":
-        assert sum(1 for h in holdings if h.instance in ids and h.model == model) <= \
-            surplus.get(model, 0)
+    overlapping = {h.instance for h in holdings if set(h.gpus) & set(plan.group)}
+    assert set(plan.drain) == overlapping and plan.drain  # exactly what blocks the group
+    moved = {i for i, _ in plan.moves}
+    targets = [set(t) for _, t in plan.moves]
+    assert moved <= set(plan.drain)
+    for i, target in plan.moves:
+        size = len(next(h.gpus for h in holdings if h.instance == i))
+        assert len(target) == size and not set(target) & used  # a free group of its size...
+        assert not set(target) & set(plan.group)  # ...outside the freed one
+    assert sum(len(t) for t in targets) == len(set().union(*targets))  # each used once
+    for model in "abc":  # what is drained without a move is the model's surplus
+        assert sum(1 for h in holdings if h.instance in set(plan.drain) - moved
+                   and h.model == model) <= surplus.get(model, 0)

@@ -78,3 +78,20 @@ def test_rebalancing_leaves_models_without_surplus_alone():
     assert not sim.cap.acquire(sim.models[1])
     assert len(sim.models[0].instances) == 7 and sim.cap.counts["rebalance"] == 0
 
+
+
+def test_rebalancing_moves_an_instance_out_of_the_way_when_nothing_is_surplus():
+    """Six free GPUs but no free aligned four: the 7B on GPU 1 starts again on a free GPU
+    outside 0..3, then drains, and the 70B gets 0..3 — the 7B keeps both its instances."""
+    sim = two_model_sim("warmserve")
+    small, big = sim.models
+    for g in (1, 7):
+        sim.cap.new_instance(small, (g,), ready_at=0.0)
+    sim.events.now = 100.0
+    small.load = 50.0  # needs both instances
+    big.queue.append(0)
+    big.load = 40.0
+    assert not sim.cap.acquire(big)
+    assert [i.gpus for i in big.instances] == [(0, 1, 2, 3)]
+    assert sorted(i.gpus[0] for i in small.instances) == [4, 7]  # moved from 1 to 4
+    assert sim.cap.counts["rebalance"] == 1 and sim.cap.counts["cold"] == 2

@@ -134,14 +134,31 @@ def surplus_instances(load: float, instances: int, capacity: int, up_ratio: floa
     return max(0, instances - max(needed, 1 if load > 0 else 0))
 
 
+@dataclass(frozen=True)
+class DrainPlan:
+    """What frees a group for a starving model: instances to drain, and instances to move
+    first (a new instance of the same model starts on a free group elsewhere, then the old
+    one drains), so that their models keep their capacity."""
+
+    group: tuple[int, ...]
+    drain: tuple[int, ...]  # instance ids, including those moved
+    moves: tuple[tuple[int, tuple[int, ...]], ...] = ()  # (instance id, its new group)
+
+
 def drain_for(groups: Sequence[tuple[int, ...]], holdings: Sequence[Holding],
-              surplus: dict[str, int]) -> tuple[tuple[int, ...], list[int]] | None:
+              surplus: dict[str, int],
+              free_groups: dict[int, Sequence[tuple[int, ...]]] | None = None
+              ) -> DrainPlan | None:
     """Free one of `groups` (aligned, of the starving model's size) for a model that has
     requests waiting and no free group (beyond the published algorithm, whose autoscaler only
-    scales a model down for its own load). A group qualifies when every instance on it belongs
-    to a model with surplus instances (counted per model); the choice drains the fewest
-    running requests, then the fewest instances. Returns the group and the instances to
-    drain, or None."""
+    scales a model down for its own load: free GPUs scattered over a node cannot host a model
+    that needs an aligned group).
+
+    Each instance on a candidate group is drained if its model has surplus instances (counted
+    per model), else moved to a free group of its size outside the candidate (`free_groups`
+    by size; each used once). The choice minimises the GPUs' worth of instances touched (never
+    a large instance when small ones do), then the moves, then the running requests, then the
+    instances."""
     on_gpu: dict[int, list[Holding]] = {}
     for h in holdings:
         for g in h.gpus:
@@ -151,15 +168,35 @@ def drain_for(groups: Sequence[tuple[int, ...]], holdings: Sequence[Holding],
         taken = {h.instance: h for g in group for h in on_gpu.get(g, ())}
         if not taken:
             continue  # a free group needs no draining (the caller found none)
-        per_model: dict[str, int] = {}
-        for h in taken.values():
-            per_model[h.model] = per_model.get(h.model, 0) + 1
-        if any(count > surplus.get(model, 0) for model, count in per_model.items()):
+        moves = _moves_for(group, sorted(taken.values(), key=lambda h: -len(h.gpus)),
+                           surplus, free_groups or {})
+        if moves is None:
             continue
-        key = (sum(h.running for h in taken.values()), len(taken), group)
+        key = (sum(len(h.gpus) for h in taken.values()), len(moves),
+               sum(h.running for h in taken.values()), len(taken), group)
         if best_key is None or key < best_key:
-            best, best_key = (group, sorted(taken)), key
+            best, best_key = DrainPlan(group, tuple(sorted(taken)), tuple(moves)), key
     return best
+
+
+def _moves_for(group: tuple[int, ...], taken: list[Holding], surplus: dict[str, int],
+               free_groups: dict[int, Sequence[tuple[int, ...]]]
+               ) -> list[tuple[int, tuple[int, ...]]] | None:
+    """Moves for the instances on `group` beyond their models' surplus; None if impossible."""
+    spare = dict(surplus)
+    used = set(group)
+    moves = []
+    for h in taken:
+        if spare.get(h.model, 0) > 0:
+            spare[h.model] -= 1
+            continue
+        target = next((grp for grp in free_groups.get(len(h.gpus), ())
+                       if not used & set(grp)), None)
+        if target is None:
+            return None
+        used |= set(target)
+        moves.append((h.instance, target))
+    return moves
 
 
 def route(loads: Sequence[int], capacity: int) -> int | None:

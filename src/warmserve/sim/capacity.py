@@ -89,6 +89,12 @@ class CapacityManager:
             if self.sys.rebalance:
                 self._rebalance(state)
             return False
+        self._load_on(state, group)
+        return True
+
+    def _load_on(self, state: ModelState, group: tuple[int, ...]) -> None:
+        """A cold start on a free group: evict its prewarms, load the weights over each GPU's
+        link (after what it is already loading), start the engine where the system must."""
         self._unreserve(group)
         self._evict_all(group)
         load_s = self._load_time(state, group)
@@ -98,7 +104,6 @@ class CapacityManager:
         init = self.cfg.profile.engine_init_s if self.sys.engine_init else 0.0
         self.new_instance(state, group, ready_at=start + load_s + init)
         self.counts["cold"] += 1
-        return True
 
     def _reuse_kept(self, state: ModelState) -> bool:
         kept = [i for i in state.instances if i.kept_since is not None]
@@ -157,8 +162,9 @@ class CapacityManager:
             self.reserved.pop(g, None)
 
     def _rebalance(self, state: ModelState) -> None:
-        """No free group for a model with requests waiting: drain other models' surplus
-        instances from one aligned group and reserve it (see policies.drain_for)."""
+        """No free group for a model with requests waiting: free one aligned group by draining
+        other models' surplus instances and moving the rest to free GPUs elsewhere, and
+        reserve it (see policies.drain_for)."""
         live = sum(1 for i in state.instances if i.accepting)
         if not state.queue or state.load <= live * self.B:
             return  # not starving: requests wait only for a moment, or nothing waits
@@ -174,6 +180,8 @@ class CapacityManager:
             if other is state:
                 continue
             serving = [i for i in other.instances if i.accepting and i.ready_at <= self.now]
+            # what the model needs now or on average this window (its forecast peak would
+            # leave almost nothing to take: docs/simulation.md compares the two)
             demand = max(other.load, other.forecast.avg_concurrency if other.forecast else 0.0)
             surplus[self.names[other.index]] = surplus_instances(
                 demand, len(serving), self.B, self.cfg.policy.scale_up_ratio)
@@ -183,14 +191,19 @@ class CapacityManager:
                 holdings.append(Holding(inst.id, self.names[other.index], inst.gpus,
                                         inst.running))
                 by_id[inst.id] = inst
-        plan = drain_for(groups, holdings, surplus)
+        free = {tp: [grp for grp in aligned_groups(self.cluster.gpus_per_node,
+                                                   self.cluster.num_nodes, tp)
+                     if all(self._usable(g, -1) for g in grp)]
+                for tp in {len(h.gpus) for h in holdings}}
+        plan = drain_for(groups, holdings, surplus, free)
         if plan is None:
             return
-        group, ids = plan
         until = self.now + self.cfg.policy.rebalance_reserve_s
-        for g in group:
+        for g in plan.group:
             self.reserved[g] = (state.index, until)
-        for inst_id in ids:
+        for inst_id, target in plan.moves:  # the moved model's new instance comes up first
+            self._load_on(self.models[by_id[inst_id].model], target)
+        for inst_id in plan.drain:
             inst = by_id[inst_id]
             inst.draining = True
             inst.refresh()

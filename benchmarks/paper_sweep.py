@@ -1,0 +1,77 @@
+"""The `paper` preset over seeds and total rates: how robust is each comparison?
+
+    python benchmarks/paper_sweep.py [--seeds 0,1,2,3,4] [--rates 20,40,60,80]
+                                     [--policies warmserve,serverlessllm,muxserve,dedicated]
+                                     [--workload paper] [--jobs 2]
+
+For every (rate, seed) it simulates the policies on the same workload and prints one line;
+then, per rate, the median over seeds of each policy's P99 TTFT, the median ratio
+ServerlessLLM P99 / WarmServe P99 (and in how many seeds it reaches 10x), and the median ratio
+of requests within the TTFT SLO, WarmServe / MuxServe. Asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+from warmserve.config import load_config
+from warmserve.sim.profiles import load_profile
+from warmserve.sim.run import build_scenario, simulate, summaries
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workload", default="paper")
+    ap.add_argument("--seeds", default="0,1,2,3,4")
+    ap.add_argument("--rates", default="20,40,60,80")
+    ap.add_argument("--policies", default="warmserve,serverlessllm,muxserve,dedicated")
+    ap.add_argument("--jobs", type=int, default=2)
+    args = ap.parse_args()
+    config, profile = load_config("h100-node"), load_profile("h100")
+    policies = args.policies.split(",")
+    seeds = [int(s) for s in _floats(args.seeds)]
+    slo = config.policy.ttft_slo_s
+    rows: dict[float, list[dict[str, dict]]] = {}
+    print("rate seed " + " ".join(f"{p[:14]:>24s}" for p in policies) + "   (P99 s / within SLO)")
+    for rate in _floats(args.rates):
+        for seed in seeds:
+            scenario = build_scenario(args.workload, config, profile, seed=seed, rate_rps=rate)
+            summary = summaries(simulate(scenario, policies, config, profile, args.jobs), slo)
+            rows.setdefault(rate, []).append(summary)
+            cells = [f"{summary[p]['ttft_p99_s']:9.2f} / {_within(summary[p]):7d}"
+                     for p in policies]
+            print(f"{rate:4.0f} {seed:4d} " + " ".join(f"{c:>24s}" for c in cells), flush=True)
+
+    print(f"\nmedians over seeds {args.seeds}")
+    header = ["rate"] + [f"P99 {p}" for p in policies]
+    if {"warmserve", "serverlessllm"} <= set(policies):
+        header += ["SLLM/WS P99", "seeds >= 10x"]
+    if {"warmserve", "muxserve"} <= set(policies):
+        header += ["WS/Mux within SLO"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for rate, runs in rows.items():
+        cells = [f"{rate:.0f}"] + [
+            f"{statistics.median(r[p]['ttft_p99_s'] for r in runs):.2f} s" for p in policies]
+        if {"warmserve", "serverlessllm"} <= set(policies):
+            ratios = [r["serverlessllm"]["ttft_p99_s"] / r["warmserve"]["ttft_p99_s"]
+                      for r in runs]
+            cells += [f"{statistics.median(ratios):.2f}x",
+                      f"{sum(x >= 10 for x in ratios)}/{len(ratios)}"]
+        if {"warmserve", "muxserve"} <= set(policies):
+            within = [_within(r["warmserve"]) / max(_within(r["muxserve"]), 1) for r in runs]
+            cells += [f"{statistics.median(within):.2f}x"]
+        print("| " + " | ".join(cells) + " |")
+
+
+def _within(row: dict) -> int:
+    return row["requests_within_slo"]
+
+
+if __name__ == "__main__":
+    main()
