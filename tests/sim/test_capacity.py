@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from warmserve.config import PolicyConfig
 from warmserve.sim.profiles import load_profile
@@ -95,3 +96,20 @@ def test_rebalancing_moves_an_instance_out_of_the_way_when_nothing_is_surplus():
     assert [i.gpus for i in big.instances] == [(0, 1, 2, 3)]
     assert sorted(i.gpus[0] for i in small.instances) == [4, 7]  # moved from 1 to 4
     assert sim.cap.counts["rebalance"] == 1 and sim.cap.counts["cold"] == 2
+
+
+def test_activation_is_cheap_only_where_the_runner_was_kept():
+    """A released instance leaves its weights and runner (CUDA graphs): activating it again
+    costs `activation_s`; a fresh prewarm's first activation also captures graphs."""
+    sim = two_model_sim("warmserve")
+    small = sim.models[0]
+    sim.cap.new_instance(small, (0,), ready_at=0.0)
+    sim.events.now = 10.0
+    sim.cap.release(small.instances[0])  # back to prewarmed, runner kept
+    sim.cap._start_prewarm(0, (1,), score=1.0)  # a fresh prewarm on GPU 1
+    sim.events.now = 20.0
+    assert sim.cap.acquire(small) and sim.cap.acquire(small)
+    ready = sorted((i.gpus[0], i.ready_at - 20.0) for i in small.instances)
+    assert ready == [(0, pytest.approx(PROFILE.activation_s)),
+                     (1, pytest.approx(PROFILE.first_activation_s))]
+    assert PROFILE.first_activation_s > 10 * PROFILE.activation_s

@@ -94,7 +94,7 @@ def test_prewarming_beats_reactive_cold_starts_on_a_forecast_burst():
 
 def test_service_time_uses_the_profile():
     fn = service_time_fn([PROFILE.model("llama-2-7b")], batch=1)
-    assert fn(0, np.array([0]), np.array([100]))[0] == pytest.approx(0.004 + 100 * 0.00585)
+    assert fn(0, np.array([0]), np.array([100]))[0] == pytest.approx(0.0047 + 100 * 0.00645)
 
 
 def test_csv_workload(tmp_path):

@@ -101,7 +101,10 @@ class CapacityManager:
         start = max([self.now] + [self.cluster.gpus[g].pcie_free_at for g in group])
         for g in group:
             self.cluster.gpus[g].pcie_free_at = start + load_s
-        init = self.cfg.profile.engine_init_s if self.sys.engine_init else 0.0
+        # a started engine (reactive baseline) or, in a universal worker, the model's runner
+        # and its CUDA graphs
+        profile = self.cfg.profile
+        init = profile.engine_init_s if self.sys.engine_init else profile.first_activation_s
         self.new_instance(state, group, ready_at=start + load_s + init)
         self.counts["cold"] += 1
 
@@ -127,7 +130,9 @@ class CapacityManager:
         self._unreserve(chosen.gpus)
         self.evict(chosen)
         self._evict_all(chosen.gpus)
-        ready = max(self.now, chosen.ready_at) + self.cfg.profile.activation_s
+        profile = self.cfg.profile
+        ready = max(self.now, chosen.ready_at) + (
+            profile.activation_s if chosen.runner_kept else profile.first_activation_s)
         self.new_instance(state, chosen.gpus, ready_at=ready)
         self.counts["prewarm"] += 1
         return True
@@ -274,7 +279,8 @@ class CapacityManager:
         self.remove_instance(inst)
         if self.sys.deactivate_to_prewarm:  # the weights stay where they are, prewarmed
             self.cluster.place_prewarm(
-                Prewarm(state.index, inst.gpus, 0.0, self.now, inst.cost.weight_bytes_per_gpu))
+                Prewarm(state.index, inst.gpus, 0.0, self.now, inst.cost.weight_bytes_per_gpu,
+                        runner_kept=True))
 
     def expire(self, inst: Instance) -> None:
         kept = inst.released_at is None and inst.kept_since is not None
