@@ -29,6 +29,7 @@ def test_gpu_worker_process(tmp_path, cache_dir, tiny_checkpoint):
     try:
         client = worker.client
         client.prewarm("a", wait=True)
+        assert client.stats()["models"]["a"]["runner_ready"]  # graphs captured ahead
         client.activate("a")
         client.activate("b")  # cold
         params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)

@@ -98,18 +98,27 @@ def test_rebalancing_moves_an_instance_out_of_the_way_when_nothing_is_surplus():
     assert sim.cap.counts["rebalance"] == 1 and sim.cap.counts["cold"] == 2
 
 
-def test_activation_is_cheap_only_where_the_runner_was_kept():
-    """A released instance leaves its weights and runner (CUDA graphs): activating it again
-    costs `activation_s`; a fresh prewarm's first activation also captures graphs."""
+def test_a_prewarm_is_ready_once_its_runner_is_built_and_activates_in_activation_s():
     sim = two_model_sim("warmserve")
     small = sim.models[0]
-    sim.cap.new_instance(small, (0,), ready_at=0.0)
+    sim.cap._start_prewarm(0, (1,), score=1.0)
+    prewarm = sim.cluster.gpus[1].prewarms[0]
+    load_s = small.cost.weight_bytes_per_gpu / PROFILE.h2d_bytes_per_s
+    assert prewarm.ready_at == pytest.approx(load_s + PROFILE.runner_build_s)
+    assert sim.cluster.gpus[1].pcie_free_at == pytest.approx(load_s)  # the link frees first
     sim.events.now = 10.0
-    sim.cap.release(small.instances[0])  # back to prewarmed, runner kept
-    sim.cap._start_prewarm(0, (1,), score=1.0)  # a fresh prewarm on GPU 1
-    sim.events.now = 20.0
-    assert sim.cap.acquire(small) and sim.cap.acquire(small)
-    ready = sorted((i.gpus[0], i.ready_at - 20.0) for i in small.instances)
-    assert ready == [(0, pytest.approx(PROFILE.activation_s)),
-                     (1, pytest.approx(PROFILE.first_activation_s))]
-    assert PROFILE.first_activation_s > 10 * PROFILE.activation_s
+    assert sim.cap.acquire(small) and sim.cap.counts["prewarm"] == 1
+    assert small.instances[0].ready_at == pytest.approx(10.0 + PROFILE.activation_s)
+    sim.cap.release(small.instances[0])  # back to prewarmed, ready at once (runner kept)
+    assert sim.cluster.gpus[1].prewarms[0].ready_at == 10.0
+
+
+def test_a_cold_start_pays_the_load_and_the_runner_build():
+    sim = two_model_sim("warmserve")
+    small = sim.models[0]
+    assert sim.cap.acquire(small) and sim.cap.counts["cold"] == 1
+    load_s = small.cost.weight_bytes_per_gpu / PROFILE.h2d_bytes_per_s
+    assert small.instances[0].ready_at == pytest.approx(load_s + PROFILE.runner_build_s)
+    reactive = two_model_sim("serverlessllm")
+    assert reactive.cap.acquire(reactive.models[0])
+    assert reactive.models[0].instances[0].ready_at >= PROFILE.engine_init_s

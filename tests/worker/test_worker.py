@@ -57,6 +57,39 @@ def test_prewarm_then_activate_serves_correctly(worker, expected):
     worker.pool.check()
 
 
+def test_the_runner_is_built_while_prewarmed_and_used_by_the_activation(worker, expected):
+    free = worker.pool.num_free_pages
+    worker.prewarm("a", wait=True)
+    worker.pool.flush()
+    assert worker.stats()["models"]["a"]["runner_ready"]
+    runner = worker._residents["a"].runner
+    weight_pages = worker._residents["a"].layout.weight_pages
+    assert worker.pool.num_free_pages == free - weight_pages  # the scratch page went back
+    worker.activate("a")
+    assert worker._residents["a"].runner is runner  # no second build (no graph capture)
+    assert _tokens(worker, "a") == expected
+    worker.pool.check()
+
+
+def test_without_a_free_page_the_activation_builds_the_runner(worker, monkeypatch, expected):
+    import warmserve.worker.worker as module
+
+    real_map = module.PagePool.map
+
+    def full(pool, slot, pages):  # the pool has room for the weights only
+        if any(p >= worker._residents["a"].layout.weight_pages for p in pages):
+            raise module.PoolFullError("no free pages (simulated)")
+        return real_map(pool, slot, pages)
+
+    monkeypatch.setattr(module.PagePool, "map", full)
+    worker.prewarm("a", wait=True)
+    monkeypatch.undo()
+    assert not worker.stats()["models"]["a"]["runner_ready"]
+    worker.activate("a")
+    assert worker._residents["a"].runner is not None
+    assert _tokens(worker, "a") == expected
+
+
 def test_cold_activation_and_deactivate_keeps_weights(worker, expected):
     worker.activate("b")  # never prewarmed: loaded cold
     assert _tokens(worker, "b") == expected

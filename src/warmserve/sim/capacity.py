@@ -104,7 +104,7 @@ class CapacityManager:
         # a started engine (reactive baseline) or, in a universal worker, the model's runner
         # and its CUDA graphs
         profile = self.cfg.profile
-        init = profile.engine_init_s if self.sys.engine_init else profile.first_activation_s
+        init = profile.engine_init_s if self.sys.engine_init else profile.runner_build_s
         self.new_instance(state, group, ready_at=start + load_s + init)
         self.counts["cold"] += 1
 
@@ -130,9 +130,7 @@ class CapacityManager:
         self._unreserve(chosen.gpus)
         self.evict(chosen)
         self._evict_all(chosen.gpus)
-        profile = self.cfg.profile
-        ready = max(self.now, chosen.ready_at) + (
-            profile.activation_s if chosen.runner_kept else profile.first_activation_s)
+        ready = max(self.now, chosen.ready_at) + self.cfg.profile.activation_s
         self.new_instance(state, chosen.gpus, ready_at=ready)
         self.counts["prewarm"] += 1
         return True
@@ -279,8 +277,7 @@ class CapacityManager:
         self.remove_instance(inst)
         if self.sys.deactivate_to_prewarm:  # the weights stay where they are, prewarmed
             self.cluster.place_prewarm(
-                Prewarm(state.index, inst.gpus, 0.0, self.now, inst.cost.weight_bytes_per_gpu,
-                        runner_kept=True))
+                Prewarm(state.index, inst.gpus, 0.0, self.now, inst.cost.weight_bytes_per_gpu))
 
     def expire(self, inst: Instance) -> None:
         kept = inst.released_at is None and inst.kept_since is not None
@@ -346,9 +343,10 @@ class CapacityManager:
     def _start_prewarm(self, model: int, gpus: tuple[int, ...], score: float) -> None:
         cost = self.models[model].cost
         start = max([self.now] + [self.cluster.gpus[g].pcie_free_at for g in gpus])
-        ready = start + cost.weight_bytes_per_gpu / self.cfg.profile.h2d_bytes_per_s
+        loaded = start + cost.weight_bytes_per_gpu / self.cfg.profile.h2d_bytes_per_s
         for g in gpus:
-            self.cluster.gpus[g].pcie_free_at = ready
+            self.cluster.gpus[g].pcie_free_at = loaded
+        ready = loaded + self.cfg.profile.runner_build_s  # the worker builds its runner next
         self.cluster.place_prewarm(Prewarm(model, gpus, score, ready, cost.weight_bytes_per_gpu))
 
     def fill_host_cache(self) -> None:

@@ -39,10 +39,10 @@ class DeviceProfile:
     h2d_bytes_per_s: float
     ssd_bytes_per_s: float
     engine_init_s: float
-    activation_s: float  # a prewarmed model whose runner the worker kept
+    activation_s: float  # a prewarmed model (its runner built) -> a serving instance
     evict_s: float
     models: dict[str, ModelCost]
-    first_activation_s: float = 0.0  # the first activation of a model in a worker
+    runner_build_s: float = 0.0  # a model's runner (CUDA graphs) in a universal worker
 
     @property
     def pool_bytes(self) -> int:
@@ -82,4 +82,4 @@ def load_profile(name_or_path: str = "h100") -> DeviceProfile:
     return DeviceProfile(data["device"], int(data["memory_gb"] * gb), data["pool_fraction"],
                          data["h2d_gbps"] * gb, data["ssd_gbps"] * gb, data["engine_init_s"],
                          data["activation_s"], data["evict_s"], models,
-                         data.get("first_activation_s", data["activation_s"]))
+                         data.get("runner_build_s", 0.0))

@@ -22,7 +22,6 @@ class Prewarm:
     score: float
     ready_at: float
     bytes_per_gpu: int
-    runner_kept: bool = False  # it was an instance there: activation needs no graph capture
 
 
 @dataclass(eq=False)

@@ -179,6 +179,7 @@ class UniversalWorker:
             models = {}
             for name, r in self._residents.items():
                 entry = {"state": r.state.value, "pages": r.slot.num_mapped_pages,
+                         "runner_ready": r.runner is not None,
                          "weight_bytes": r.layout.weight_bytes, "error": r.error,
                          "prewarm_bytes_done": r.progress.bytes_done}
                 if r.loop is not None:
@@ -231,12 +232,42 @@ class UniversalWorker:
             provider = LayoutProvider(self.pool.view(r.slot), r.layout, filled=True)
             r.model = build_model(arch, r.checkpoint, r.layout.dtype, provider)
             r.tokenizer = Tokenizer(r.checkpoint, arch)
+            r.runner = self._build_runner(r)
             r.state = ModelState.PREWARMED
         except Exception as exc:  # reported through stats and the waiting caller
             log.exception("prewarm of %s failed", r.config.name)
             r.error = f"prewarm failed: {exc}"
         finally:
             r.done.set()
+
+    def _build_runner(self, r: _Resident) -> Any:
+        """The model's runner, built while it is only prewarmed, so that its first activation
+        does not capture CUDA graphs (0.4-0.7 s on the H100, docs/memory.md). Capture writes
+        only the scratch block (graph padding rows), and Triton checks that each tensor's base
+        address is mapped, so just the pages of the scratch block and of block 0 (the KV
+        cache's base) are mapped for the capture and unmapped after; without free pages it
+        is left to the activation."""
+        layout = r.layout
+        scratch = sorted({p for p in (*layout.kv_pages(layout.num_blocks - 1, 1),
+                                      *layout.kv_pages(0, 1))
+                          if p not in r.slot.pages})
+        try:
+            self.pool.map(r.slot, scratch).result()
+        except PoolFullError:
+            log.info("%s: no free page to capture graphs ahead; the activation will",
+                     r.config.name)
+            return None
+        try:
+            if self.device.type == "cuda":  # this runs on the prewarm thread: make the
+                torch.cuda.set_device(self.device)  # device's context current (Triton needs it)
+            engine = create_engine(
+                r.checkpoint, self.engine_config, r.config.dtype, str(self.device),
+                r.config.max_context,
+                provider=LayoutProvider(self.pool.view(r.slot), r.layout, True),
+                kv_cache_bytes=r.layout.kv_bytes, model=r.model, tokenizer=r.tokenizer)
+            return engine.runner
+        finally:
+            self.pool.unmap(r.slot, scratch).result()
 
     def _wait_prewarmed(self, r: _Resident) -> None:
         r.done.wait()
