@@ -83,7 +83,8 @@ def test_rebalancing_leaves_models_without_surplus_alone():
 
 def test_rebalancing_moves_an_instance_out_of_the_way_when_nothing_is_surplus():
     """Six free GPUs but no free aligned four: the 7B on GPU 1 starts again on a free GPU
-    outside 0..3, then drains, and the 70B gets 0..3 — the 7B keeps both its instances."""
+    outside 0..3 and keeps serving until that one is up, then drains, and the 70B gets 0..3 —
+    the 7B never has fewer than two instances serving."""
     sim = two_model_sim("warmserve")
     small, big = sim.models
     for g in (1, 7):
@@ -93,9 +94,14 @@ def test_rebalancing_moves_an_instance_out_of_the_way_when_nothing_is_surplus():
     big.queue.append(0)
     big.load = 40.0
     assert not sim.cap.acquire(big)
-    assert [i.gpus for i in big.instances] == [(0, 1, 2, 3)]
+    assert not big.instances and sim.cap.counts["rebalance"] == 1
+    replacement = next(i for i in small.instances if i.gpus == (4,))
+    assert all(i.accepting for i in small.instances)  # GPU 1 serves on while 4 loads
+    sim.events.now = replacement.ready_at
+    sim.cap.on_ready(replacement)
     assert sorted(i.gpus[0] for i in small.instances) == [4, 7]  # moved from 1 to 4
-    assert sim.cap.counts["rebalance"] == 1 and sim.cap.counts["cold"] == 2
+    assert [i.gpus for i in big.instances] == [(0, 1, 2, 3)]
+    assert sim.cap.counts["cold"] == 2
 
 
 def test_a_prewarm_is_ready_once_its_runner_is_built_and_activates_in_activation_s():

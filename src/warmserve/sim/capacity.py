@@ -41,6 +41,7 @@ class CapacityManager:
         self.node_cache: list[list[int]] = [[] for _ in range(cluster.num_nodes)]
         self.released: list[Instance] = []
         self.reserved: dict[int, tuple[int, float]] = {}  # gpu -> (model, until): rebalancing
+        self.handovers: dict[int, Instance] = {}  # new instance id -> the instance it replaces
 
     @property
     def now(self) -> float:
@@ -92,7 +93,7 @@ class CapacityManager:
         self._load_on(state, group)
         return True
 
-    def _load_on(self, state: ModelState, group: tuple[int, ...]) -> None:
+    def _load_on(self, state: ModelState, group: tuple[int, ...]) -> Instance:
         """A cold start on a free group: evict its prewarms, load the weights over each GPU's
         link (after what it is already loading), start the engine where the system must."""
         self._unreserve(group)
@@ -105,8 +106,8 @@ class CapacityManager:
         # and its CUDA graphs
         profile = self.cfg.profile
         init = profile.engine_init_s if self.sys.engine_init else profile.runner_build_s
-        self.new_instance(state, group, ready_at=start + load_s + init)
         self.counts["cold"] += 1
+        return self.new_instance(state, group, ready_at=start + load_s + init)
 
     def _reuse_kept(self, state: ModelState) -> bool:
         kept = [i for i in state.instances if i.kept_since is not None]
@@ -204,14 +205,14 @@ class CapacityManager:
         until = self.now + self.cfg.policy.rebalance_reserve_s
         for g in plan.group:
             self.reserved[g] = (state.index, until)
-        for inst_id, target in plan.moves:  # the moved model's new instance comes up first
-            self._load_on(self.models[by_id[inst_id].model], target)
+        moved = dict(plan.moves)
         for inst_id in plan.drain:
-            inst = by_id[inst_id]
-            inst.draining = True
-            inst.refresh()
-            if inst.running == 0:
-                self.release(inst)
+            old = by_id[inst_id]
+            if inst_id in moved:  # it serves on until its replacement is up, then drains
+                new = self._load_on(self.models[old.model], moved[inst_id])
+                self.handovers[new.id] = old
+            else:
+                self._drain(old)
         self.counts["rebalance"] += 1
 
     def _packing(self, group: tuple[int, ...]) -> int:
@@ -249,13 +250,27 @@ class CapacityManager:
             cache.pop(0)
         return per_gpu / profile.ssd_bytes_per_s
 
-    def new_instance(self, state: ModelState, group: tuple[int, ...], ready_at: float) -> None:
+    def new_instance(self, state: ModelState, group: tuple[int, ...], ready_at: float
+                     ) -> Instance:
         self.ids += 1
         inst = Instance(self.ids, state.index, tuple(group), state.cost, self.now, ready_at)
         state.instances.append(inst)
         self.cluster.place_instance(inst)
         if ready_at > self.now:
             self.events.push(ready_at, READY, inst)
+        return inst
+
+    def on_ready(self, inst: Instance) -> None:
+        """An instance finished loading: the one it replaces (a rebalancing move) drains."""
+        old = self.handovers.pop(inst.id, None)
+        if old is not None and old.accepting:
+            self._drain(old)
+
+    def _drain(self, inst: Instance) -> None:
+        inst.draining = True
+        inst.refresh()
+        if inst.running == 0:
+            self.release(inst)
 
     def release(self, inst: Instance) -> None:
         self._release_weights(inst)

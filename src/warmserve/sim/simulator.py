@@ -134,6 +134,7 @@ class Simulator:
         if kind == FINISH:
             self._finish(*obj)
         elif kind == READY:
+            self.cap.on_ready(obj)
             self._drain_queue(self.models[obj.model])
         elif kind == TICK:
             self._tick()
