@@ -119,6 +119,18 @@ def test_lend_pages_to_a_prewarm_then_reclaim(worker, expected):
     worker.pool.check()
 
 
+def test_lend_takes_what_is_free_when_asked_for_more(worker, expected):
+    worker.activate("a")
+    worker.pool.flush()
+    free = worker.pool.num_free_pages
+    lent = worker.lend("a", 10**6)  # far more than the cache has
+    assert 0 < lent < 10**6 and worker.pool.num_free_pages == free + lent
+    assert worker.lend("a", 8) == 0  # nothing left to lend: no error
+    worker.pool.flush()
+    assert worker.reclaim("a") == lent
+    assert _tokens(worker, "a") == expected
+
+
 def test_failed_activation_leaves_the_model_prewarmed(worker, monkeypatch, expected):
     import warmserve.worker.worker as module
 

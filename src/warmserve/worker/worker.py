@@ -141,13 +141,20 @@ class UniversalWorker:
 
     def lend(self, name: str, num_pages: int) -> int:
         """Take free KV blocks of an active model out of service and give their pages back to
-        the pool (for prewarms). Lends whole pages only; returns the pages lent."""
+        the pool (for prewarms): up to `num_pages`, whole pages only, as many as are free when
+        the engine takes the call (requests may have taken blocks since the caller looked).
+        Returns the pages lent."""
         resident = self._active(name)
         layout = resident.layout
-        unit_pages = layout.blocks_per_unit * layout.block_bytes // self.pool.page_bytes
-        units = num_pages // unit_pages
-        blocks = resident.loop.call(
-            lambda engine: engine.block_manager.lend_units(units, layout.blocks_per_unit))
+        unit = layout.blocks_per_unit
+        unit_pages = unit * layout.block_bytes // self.pool.page_bytes
+        wanted = num_pages // unit_pages
+
+        def take(engine) -> list[int]:
+            bm = engine.block_manager
+            return bm.lend_units(min(wanted, len(bm.free_units(unit))), unit)
+
+        blocks = resident.loop.call(take)
         pages = sorted({p for b in blocks for p in layout.kv_pages(b, 1)})
         self.pool.unmap(resident.slot, pages).result()
         resident.lent_blocks += blocks
