@@ -257,12 +257,16 @@ class _Stream:
         try:
             for item in iterator:
                 item._received_s = time.perf_counter()
-                self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+                self._hand(item)
                 if self._closed.is_set():
                     return
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, _END)
+            self._hand(_END)
         except BaseException as exc:  # delivered to the consumer
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, exc)
+            self._hand(exc)
+
+    def _hand(self, item: object) -> None:
+        with contextlib.suppress(RuntimeError):  # the server's event loop has closed
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
 
     async def next(self) -> RequestOutput:
         item = await self._queue.get()
