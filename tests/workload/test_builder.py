@@ -108,9 +108,18 @@ def test_client_arrivals_follow_the_day_and_the_share():
     assert w.num_requests / 1200.0 == pytest.approx(10.0, rel=0.5)
 
 
+def test_mixed_shapes_replay_clients_only_for_servegen_models():
+    w = build_workload(WorkloadSpec(("a", "b"), 10.0, 300.0, shape="mixed", arrivals="clients",
+                                    window_s=30.0))
+    assert "a" in w.history and "b" not in w.history  # b follows a Functions day
+    assert any("Functions-shaped" in note for note in w.notes)
+    assert (np.bincount(w.model_index, minlength=2) > 0).all()
+
+
 @pytest.mark.parametrize("bad", [{"total_rate_rps": 0}, {"duration_s": -1}, {"shape": "x"},
                                  {"models": ()}, {"arrivals": "poisson"}, {"lengths": "chat"},
-                                 {"arrivals": "clients", "shape": "functions"}])
+                                 {"arrivals": "clients", "shape": "functions"},
+                                 {"arrivals": "clients", "shape": "flat"}])
 def test_bad_spec(bad):
     fields = {"models": ("a",), "total_rate_rps": 1.0, "duration_s": 10.0} | bad
     with pytest.raises(ValueError):

@@ -79,9 +79,9 @@ class WorkloadSpec:
             raise ValueError(f"shape={self.shape!r}: one of servegen, functions, mixed, flat")
         if self.arrivals not in ("azure", "clients"):
             raise ValueError(f"arrivals={self.arrivals!r}: one of azure, clients")
-        if self.arrivals == "clients" and self.shape != "servegen":
+        if self.arrivals == "clients" and self.shape not in ("servegen", "mixed"):
             raise ValueError(f"arrivals='clients' replays ServeGen's clients, so it needs "
-                             f"shape='servegen', not {self.shape!r}")
+                             f"shape='servegen' or 'mixed', not {self.shape!r}")
         if self.lengths not in ("conv", "code"):
             raise ValueError(f"lengths={self.lengths!r}: one of conv, code")
 
@@ -178,9 +178,10 @@ def build_workload(spec: WorkloadSpec, service_time: ServiceTime = default_servi
     shapes = _Shapes(spec)
     rng = np.random.default_rng(spec.seed)
     shares = spec.shares()
-    requests = _client_requests if spec.arrivals == "clients" else _model_requests
     parts, history, actual = [], {}, {}
     for i, name in enumerate(spec.models):
+        clients = spec.arrivals == "clients" and shapes.kind(i) == "servegen"
+        requests = _client_requests if clients else _model_requests
         rate = spec.total_rate_rps * shares[i]
         t, n_in, n_out = requests(base, shapes, i, 0, rate, spec, rng)
         parts.append((t, np.full(len(t), i, np.int32), n_in, n_out))
@@ -192,9 +193,13 @@ def build_workload(spec: WorkloadSpec, service_time: ServiceTime = default_servi
     arrival = np.concatenate([p[0] for p in parts])
     order = np.argsort(arrival, kind="stable")
     if spec.arrivals == "clients":
-        notes = ["arrivals: ServeGen's per-client processes (fitted inter-arrival distribution "
-                 "and rate of each client and 10-minute window), one day per model",
+        notes = ["arrivals of the ServeGen-shaped models: ServeGen's per-client processes "
+                 "(fitted inter-arrival distribution and rate of each client and 10-minute "
+                 "window), one day per model",
                  f"token lengths: Azure LLM inference 2023 ({spec.lengths}), sampled per request"]
+        if spec.shape == "mixed":
+            notes.append(f"the Functions-shaped models: Azure LLM inference 2023 "
+                         f"({spec.lengths}) arrival times thinned to the function's day")
     else:
         notes = [f"arrivals and token lengths: Azure LLM inference 2023 ({spec.lengths}), one "
                  f"hour looped per model from its own offset"]

@@ -71,6 +71,11 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            "hour (a day compressed 24x)",
            WorkloadSpec(_M64, total_rate_rps=600.0, duration_s=3600.0, shape="mixed",
                         time_scale=24.0, window_s=150.0, alpha=0.8), _S64, num_gpus=512),
+    Preset("scale-clients", "`scale` with its ServeGen-shaped models replaying ServeGen's "
+           "clients (burstier; slower to simulate)",
+           WorkloadSpec(_M64, total_rate_rps=600.0, duration_s=3600.0, shape="mixed",
+                        arrivals="clients", time_scale=24.0, window_s=150.0, alpha=0.8),
+           _S64, num_gpus=512),
 )}
 
 
