@@ -7,7 +7,10 @@
 For every (rate, seed) it simulates the policies on the same workload and prints one line;
 then, per rate, the median over seeds of each policy's P99 TTFT, the median ratio
 ServerlessLLM P99 / WarmServe P99 (and in how many seeds it reaches 10x), and the median ratio
-of requests within the TTFT SLO, WarmServe / MuxServe. Asserts nothing.
+of requests within the TTFT SLO, WarmServe / MuxServe. Last, each policy's capacity: the highest
+total rate at which the median SLO attainment (requests within the TTFT SLO over all requests)
+stays at or above 90% and 99%, interpolated linearly between the rates swept (">" when it holds
+at the highest rate, "<" when not even at the lowest). Asserts nothing.
 """
 
 from __future__ import annotations
@@ -67,6 +70,25 @@ def main() -> None:
             within = [_within(r["warmserve"]) / max(_within(r["muxserve"]), 1) for r in runs]
             cells += [f"{statistics.median(within):.2f}x"]
         print("| " + " | ".join(cells) + " |")
+
+    rates = list(rows)
+    print("\ncapacity (requests/s) at median SLO attainment >= 90% / >= 99%")
+    print("| policy | 90% | 99% |\n|---|---|---|")
+    for p in policies:
+        attainment = [statistics.median(r[p]["slo_attainment"] for r in rows[rate])
+                      for rate in rates]
+        print(f"| {p} | {_capacity(rates, attainment, 0.90)} | "
+              f"{_capacity(rates, attainment, 0.99)} |")
+
+
+def _capacity(rates: list[float], attainment: list[float], bar: float) -> str:
+    if attainment[0] < bar:
+        return f"< {rates[0]:.0f}"
+    for k in range(1, len(rates)):
+        if attainment[k] < bar:
+            r0, r1, a0, a1 = rates[k - 1], rates[k], attainment[k - 1], attainment[k]
+            return f"{r0 + (r1 - r0) * (a0 - bar) / (a0 - a1):.0f}"
+    return f"> {rates[-1]:.0f}"
 
 
 def _within(row: dict) -> int:
