@@ -22,6 +22,7 @@ from warmserve.control.policies import (
 )
 from warmserve.sim.events import EXPIRE, READY, EventQueue
 from warmserve.sim.state import Cluster, Gpu, Instance, ModelState, Prewarm
+from warmserve.sim.static import free_group, grow_cluster, plan_colocation
 from warmserve.sim.systems import SystemSpec
 
 
@@ -51,14 +52,15 @@ class CapacityManager:
         """Start-up: co-locate (MuxServe), or give each model `counts[m]` instances (on new
         GPUs for the dedicated system), then fill the host caches."""
         if self.sys.colocate:
-            self.place_colocated()
+            for model, group in plan_colocation(self.cluster, self.models, self.shares):
+                self.new_instance(self.models[model], group, ready_at=0.0)
             return
         for state, count in zip(self.models, counts, strict=True):
             for _ in range(count):
                 if self.sys.dedicated:
-                    group = self.grow_cluster(state.cost.tp)
+                    group = grow_cluster(self.cluster, state.cost.tp, self.cfg.profile.pool_bytes)
                 else:
-                    group = self.free_group(state.cost.tp)
+                    group = free_group(self.cluster, state.cost.tp)
                 if group is None:
                     break
                 self.new_instance(state, group, ready_at=0.0)
@@ -373,46 +375,3 @@ class CapacityManager:
                 if used + size <= self.cfg.host_cache_bytes:
                     cache.append(m)
                     used += size
-
-    def free_group(self, tp: int) -> tuple[int, ...] | None:
-        return next((grp for grp in aligned_groups(self.cluster.gpus_per_node,
-                                                   self.cluster.num_nodes, tp)
-                     if all(self.cluster.gpus[g].is_free for g in grp)), None)
-
-    def grow_cluster(self, tp: int) -> tuple[int, ...]:
-        per_node = self.cluster.gpus_per_node
-        used = len(self.cluster.gpus)
-        groups = [grp for grp in aligned_groups(per_node, self.cluster.num_nodes, tp)
-                  if all(self.cluster.gpus[g].is_free for g in grp)]
-        if groups:
-            return groups[0]
-        self.cluster.add_gpus(per_node - used % per_node if used % per_node else per_node,
-                              self.cfg.profile.pool_bytes)
-        return self.grow_cluster(tp)
-
-    def place_colocated(self) -> None:
-        """MuxServe-style: all models co-located, planned from average rates. Replicas go, one
-        at a time, to the model with the most compute demand (rate share x parameters) per
-        replica, on the group with the least weight memory used, while each GPU keeps a quarter
-        of its pool for the shared KV cache; until no replica fits."""
-        shares = self.shares
-        demand = {s.index: shares[s.index] * s.cost.weight_bytes for s in self.models}
-        replicas = dict.fromkeys(demand, 0)
-        budget = 0.75  # share of a GPU's pool that weights may take
-        open_models = set(demand)
-        while open_models:
-            m = max(open_models, key=lambda i: (demand[i] / (replicas[i] + 1), -i))
-            state = self.models[m]
-            groups = [grp for grp in aligned_groups(self.cluster.gpus_per_node,
-                                                    self.cluster.num_nodes, state.cost.tp)
-                      if all(self.cluster.gpus[g].used_bytes() + state.cost.weight_bytes_per_gpu
-                             <= budget * self.cluster.gpus[g].pool_bytes
-                             and all(i.model != m for i in self.cluster.gpus[g].instances)
-                             for g in grp)]
-            if not groups:
-                open_models.discard(m)
-                continue
-            grp = min(groups, key=lambda grp: (
-                sum(self.cluster.gpus[g].used_bytes() for g in grp), grp))
-            self.new_instance(state, grp, ready_at=0.0)
-            replicas[m] += 1
