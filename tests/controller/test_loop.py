@@ -214,3 +214,110 @@ def test_lent_kv_is_reclaimed_when_load_rises_evicting_prewarms_if_needed():
     ctl.tick(0.0)  # keep ceil(100 x 3 / 4) = 75 free, only 10 are: take the 60 back
     assert worker.calls == [("reclaim", "m"), ("evict", "other"), ("reclaim", "m")]
     assert [a[1] for a in ctl.actions] == ["evict", "reclaim"]
+
+
+TWO = parse_config({
+    "cluster": {"nodes": [{"devices": [{"type": "cpu", "count": 2, "memory_gib": 1}]}]},
+    "models": [{"name": "a", "checkpoint": "synth:tiny"},
+               {"name": "b", "checkpoint": "synth:tiny"}],
+    "policy": {"instance_capacity": 4, "window_s": 10, "control_interval_s": 0.5,
+               "load_window_s": 1, "new_instance_protect_s": 3, "rebalance_reserve_s": 5},
+})
+
+
+class FullCluster:
+    """Two workers with room for one active model each; both serve "a"."""
+
+    cache_dir = None
+
+    def __init__(self) -> None:
+        from warmserve.cluster.manager import NoCapacity
+
+        self.NoCapacity = NoCapacity
+        self.workers = [FakeWorker(f"w{i}") for i in range(2)]
+        for w in self.workers:
+            w.states["a"] = "active"
+        self.workers[0].inflight["a"] = 1
+        self.load = {"a": 2, "b": 0}
+        self.draining: set = set()
+        self.log = []
+
+    def inflight(self, model):
+        return self.load[model]
+
+    def activate_elsewhere(self, model, prefer=None):
+        free = [w for w in self.workers if "active" not in w.states.values()]
+        free.sort(key=lambda w: w is not prefer)
+        if not free:
+            raise self.NoCapacity("no room")
+        free[0].states[model] = "active"
+        self.log.append(("activate", model, free[0].name))
+        return free[0]
+
+    def deactivate(self, worker, model, evict=False):
+        worker.states[model] = "prewarmed"
+        self.draining.discard((worker.name, model))
+        self.log.append(("deactivate", model, worker.name))
+
+    def drain(self, worker, model):
+        self.draining.add((worker.name, model))
+        self.log.append(("drain", model, worker.name))
+
+    def undrain(self, worker, model):
+        self.draining.discard((worker.name, model))
+        self.log.append(("undrain", model, worker.name))
+
+    def is_draining(self, worker, model):
+        return (worker.name, model) in self.draining
+
+
+def _run(ctl, cluster, start, end):
+    t = start
+    while t < end:
+        ctl.tick(t)
+        t += 0.5
+
+
+def test_rebalancing_drains_a_surplus_instance_and_activates_the_starving_model():
+    cluster = FullCluster()
+    cluster.workers[0].inflight["a"] = 2
+    cluster.workers[1].inflight["a"] = 1  # busy: the autoscaler cannot take it down
+    ctl = Controller(cluster, TWO, min_instances=1)
+    _run(ctl, cluster, 0.0, 4.0)  # past the protection of the instances found at start
+    cluster.load["b"] = 6  # b has no instance and no worker has room
+    _run(ctl, cluster, 4.0, 5.0)
+    # a needs one instance for its load of 2: the one on w1 (fewer requests) drains
+    assert ("drain", "a", "w1") in cluster.log and cluster.is_draining(cluster.workers[1], "a")
+    assert cluster.workers[1].states["a"] == "active"  # it finishes its request first
+    cluster.workers[1].inflight["a"] = 0
+    _run(ctl, cluster, 5.0, 6.0)
+    assert cluster.log.index(("deactivate", "a", "w1")) < cluster.log.index(
+        ("activate", "b", "w1"))
+    assert cluster.workers[0].states["a"] == "active"
+    assert cluster.workers[1].states["b"] == "active"
+    assert any(action == "rebalance" for _, action, _, _ in ctl.actions)
+
+
+def test_a_drain_that_does_not_finish_is_called_off():
+    cluster = FullCluster()
+    cluster.workers[0].inflight["a"] = 2
+    cluster.workers[1].inflight["a"] = 1  # never finishes in this test
+    ctl = Controller(cluster, TWO, min_instances=1)
+    _run(ctl, cluster, 0.0, 4.0)
+    cluster.load["b"] = 6
+    _run(ctl, cluster, 4.0, 5.0)
+    assert ("drain", "a", "w1") in cluster.log
+    _run(ctl, cluster, 5.0, 11.0)  # rebalance_reserve_s = 5
+    assert ("undrain", "a", "w1") in cluster.log
+    assert cluster.workers[1].states["a"] == "active"
+
+
+def test_the_reactive_baseline_never_rebalances():
+    from warmserve.sim.systems import get_system
+
+    cluster = FullCluster()
+    ctl = Controller(cluster, TWO, min_instances=1, system=get_system("serverlessllm"))
+    _run(ctl, cluster, 0.0, 4.0)
+    cluster.load["b"] = 6
+    _run(ctl, cluster, 4.0, 8.0)
+    assert not any(entry[0] == "drain" for entry in cluster.log)

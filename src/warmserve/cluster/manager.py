@@ -71,6 +71,7 @@ class LocalCluster:
                         for i in range(node.num_devices)]
         self._activation_locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
         self._lock = threading.Lock()
+        self._draining: set[tuple[str, str]] = set()  # (worker, model): no new requests
         self._stop = threading.Event()
         self._supervisor = threading.Thread(target=self._supervise, daemon=True,
                                             name="cluster-supervisor")
@@ -167,13 +168,29 @@ class LocalCluster:
                 "prewarm_hits": self.prewarm_hits}
 
     def _least_loaded_locked(self, model: str) -> WorkerHandle | None:
-        active = [w for w in self.workers if w.alive and w.state_of(model) == "active"]
+        active = [w for w in self.workers if w.alive and w.state_of(model) == "active"
+                  and (w.name, model) not in self._draining]
         return min(active, key=lambda w: w.inflight[model], default=None)
 
-    def activate_elsewhere(self, model: str) -> WorkerHandle:
-        """One more active instance of `model`, on a worker where it is not active yet."""
+    def activate_elsewhere(self, model: str, prefer: WorkerHandle | None = None
+                           ) -> WorkerHandle:
+        """One more active instance of `model`, on a worker where it is not active yet
+        (`prefer` first: a worker the controller freed for it)."""
         with self._activation_locks[model]:
-            return self._activate(model)
+            return self._activate(model, prefer)
+
+    def drain(self, worker: WorkerHandle, model: str) -> None:
+        """Route no new requests to `model` on `worker` (it finishes what it runs)."""
+        with self._lock:
+            self._draining.add((worker.name, model))
+
+    def undrain(self, worker: WorkerHandle, model: str) -> None:
+        with self._lock:
+            self._draining.discard((worker.name, model))
+
+    def is_draining(self, worker: WorkerHandle, model: str) -> bool:
+        with self._lock:
+            return (worker.name, model) in self._draining
 
     def deactivate(self, worker: WorkerHandle, model: str, evict: bool = False) -> None:
         """Stop serving `model` on `worker`; its weights stay there, prewarmed, unless
@@ -188,14 +205,19 @@ class LocalCluster:
         if evict:
             worker.client.evict(model)
         worker.stats = worker.client.stats()
+        self.undrain(worker, model)
 
-    def _activate(self, model: str) -> WorkerHandle:
+    def _activate(self, model: str, prefer: WorkerHandle | None = None) -> WorkerHandle:
         candidates = [w for w in self.workers if w.alive and w.state_of(model) != "active"]
         prewarmed = [w for w in candidates if w.state_of(model) == "prewarmed"]
         others = sorted((w for w in candidates if w not in prewarmed),
                         key=lambda w: -w.free_pages())
+        order = prewarmed + others
+        if prefer in order:
+            order.remove(prefer)
+            order.insert(0, prefer)
         reasons = []
-        for worker in prewarmed + others:
+        for worker in order:
             try:
                 worker.client.activate(model)
                 worker.stats = worker.client.stats()

@@ -2,9 +2,11 @@
 
 Every `control_interval_s` it samples each model's concurrency (requests in flight at the
 router), runs the published autoscaler on the time-weighted mean over `load_window_s`, and
-activates or deactivates instances. Every `window_s` it feeds the forecaster the window that
-closed, plans foundation and burst replicas for the next one, and prewarms the ones that have
-no active instance behind them on workers where the model is not resident yet.
+activates or deactivates instances; when no worker can take a model that needs more, it
+drains other models' surplus instances off one worker for it (rebalancing, as the
+simulator). Every `window_s` it feeds the forecaster the window that closed, plans foundation
+and burst replicas for the next one, and prewarms the ones that have no active instance behind
+them on workers where the model is not resident yet.
 The decisions are the pure functions of `warmserve.control`; this loop only gathers the
 snapshot and applies the actions through the cluster's worker clients.
 """
@@ -19,16 +21,20 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from warmserve.cluster.manager import LocalCluster, NoCapacity
 from warmserve.config import ModelConfig, WarmServeConfig
 from warmserve.control.policies import (
     GpuCapacity,
+    Holding,
     ReplicaRequest,
     autoscale,
+    drain_for,
     lendable_kv_tokens,
     place_prewarms,
     replica_plan,
+    surplus_instances,
 )
 from warmserve.control.predictor import ModelForecaster
 from warmserve.engine.arch import SYNTH_ARCHS
@@ -49,6 +55,16 @@ class _ModelLoad:
     arrivals: int = 0
     activated_at: dict[str, float] = field(default_factory=dict)  # worker name -> time
     busy_at: dict[str, float] = field(default_factory=dict)  # worker name -> last time busy
+    load: float = 0.0  # the last tick's mean concurrency
+
+
+@dataclass
+class _Drain:
+    """A worker being freed for a starving model: these models drain off it first."""
+
+    worker: Any
+    models: list[str]
+    until: float
 
 
 class Controller:
@@ -70,6 +86,7 @@ class Controller:
         self.forecasters = {m: ModelForecaster(per_day, self.policy.error_correction_windows)
                             for m in self.models}
         self._first_tick: float | None = None
+        self._drains: dict[str, _Drain] = {}  # starving model -> the worker freed for it
         self.actions: deque = deque(maxlen=200)  # (time, action, model, worker) for /v1/cluster
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="controller")
@@ -121,8 +138,10 @@ class Controller:
             return
         if self._first_tick is None:  # instances found at start count as new from here
             self._first_tick = now
+        self._finish_drains(now)
         for model in self.models:
             load = self._sample(model, now)
+            self._load[model].load = load
             active = [w for w in self.cluster.workers if w.alive and w.state_of(model) == "active"]
             desired = max(self.min_instances, autoscale(
                 load, len(active), self.policy.instance_capacity, self.policy.scale_up_ratio,
@@ -218,6 +237,8 @@ class Controller:
                 worker = self.cluster.activate_elsewhere(model)
             except NoCapacity as exc:
                 log.info("cannot scale %s up: %s", model, exc)
+                if self.system.rebalance:
+                    self._rebalance(model, now)
                 return
             self._load[model].activated_at[worker.name] = now
             self.actions.append((now, "activate", model, worker.name))
@@ -236,6 +257,74 @@ class Controller:
                 self.actions.append((now, "deactivate", model, worker.name))
             except (Refused, WorkerGone) as exc:
                 log.info("cannot deactivate %s on %s: %s", model, worker.name, exc)
+
+    # --- rebalancing ------------------------------------------------------------------------
+
+    def _rebalance(self, model: str, now: float) -> None:
+        """No worker can take `model` and its load exceeds what its instances hold: drain
+        other models' surplus instances off one worker (policies.drain_for, each worker a
+        one-GPU group), then activate `model` there (_finish_drains)."""
+        capacity = self.policy.instance_capacity
+        workers = [w for w in self.cluster.workers if w.alive]
+        active = sum(1 for w in workers if w.state_of(model) == "active")
+        if model in self._drains or self._load[model].load <= active * capacity:
+            return
+        holdings, where, surplus = [], {}, {}
+        for other in self.models:
+            if other == model:
+                continue
+            serving = [w for w in workers if w.state_of(other) == "active"
+                       and not self.cluster.is_draining(w, other)]
+            demand = max(self._load[other].load,
+                         self.forecasters[other].forecast().avg_concurrency)
+            surplus[other] = surplus_instances(demand, len(serving), capacity,
+                                               self.policy.scale_up_ratio)
+            for w in serving:
+                started = self._load[other].activated_at.get(w.name, self._first_tick)
+                if now - started < self.policy.new_instance_protect_s:
+                    continue
+                where[len(holdings)] = (w, other)
+                holdings.append(Holding(len(holdings), other, (workers.index(w),),
+                                        w.inflight[other]))
+        groups = [(i,) for i, w in enumerate(workers) if w.state_of(model) != "active"]
+        plan = drain_for(groups, holdings, surplus)
+        if plan is None:
+            return
+        worker = workers[plan.group[0]]
+        drained = [where[h][1] for h in plan.drain]
+        for other in drained:
+            self.cluster.drain(worker, other)
+        self._drains[model] = _Drain(worker, drained, now + self.policy.rebalance_reserve_s)
+        self.actions.append((now, "rebalance", model, worker.name))
+
+    def _finish_drains(self, now: float) -> None:
+        """Deactivate drained instances once idle; then activate the model they made room
+        for. A drain that has not finished in `rebalance_reserve_s` is called off."""
+        for model, drain in list(self._drains.items()):
+            for other in list(drain.models):
+                if drain.worker.inflight[other]:
+                    continue
+                try:
+                    self.cluster.deactivate(drain.worker, other,
+                                            evict=not self.system.deactivate_to_prewarm)
+                except (Refused, WorkerGone) as exc:
+                    log.info("rebalance: deactivating %s: %s", other, exc)
+                    continue
+                drain.models.remove(other)
+                self.actions.append((now, "deactivate", other, drain.worker.name))
+            if not drain.models:
+                del self._drains[model]
+                try:
+                    worker = self.cluster.activate_elsewhere(model, prefer=drain.worker)
+                except NoCapacity as exc:
+                    log.info("rebalance: activating %s: %s", model, exc)
+                    continue
+                self._load[model].activated_at[worker.name] = now
+                self.actions.append((now, "activate", model, worker.name))
+            elif now >= drain.until:
+                for other in drain.models:
+                    self.cluster.undrain(drain.worker, other)
+                del self._drains[model]
 
     def _place_prewarms(self, now: float) -> None:
         """Forecast -> foundation and burst replicas -> evict-aware placement over the workers'

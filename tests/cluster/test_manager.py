@@ -1,0 +1,51 @@
+"""The router's choices over worker handles (no processes: their state is set by hand)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+from warmserve.cluster.manager import LocalCluster
+from warmserve.config import load_config
+
+
+class _Client:
+    def __init__(self, handle) -> None:
+        self.handle = handle
+
+    def activate(self, model):
+        self.handle.stats["models"][model] = {"state": "active"}
+
+    def stats(self):
+        return self.handle.stats
+
+
+def _cluster() -> LocalCluster:
+    config = load_config("cpu-local")
+    cluster = LocalCluster("cpu-local", config, Path("unused"))
+    for handle in cluster.workers:
+        handle.process = SimpleNamespace(alive=True, client=_Client(handle))
+        handle.stats = {"models": {}, "pool": {"pages_free": 10}}
+    return cluster
+
+
+def test_a_draining_instance_gets_no_new_requests():
+    cluster = _cluster()
+    w0, w1 = cluster.workers
+    for w in (w0, w1):
+        w.stats["models"]["m"] = {"state": "active"}
+    w1.inflight["m"] = 3
+    assert cluster.acquire("m") is w0  # least loaded
+    cluster.drain(w0, "m")
+    assert cluster.is_draining(w0, "m")
+    assert cluster.acquire("m") is w1  # w0 drains: everything goes to w1
+    cluster.undrain(w0, "m")
+    assert cluster.acquire("m") is w0
+
+
+def test_activation_tries_the_preferred_worker_first():
+    cluster = _cluster()
+    w0, w1 = cluster.workers
+    w0.stats["pool"]["pages_free"] = 99  # the most free pages: the usual first choice
+    assert cluster.activate_elsewhere("m", prefer=w1) is w1
+    assert cluster.activate_elsewhere("m") is w0
