@@ -58,6 +58,35 @@ def test_ensemble_leans_on_the_better_predictor():
     assert abs(f.forecast(8) - 56) < abs(f.seasonal(8) - 56)
 
 
+def test_noisy_peaks_follow_the_average_times_the_peak_ratio():
+    """Average concurrency repeats day to day, the window peak is the average times ~2 plus
+    noise: the peak/avg member beats the peak's own seasonal forecast, and the blend leans
+    on it."""
+    rng = np.random.default_rng(0)
+    n, days = 24, 4
+    avg = np.tile(10 + 5 * np.sin(np.arange(n) / 4), (days + 1, 1))
+    peak = avg * (2 + rng.uniform(-0.6, 0.6, avg.shape))
+    own, blended = ModelForecaster(n), ModelForecaster(n)
+    own_errors, blend_errors = [], []
+    for f in (own, blended):
+        f.seed({"avg_concurrency": avg[:days], "peak_concurrency": peak[:days],
+                "rate_rps": avg[:days]})
+    for w in range(n):
+        own_errors.append(abs(own.series["peak_concurrency"].forecast(own.num_windows)
+                              - peak[days, w]))
+        blend_errors.append(abs(blended.forecast().peak_concurrency - peak[days, w]))
+        own.observe(avg[days, w], peak[days, w], avg[days, w])
+        blended.observe(avg[days, w], peak[days, w], avg[days, w])
+    assert np.mean(blend_errors[4:]) < np.mean(own_errors[4:])
+
+
+def test_without_history_the_peak_stays_the_last_window():
+    f = ModelForecaster(windows_per_period=100)
+    for avg, peak in ((5, 9), (6, 20), (4, 7)):
+        f.observe(avg, peak, avg)
+    assert f.forecast().peak_concurrency == pytest.approx(7.0)
+
+
 def test_mre_ignores_tiny_actuals():
     assert mean_relative_error(np.array([2.0, 5.0]), np.array([1.0, 0.1])) == 1.0
 

@@ -8,7 +8,10 @@ falls back to the last observed window.
 Beyond the paper (`ensemble=True`, the default): the seasonal forecast is blended with the
 last window's value, each weighted by the inverse of its own recent mean absolute error, so a
 trace whose days repeat leans on the seasonal term and one whose windows drift leans on the
-last window, without a knob per trace.
+last window, without a knob per trace. Where there is same-slot history, the peak is
+blended the same way with a third estimate: the average-concurrency forecast times the recent
+peak-to-average ratio — a window's peak under bursty clients is noisy, its average much less
+so. Without history every forecast stays the last window's value.
 
 The forecaster learns online: `observe` appends each closed window. No clock, no I/O: windows
 are integers handed in by the caller.
@@ -94,6 +97,9 @@ class ModelForecaster:
 
     def __init__(self, windows_per_period: int, error_windows: int = 10) -> None:
         self.series = {m: SeriesForecaster(windows_per_period, error_windows) for m in METRICS}
+        self.error_windows = error_windows or 1
+        self._peak_abs_errors: list[float] = []  # of the peak series' own forecast
+        self._ratio_abs_errors: list[float] = []  # of avg forecast x peak/avg ratio
 
     @property
     def num_windows(self) -> int:
@@ -108,15 +114,41 @@ class ModelForecaster:
             s.errors.clear()
             s.seasonal_abs_errors.clear()
             s.last_abs_errors.clear()
+        self._peak_abs_errors.clear()
+        self._ratio_abs_errors.clear()
 
     def observe(self, avg_concurrency: float, peak_concurrency: float, rate_rps: float) -> None:
+        window = self.num_windows
+        if self.series["peak_concurrency"].values:
+            own = self.series["peak_concurrency"].forecast(window)
+            self._peak_abs_errors.append(abs(peak_concurrency - own))
+            ratio = self._ratio_peak(window)
+            if ratio is not None:
+                self._ratio_abs_errors.append(abs(peak_concurrency - ratio))
         for metric, value in zip(METRICS, (avg_concurrency, peak_concurrency, rate_rps),
                                  strict=True):
             self.series[metric].observe(value)
 
     def forecast(self, window: int | None = None) -> Forecast:
         window = self.num_windows if window is None else window
-        return Forecast(*(self.series[m].forecast(window) for m in METRICS))
+        avg, peak, rate = (self.series[m].forecast(window) for m in METRICS)
+        ratio = self._ratio_peak(window)
+        periodic = bool(self.series["peak_concurrency"].same_slot(window))
+        if periodic and ratio is not None and self._peak_abs_errors and self._ratio_abs_errors:
+            k = self.error_windows
+            w_own = 1.0 / (np.mean(self._peak_abs_errors[-k:]) + 1e-6)
+            w_ratio = 1.0 / (np.mean(self._ratio_abs_errors[-k:]) + 1e-6)
+            peak = float((w_own * peak + w_ratio * ratio) / (w_own + w_ratio))
+        return Forecast(avg, max(peak, avg), rate)
+
+    def _ratio_peak(self, window: int) -> float | None:
+        """The average forecast times the mean peak/average ratio of the last windows."""
+        avg = self.series["avg_concurrency"].values[-self.error_windows:]
+        peak = self.series["peak_concurrency"].values[-self.error_windows:]
+        ratios = [p / a for p, a in zip(peak, avg, strict=True) if a > 0]
+        if not ratios:
+            return None
+        return self.series["avg_concurrency"].forecast(window) * float(np.mean(ratios))
 
 
 def mean_relative_error(predicted: np.ndarray, actual: np.ndarray, floor: float = 1.0) -> float:
