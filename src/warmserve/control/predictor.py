@@ -110,7 +110,12 @@ class ModelForecaster:
         for metric, rows in history.items():
             for value in np.asarray(rows).ravel():
                 self.series[metric].observe(float(value))
-        for s in self.series.values():  # corrections learn from the current period only
+        self.forget_errors()
+
+    def forget_errors(self) -> None:
+        """Drop the errors learned so far (after seeding history: corrections and ensemble
+        weights learn from the current period only)."""
+        for s in self.series.values():
             s.errors.clear()
             s.seasonal_abs_errors.clear()
             s.last_abs_errors.clear()

@@ -107,10 +107,7 @@ class Controller:
             forecaster = self.forecasters[model]
             for avg, peak, rate in values:
                 forecaster.observe(avg, peak, rate)
-            for series in forecaster.series.values():
-                series.errors.clear()
-                series.seasonal_abs_errors.clear()
-                series.last_abs_errors.clear()
+            forecaster.forget_errors()
         return sum(len(v) for v in rows.values())
 
     def record_arrival(self, model: str) -> None:
