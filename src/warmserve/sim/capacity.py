@@ -13,7 +13,6 @@ from warmserve.control.policies import (
     GpuCapacity,
     Holding,
     ReplicaRequest,
-    aligned_groups,
     drain_for,
     lendable_kv_tokens,
     place_prewarms,
@@ -77,10 +76,7 @@ class CapacityManager:
         for inst in sorted(live, key=lambda i: i.running)[:count]:
             if self.now - inst.active_since < protect or inst.ready_at > self.now:
                 continue
-            inst.draining = True
-            inst.refresh()
-            if inst.running == 0:
-                self.release(inst)
+            self._drain(inst)
 
     def acquire(self, state: ModelState) -> bool:
         if self.sys.keep_alive and self._reuse_kept(state):
@@ -140,8 +136,7 @@ class CapacityManager:
 
     def cold_group(self, state: ModelState) -> tuple[int, ...] | None:
         tp = state.cost.tp
-        groups = [grp for grp in aligned_groups(self.cluster.gpus_per_node,
-                                                self.cluster.num_nodes, tp)
+        groups = [grp for grp in self.cluster.groups(tp)
                   if all(self._usable(g, state.index) for g in grp)]
         if not groups and self.sys.keep_alive:
             groups = self._evict_kept_for(tp)
@@ -171,13 +166,11 @@ class CapacityManager:
         """No free group for a model with requests waiting: free one aligned group by draining
         other models' surplus instances and moving the rest to free GPUs elsewhere, and
         reserve it (see policies.drain_for)."""
-        live = sum(1 for i in state.instances if i.accepting)
-        if not state.queue or state.load <= live * self.B:
+        if not state.queue or state.load <= len(state.live()) * self.B:
             return  # not starving: requests wait only for a moment, or nothing waits
         if any(m == state.index and until > self.now for m, until in self.reserved.values()):
             return  # a group is already being drained for this model
-        groups = [grp for grp in aligned_groups(self.cluster.gpus_per_node,
-                                                self.cluster.num_nodes, state.cost.tp)
+        groups = [grp for grp in self.cluster.groups(state.cost.tp)
                   if not any(g in self.reserved and self.reserved[g][1] > self.now
                              for g in grp)]
         holdings, surplus, by_id = [], {}, {}
@@ -197,8 +190,7 @@ class CapacityManager:
                 holdings.append(Holding(inst.id, self.names[other.index], inst.gpus,
                                         inst.running))
                 by_id[inst.id] = inst
-        free = {tp: [grp for grp in aligned_groups(self.cluster.gpus_per_node,
-                                                   self.cluster.num_nodes, tp)
+        free = {tp: [grp for grp in self.cluster.groups(tp)
                      if all(self._usable(g, -1) for g in grp)]
                 for tp in {len(h.gpus) for h in holdings}}
         plan = drain_for(groups, holdings, surplus, free)
@@ -233,8 +225,7 @@ class CapacityManager:
                       key=lambda i: i.kept_since)
         for inst in kept:  # least recently used first
             self.remove_instance(inst)
-            groups = [grp for grp in aligned_groups(self.cluster.gpus_per_node,
-                                                    self.cluster.num_nodes, tp)
+            groups = [grp for grp in self.cluster.groups(tp)
                       if all(self.cluster.gpus[g].is_free for g in grp)]
             if groups:
                 return groups
@@ -324,7 +315,7 @@ class CapacityManager:
         profile = self.cfg.profile
         requests: list[ReplicaRequest] = []
         for state in self.models:
-            running = sum(1 for i in state.instances if i.accepting)
+            running = len(state.live())
             cold_s = state.cost.weight_bytes_per_gpu / profile.h2d_bytes_per_s
             requests += replica_plan(self.names[state.index], state.forecast, running,
                                      self.B, state.cost.tp, state.cost.weight_bytes_per_gpu,

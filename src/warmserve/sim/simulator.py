@@ -270,7 +270,7 @@ class Simulator:
             span = self.now - old_t
             load = (state.integral - old_i) / span if span > 0 else state.concurrency
             state.load = load
-            live = [inst for inst in state.instances if inst.accepting]
+            live = state.live()
             desired = autoscale(load, len(live), self.B,
                                 policy.scale_up_ratio, policy.scale_down_ratio)
             if state.queue and desired <= len(live) and all(i.ready_at <= self.now for i in live):
@@ -312,7 +312,7 @@ class Simulator:
         line["t"].append(self.now)
         line["load"].append(state.concurrency)
         line["forecast_peak"].append(state.forecast.peak_concurrency)
-        line["instances"].append(sum(1 for i in state.instances if i.accepting))
+        line["instances"].append(len(state.live()))
         line["prewarms"].append(sum(1 for g in self.cluster.gpus for p in g.prewarms
                                     if p.model == state.index and p.gpus[0] == g.id))
 

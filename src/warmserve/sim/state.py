@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from warmserve.control.policies import aligned_groups
 from warmserve.control.predictor import Forecast, ModelForecaster
 from warmserve.sim.profiles import ModelCost
 
@@ -84,6 +85,10 @@ class Cluster:
     @property
     def num_nodes(self) -> int:
         return -(-len(self.gpus) // self.gpus_per_node)
+
+    def groups(self, tp: int) -> tuple[tuple[int, ...], ...]:
+        """Every aligned group of `tp` GPUs within a node (see policies.aligned_groups)."""
+        return aligned_groups(self.gpus_per_node, self.num_nodes, tp)
 
     def add_gpus(self, count: int, pool_bytes: int) -> None:
         start = len(self.gpus)

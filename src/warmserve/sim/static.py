@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from warmserve.control.policies import aligned_groups
 from warmserve.sim.state import Cluster, ModelState
 
 COLOCATED_WEIGHT_SHARE = 0.75  # of a GPU's pool; the rest is the shared KV cache
@@ -13,7 +12,7 @@ COLOCATED_WEIGHT_SHARE = 0.75  # of a GPU's pool; the rest is the shared KV cach
 
 def free_group(cluster: Cluster, tp: int) -> tuple[int, ...] | None:
     """The first aligned group of `tp` GPUs without instances."""
-    return next((grp for grp in aligned_groups(cluster.gpus_per_node, cluster.num_nodes, tp)
+    return next((grp for grp in cluster.groups(tp)
                  if all(cluster.gpus[g].is_free for g in grp)), None)
 
 
@@ -43,8 +42,7 @@ def plan_colocation(cluster: Cluster, models: Sequence[ModelState], shares: Sequ
     while open_models:
         m = max(open_models, key=lambda i: (demand[i] / (replicas[i] + 1), -i))
         per_gpu = models[m].cost.weight_bytes_per_gpu
-        groups = [grp for grp in aligned_groups(cluster.gpus_per_node, cluster.num_nodes,
-                                                models[m].cost.tp)
+        groups = [grp for grp in cluster.groups(models[m].cost.tp)
                   if all(weights[g] + per_gpu
                          <= COLOCATED_WEIGHT_SHARE * cluster.gpus[g].pool_bytes
                          and m not in holds[g] for g in grp)]
