@@ -128,10 +128,14 @@ class Holding:
     running: int
 
 
-def surplus_instances(load: float, instances: int, capacity: int, up_ratio: float) -> int:
-    """Instances a model could give up and still stay under the autoscaler's up-threshold."""
-    needed = math.ceil(load / (up_ratio * capacity)) if load > 0 else 0
-    return max(0, instances - max(needed, 1 if load > 0 else 0))
+def surplus_instances(load: float, instances: int, capacity: int, up_ratio: float,
+                      forecast_avg: float = 0.0) -> int:
+    """Instances a model could give up and still stay under the autoscaler's up-threshold,
+    for the larger of its recent load and its forecast average for this window (its forecast
+    peak would leave almost nothing to take)."""
+    demand = max(load, forecast_avg)
+    needed = math.ceil(demand / (up_ratio * capacity)) if demand > 0 else 0
+    return max(0, instances - max(needed, 1 if demand > 0 else 0))
 
 
 @dataclass(frozen=True)

@@ -272,10 +272,9 @@ class Controller:
                 continue
             serving = [w for w in workers if w.state_of(other) == "active"
                        and not self.cluster.is_draining(w, other)]
-            demand = max(self._load[other].load,
-                         self.forecasters[other].forecast().avg_concurrency)
-            surplus[other] = surplus_instances(demand, len(serving), capacity,
-                                               self.policy.scale_up_ratio)
+            surplus[other] = surplus_instances(
+                self._load[other].load, len(serving), capacity, self.policy.scale_up_ratio,
+                self.forecasters[other].forecast().avg_concurrency)
             for w in serving:
                 started = self._load[other].activated_at.get(w.name, self._first_tick)
                 if now - started < self.policy.new_instance_protect_s:

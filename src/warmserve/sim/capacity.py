@@ -179,11 +179,9 @@ class CapacityManager:
             if other is state:
                 continue
             serving = [i for i in other.instances if i.accepting and i.ready_at <= self.now]
-            # what the model needs now or on average this window (its forecast peak would
-            # leave almost nothing to take)
-            demand = max(other.load, other.forecast.avg_concurrency if other.forecast else 0.0)
             surplus[self.names[other.index]] = surplus_instances(
-                demand, len(serving), self.B, self.cfg.policy.scale_up_ratio)
+                other.load, len(serving), self.B, self.cfg.policy.scale_up_ratio,
+                other.forecast.avg_concurrency if other.forecast else 0.0)
             for inst in serving:
                 if self.now - inst.active_since < protect:
                     continue
