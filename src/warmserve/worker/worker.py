@@ -267,14 +267,18 @@ class UniversalWorker:
         try:
             if self.device.type == "cuda":  # this runs on the prewarm thread: make the
                 torch.cuda.set_device(self.device)  # device's context current (Triton needs it)
-            engine = create_engine(
-                r.checkpoint, self.engine_config, r.config.dtype, str(self.device),
-                r.config.max_context,
-                provider=LayoutProvider(self.pool.view(r.slot), r.layout, True),
-                kv_cache_bytes=r.layout.kv_bytes, model=r.model, tokenizer=r.tokenizer)
-            return engine.runner
+            return self._engine(r).runner
         finally:
             self.pool.unmap(r.slot, scratch).result()
+
+    def _engine(self, r: _Resident):
+        """An engine over the slot: the prewarmed model's weights as they lie, its runner if
+        it has one (else built now, CUDA graphs included)."""
+        return create_engine(
+            r.checkpoint, self.engine_config, r.config.dtype, str(self.device),
+            r.config.max_context, provider=LayoutProvider(self.pool.view(r.slot), r.layout, True),
+            kv_cache_bytes=r.layout.kv_bytes, model=r.model, tokenizer=r.tokenizer,
+            runner=r.runner)
 
     def _wait_prewarmed(self, r: _Resident) -> None:
         r.done.wait()
@@ -308,11 +312,7 @@ class UniversalWorker:
             raise Refused(f"{r.config.name}: no room for a KV cache: {exc}") from None
         rest = [p for p in kv_pages[first:] if p not in r.slot.pages][: self.pool.num_free_pages]
         r.kv_pending = self.pool.map(r.slot, rest) if rest else None
-        engine = create_engine(
-            r.checkpoint, self.engine_config, r.config.dtype, str(self.device),
-            r.config.max_context, provider=LayoutProvider(self.pool.view(r.slot), layout, True),
-            kv_cache_bytes=layout.kv_bytes, model=r.model, tokenizer=r.tokenizer,
-            runner=r.runner)
+        engine = self._engine(r)
         r.runner = engine.runner
         bm = engine.block_manager
         ready_now = first * page // layout.block_bytes
