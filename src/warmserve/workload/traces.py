@@ -7,6 +7,7 @@ Every loader names the file and line of a malformed row. Rows that are well-form
 from __future__ import annotations
 
 import csv
+import functools
 import gzip
 import logging
 from dataclasses import dataclass
@@ -134,8 +135,10 @@ class ClientWindows:
 
 
 def load_servegen_clients(path: Path | None = None) -> dict[str, ClientWindows]:
-    """ServeGen's per-client windows (`model,client,window_start_s,rate,cv,pattern,p1,p2`)."""
-    path = path or shipped(SERVEGEN_CLIENTS_FILE)
+    """ServeGen's per-client windows (`model,client,window_start_s,rate,cv,pattern,p1,p2`).
+    The shipped file (no `path`) is parsed once per process (~2 s); treat it as read-only."""
+    if path is None:
+        return _shipped_servegen_clients()
     cols: dict[str, list[list]] = {}
     required = ("model", "client", "window_start_s", "rate", "pattern", "p1")
     for line, row in _rows(path, required):
@@ -168,6 +171,11 @@ def load_servegen_clients(path: Path | None = None) -> dict[str, ClientWindows]:
         out[model] = ClientWindows(table[:, 0].astype(np.int32), table[:, 1].astype(np.int32),
                                    table[:, 2], table[:, 3].astype(np.int8), table[:, 4])
     return out
+
+
+@functools.cache
+def _shipped_servegen_clients() -> dict[str, ClientWindows]:
+    return load_servegen_clients(shipped(SERVEGEN_CLIENTS_FILE))
 
 
 def load_azure_functions(path: Path | None = None, top: int | None = None) -> np.ndarray:
