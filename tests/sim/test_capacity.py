@@ -72,13 +72,28 @@ def test_without_rebalancing_a_starving_model_waits():
     assert len(small.instances) == 7 and not big.instances and not sim.cap.reserved
 
 
-def test_rebalancing_leaves_models_without_surplus_alone():
-    sim = two_model_sim("warmserve")
+@pytest.mark.parametrize("system", ["warmserve", "warmserve-no-overflow"])
+def test_rebalancing_leaves_models_without_surplus_alone(system):
+    sim = two_model_sim(system)
     _crowd(sim, running=0)
-    sim.models[0].load = 150.0  # needs all 7
+    # "big" has nothing serving, so "s" counts at the engine's bound (256 each, to 80%):
+    # 1,400 needs all seven
+    sim.models[0].load = 1400.0
     assert not sim.cap.acquire(sim.models[1])
     assert len(sim.models[0].instances) == 7 and sim.cap.counts["rebalance"] == 0
 
+
+def test_a_model_with_nothing_serving_may_take_from_a_model_past_its_target():
+    """With the published router, "s" at load 150 needs its 7 instances at B each; but "big"
+    has nothing at all, and "s" could carry 150 on fewer instances batching to the engine's
+    bound: it gives up a group."""
+    sim = two_model_sim("warmserve-no-overflow")
+    _crowd(sim, running=0)
+    small, big = sim.models
+    small.load = 150.0
+    assert not sim.cap.acquire(big)
+    assert sim.cap.counts["rebalance"] == 1 and [i.gpus for i in big.instances] == [(4, 5, 6, 7)]
+    assert len(small.instances) == 4
 
 
 def test_rebalancing_moves_an_instance_out_of_the_way_when_nothing_is_surplus():
@@ -90,7 +105,7 @@ def test_rebalancing_moves_an_instance_out_of_the_way_when_nothing_is_surplus():
     for g in (1, 7):
         sim.cap.new_instance(small, (g,), ready_at=0.0)
     sim.events.now = 100.0
-    small.load = 50.0  # needs both instances
+    small.load = 400.0  # needs both instances, even batching to the engine's bound
     big.queue.append(0)
     big.load = 40.0
     assert not sim.cap.acquire(big)

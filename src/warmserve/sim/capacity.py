@@ -20,8 +20,14 @@ from warmserve.control.policies import (
     surplus_instances,
 )
 from warmserve.sim.events import EXPIRE, READY, EventQueue
+from warmserve.sim.profiles import ModelCost
 from warmserve.sim.state import Cluster, Gpu, Instance, ModelState, Prewarm
-from warmserve.sim.static import free_group, grow_cluster, plan_colocation
+from warmserve.sim.static import (
+    PlannedModel,
+    free_group,
+    grow_cluster,
+    plan_muxserve,
+)
 from warmserve.sim.systems import SystemSpec
 
 
@@ -47,12 +53,13 @@ class CapacityManager:
     def now(self) -> float:
         return self.events.now
 
-    def place_initial(self, counts: list[int]) -> None:
-        """Start-up: co-locate (MuxServe), or give each model `counts[m]` instances (on new
-        GPUs for the dedicated system), then fill the host caches."""
+    def place_initial(self, counts: list[int], planned: list[PlannedModel]) -> None:
+        """Start-up: co-locate (MuxServe, from the models' average load `planned`), or give
+        each model `counts[m]` instances (on new GPUs for the dedicated system), then fill the
+        host caches."""
         if self.sys.colocate:
-            for model, group in plan_colocation(self.cluster, self.models, self.shares):
-                self.new_instance(self.models[model], group, ready_at=0.0)
+            for model, group, cost in plan_muxserve(self.cluster, planned, self.cfg.max_batch):
+                self.new_instance(self.models[model], group, ready_at=0.0, cost=cost)
             return
         for state, count in zip(self.models, counts, strict=True):
             for _ in range(count):
@@ -175,12 +182,17 @@ class CapacityManager:
                              for g in grp)]
         holdings, surplus, by_id = [], {}, {}
         protect = self.cfg.policy.new_instance_protect_s
+        # What the others can give: their instances beyond what carries their load at B each
+        # (the autoscaler's target); at the engine's bound instead where the router fills
+        # instances that far (overflow) or the model has nothing serving at all.
+        starved = not any(i.accepting for i in state.instances)
+        per_instance = self.cfg.max_batch if self.sys.overflow or starved else self.B
         for other in self.models:
             if other is state:
                 continue
             serving = [i for i in other.instances if i.accepting and i.ready_at <= self.now]
             surplus[self.names[other.index]] = surplus_instances(
-                other.load, len(serving), self.B, self.cfg.policy.scale_up_ratio,
+                other.load, len(serving), per_instance, self.cfg.policy.scale_up_ratio,
                 other.forecast.avg_concurrency if other.forecast else 0.0)
             for inst in serving:
                 if self.now - inst.active_since < protect:
@@ -241,10 +253,11 @@ class CapacityManager:
             cache.pop(0)
         return per_gpu / profile.ssd_bytes_per_s
 
-    def new_instance(self, state: ModelState, group: tuple[int, ...], ready_at: float
-                     ) -> Instance:
+    def new_instance(self, state: ModelState, group: tuple[int, ...], ready_at: float,
+                     cost: ModelCost | None = None) -> Instance:
         self.ids += 1
-        inst = Instance(self.ids, state.index, tuple(group), state.cost, self.now, ready_at)
+        inst = Instance(self.ids, state.index, tuple(group), cost or state.cost, self.now,
+                        ready_at, self.cfg.max_batch if self.sys.colocate else self.B)
         state.instances.append(inst)
         self.cluster.place_instance(inst)
         if ready_at > self.now:

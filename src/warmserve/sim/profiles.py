@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
 import yaml
+
+
+@dataclass(frozen=True)
+class TpScaling:
+    """How a model's costs change with its number of GPUs (tensor parallelism), for MuxServe's
+    meshes. A decode step = a fixed part (launches, sampling: what the profile's step costs
+    beyond reading the weights at `hbm_bytes_per_s`) + the weight reads, split over the GPUs,
+    + `allreduce_s` when there are several. The work that grows with tokens (prefill, and each
+    further sequence of a decode batch) divides over the GPUs at `efficiency` per doubling."""
+    hbm_bytes_per_s: float = 3.0e12
+    allreduce_s: float = 0.0
+    efficiency: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -19,6 +32,7 @@ class ModelCost:
     decode_per_seq_s: float  # each further sequence in the batch
     prefill_s_per_token: float
     prefill_base_s: float
+    scaling: TpScaling = field(default_factory=lambda: TpScaling())
 
     @property
     def weight_bytes_per_gpu(self) -> int:
@@ -29,6 +43,23 @@ class ModelCost:
 
     def decode_step_s(self, batch: int) -> float:
         return self.decode_base_s + max(0, batch - 1) * self.decode_per_seq_s
+
+    def on_gpus(self, tp: int) -> ModelCost:
+        """The same model over another number of GPUs (see TpScaling)."""
+        if tp < 1:
+            raise ValueError(f"{self.name}: tensor-parallel degree must be >= 1, got {tp}")
+        if tp == self.tp:
+            return self
+        sc = self.scaling
+        reads = self.weight_bytes_per_gpu / sc.hbm_bytes_per_s
+        fixed = max(0.0, self.decode_base_s - reads - (sc.allreduce_s if self.tp > 1 else 0.0))
+        per_token = self.tp / tp / sc.efficiency ** math.log2(tp / self.tp)
+        return replace(
+            self, tp=tp,
+            decode_base_s=fixed + self.weight_bytes / tp / sc.hbm_bytes_per_s
+            + (sc.allreduce_s if tp > 1 else 0.0),
+            decode_per_seq_s=self.decode_per_seq_s * per_token,
+            prefill_s_per_token=self.prefill_s_per_token * per_token)
 
 
 @dataclass(frozen=True)
@@ -73,10 +104,13 @@ def load_profile(name_or_path: str = "h100") -> DeviceProfile:
                                                                   f"{name_or_path}.yaml")))
     data = yaml.safe_load(path.read_text())
     gb = 1e9
+    tp = data.get("tensor_parallel", {})
+    scaling = TpScaling(tp.get("hbm_gbps", 3000) * gb, tp.get("allreduce_ms", 0.0) / 1e3,
+                        tp.get("efficiency", 1.0))
     models = {
         name: ModelCost(name, int(m["tp"]), int(m["weight_gb"] * gb), int(m["kv_bytes_per_token"]),
                         m["decode_base_ms"] / 1e3, m["decode_per_seq_ms"] / 1e3,
-                        m["prefill_us_per_token"] / 1e6, m["prefill_base_ms"] / 1e3)
+                        m["prefill_us_per_token"] / 1e6, m["prefill_base_ms"] / 1e3, scaling)
         for name, m in data["models"].items()
     }
     return DeviceProfile(data["device"], int(data["memory_gb"] * gb), data["pool_fraction"],

@@ -24,6 +24,7 @@ from warmserve.sim.capacity import CapacityManager
 from warmserve.sim.events import EXPIRE, FINISH, READY, TICK, WINDOW, EventQueue
 from warmserve.sim.profiles import DeviceProfile, ModelCost
 from warmserve.sim.state import Cluster, Instance, ModelState
+from warmserve.sim.static import COLOCATION_SLOWDOWN, PlannedModel
 from warmserve.sim.systems import SystemSpec
 from warmserve.workload.builder import Workload
 
@@ -37,6 +38,10 @@ class SimConfig:
     host_cache_bytes: int = 1 << 40  # pinned DRAM cache per node
     queue_timeout_s: float = 120.0  # a request waiting longer is dropped
     drain_s: float = 300.0  # after the last arrival, finish what runs
+    # An engine runs up to this many requests at once while its KV cache has room (vLLM's
+    # max_num_seqs, MuxServe's default). The autoscaling systems' router, as published, gives
+    # an instance at most B (policy.instance_capacity) and queues the rest for new instances.
+    max_batch: int = 256
 
 
 @dataclass
@@ -145,10 +150,22 @@ class Simulator:
 
     def _start(self) -> None:
         counts = [self._initial_instances(state) for state in self.models]
-        self.cap.place_initial(counts)
+        self.cap.place_initial(counts, self._average_load() if self.sys.colocate else [])
         if self.sys.autoscale:
             self.events.push(self.cfg.policy.control_interval_s, TICK)
         self.events.push(0.0, WINDOW, 0)
+
+    def _average_load(self) -> list[PlannedModel]:
+        """Each model's average rate and token lengths over the run (what MuxServe plans
+        from; it is given the true averages)."""
+        w, out = self.w, []
+        for state in self.models:
+            mine = w.model_index == state.index
+            n = int(mine.sum())
+            out.append(PlannedModel(state.index, state.cost, n / w.spec.duration_s,
+                                    float(w.input_tokens[mine].mean()) if n else 0.0,
+                                    float(w.output_tokens[mine].mean()) if n else 0.0))
+        return out
 
     def _initial_instances(self, state: ModelState) -> int:
         if self.sys.dedicated:
@@ -172,12 +189,19 @@ class Simulator:
                     self.cap.scale_up(state, 1)
 
     def _try_admit(self, state: ModelState, i: int) -> bool:
-        """Route to the least-loaded live instance with room (KV room too)."""
+        """Route to the least-loaded live instance with room (KV room too): below each
+        instance's bound (B for the autoscaling systems' router); with `overflow`, then below
+        the engine's bound, rather than queue for an instance that is not there yet."""
+        return self._route(state, i, None) or (
+            self.sys.overflow and self._route(state, i, self.cfg.max_batch))
+
+    def _route(self, state: ModelState, i: int, bound: int | None) -> bool:
         need = self.need_tokens[i]
-        best, best_running, now = None, self.B, self.now
+        best, best_running, now = None, math.inf, self.now
         for inst in state.instances:
             running = inst.running
-            if running < best_running and inst.accepting and inst.ready_at <= now:
+            if (running < best_running and running < (bound or inst.max_batch)
+                    and inst.accepting and inst.ready_at <= now):
                 best, best_running = inst, running
                 if running == 0:
                     break
@@ -187,8 +211,8 @@ class Simulator:
             self._admit(state, best, i, need)
             return True
         for inst in sorted(state.instances, key=lambda x: x.running):  # rare: KV is short
-            if (inst is not best and inst.running < self.B and inst.ready_at <= self.now
-                    and inst.accepting and self._kv_fits(inst, need)):
+            if (inst is not best and inst.running < (bound or inst.max_batch)
+                    and inst.ready_at <= now and inst.accepting and self._kv_fits(inst, need)):
                 self._admit(state, inst, i, need)
                 return True
         return False
@@ -231,7 +255,7 @@ class Simulator:
         else:
             busy = len({o for g in inst.gpus for o in gpus[g].instances
                         if o is not inst and o.running})
-        return 1.0 + 0.75 * busy  # MPS overlaps kernels: better than pure time-sharing
+        return 1.0 + COLOCATION_SLOWDOWN * busy
 
     def _finish(self, state: ModelState, inst: Instance, i: int, need: int) -> None:
         inst.running -= 1

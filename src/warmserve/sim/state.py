@@ -33,6 +33,7 @@ class Instance:
     cost: ModelCost
     created_at: float  # GPUs held from here (GPU-seconds count from it)
     ready_at: float
+    max_batch: int  # requests it runs at once (the router's bound)
     running: int = 0
     kv_tokens: int = 0  # tokens reserved by running requests
     prefill_free_at: float = 0.0

@@ -3,15 +3,19 @@
 - warmserve: forecast-driven prewarming on idle GPUs and lent KV memory, evict-aware placement,
   activation of prewarmed replicas (no copy), cold loads from the pinned host cache otherwise.
 - serverlessllm: reactive autoscaling; loads from a per-node DRAM cache (LRU) or SSD into an
-  engine started on demand; locality-aware placement; keep-alive of idle instances.
-- muxserve: static co-location of all models, planned from average rates; a shared KV pool per
-  GPU; compute slows down when co-located models run together.
+  engine started on demand; locality-aware placement; keep-alive of idle instances. Its router
+  hands requests to the engines, which batch them up to their bound (vLLM's queue).
+- muxserve: as published, static: each model one unit on one mesh of GPUs (tensor parallel over
+  the mesh), meshes and co-location planned from average rates; one KV pool per mesh; compute
+  slows down when co-located models run together (sim/static.py).
 - dedicated: every model on enough GPUs for its peak, from the start (the ideal TTFT and the cost
   ceiling; may use more GPUs than the cluster has).
-WarmServe here also rebalances: a model with requests waiting and no free GPU group gets one by
-draining other models' surplus instances (beyond the paper; `warmserve-no-rebalance` is the
-published algorithm alone). Ablations of warmserve: no rebalancing, no forecast (prewarm for
-the last window's load), no KV reservation (prewarm on free GPUs only), round-robin placement.
+Beyond the paper, WarmServe here also rebalances (a model with requests waiting and no free GPU
+group gets one by draining other models' surplus instances) and overflows (the published router
+gives an instance at most B requests and queues the rest for new instances; ours then fills
+instances up to the engine's bound first). `warmserve-published` is the published algorithm
+alone. Ablations of warmserve: each of those off, no forecast (prewarm for the last window's
+load), no KV reservation (prewarm on free GPUs only), round-robin placement.
 """
 
 from __future__ import annotations
@@ -31,39 +35,46 @@ class SystemSpec:
     keep_alive: bool = False  # idle instances stay loaded for a while
     deactivate_to_prewarm: bool = False  # a released instance's weights stay prewarmed
     rebalance: bool = False  # drain other models' surplus instances for a starving model
+    overflow: bool = False  # the router fills instances past B, to the engine's bound
     colocate: bool = False  # MuxServe static co-location
     dedicated: bool = False  # peak-provisioned, unbounded GPUs
     description: str = ""
 
 
+_WARMSERVE = dict(prewarm=True, kv_lending=True, deactivate_to_prewarm=True, rebalance=True,
+                  overflow=True)
 SYSTEMS: dict[str, SystemSpec] = {
     s.name: s for s in (
-        SystemSpec("warmserve", prewarm=True, kv_lending=True, deactivate_to_prewarm=True,
-                   rebalance=True, description="forecast, evict-aware prewarming, KV lending, "
-                   "GPU rebalancing (all techniques)"),
-        SystemSpec("warmserve-no-rebalance", prewarm=True, kv_lending=True,
-                   deactivate_to_prewarm=True,
-                   description="ablation: the published algorithm (no GPU rebalancing)"),
-        SystemSpec("warmserve-no-forecast", prewarm=True, forecast=False, kv_lending=True,
-                   deactivate_to_prewarm=True, rebalance=True,
+        SystemSpec("warmserve", **_WARMSERVE, description="forecast, evict-aware prewarming, "
+                   "KV lending, GPU rebalancing, overflow routing (all techniques)"),
+        SystemSpec("warmserve-published", **_WARMSERVE | dict(rebalance=False, overflow=False),
+                   description="ablation: the published algorithm alone (no rebalancing; the "
+                   "router queues past B requests per instance)"),
+        SystemSpec("warmserve-no-rebalance", **_WARMSERVE | dict(rebalance=False),
+                   description="ablation: no GPU rebalancing"),
+        SystemSpec("warmserve-no-overflow", **_WARMSERVE | dict(overflow=False),
+                   description="ablation: the published router (queues past B per instance)"),
+        SystemSpec("warmserve-no-forecast", **_WARMSERVE | dict(forecast=False),
                    description="ablation: prewarm for the last window's load"),
-        SystemSpec("warmserve-no-kv-reservation", prewarm=True, kv_lending=False,
-                   deactivate_to_prewarm=True, rebalance=True,
+        SystemSpec("warmserve-no-kv-reservation", **_WARMSERVE | dict(kv_lending=False),
                    description="ablation: prewarm on free GPUs only"),
-        SystemSpec("warmserve-round-robin", prewarm=True, kv_lending=True, round_robin=True,
-                   deactivate_to_prewarm=True, rebalance=True,
+        SystemSpec("warmserve-round-robin", **_WARMSERVE | dict(round_robin=True),
                    description="ablation: round-robin placement"),
-        SystemSpec("serverlessllm", engine_init=True, keep_alive=True,
+        SystemSpec("serverlessllm", engine_init=True, keep_alive=True, overflow=True,
                    description="reactive autoscaling, DRAM/SSD loading, keep-alive"),
+        SystemSpec("serverlessllm-b-router", engine_init=True, keep_alive=True,
+                   description="serverlessllm behind WarmServe's published router (queues "
+                   "past B per instance), as the WarmServe paper ran it"),
         SystemSpec("muxserve", autoscale=False, colocate=True,
-                   description="static co-location planned from average rates"),
+                   description="static co-location planned from average rates: one "
+                   "tensor-parallel unit per model on GPU meshes"),
         SystemSpec("dedicated", autoscale=False, dedicated=True,
                    description="each model provisioned for its peak (ideal, unbounded GPUs)"),
     )
 }
 DEFAULT_SYSTEMS = ("warmserve", "serverlessllm", "muxserve", "dedicated")
-ABLATIONS = ("warmserve-no-rebalance", "warmserve-no-forecast", "warmserve-no-kv-reservation",
-             "warmserve-round-robin")
+ABLATIONS = ("warmserve-published", "warmserve-no-rebalance", "warmserve-no-overflow",
+             "warmserve-no-forecast", "warmserve-no-kv-reservation", "warmserve-round-robin")
 
 
 def get_system(name: str) -> SystemSpec:
