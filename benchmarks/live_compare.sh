@@ -3,6 +3,7 @@
 # with --policy warmserve and with --policy serverlessllm, on one GPU (config h100-live).
 #   PYTHONPATH=src benchmarks/live_compare.sh OUTDIR [DURATION_S] [RATE_RPS]
 # Prints a table last; writes bench-<policy>.json and serve-<policy>.log into OUTDIR.
+# POLICIES="warmserve" runs only those (the table shows every bench-*.json in OUTDIR).
 set -u
 out=${1:-live-out}; duration=${2:-90}; rate=${3:-6}
 cache=${WARMSERVE_CACHE_DIR:-/tmp/warmserve-live}
@@ -27,7 +28,7 @@ for _ in range(600):
     time.sleep(1)
 PY
 }
-for policy in warmserve serverlessllm; do
+for policy in ${POLICIES:-warmserve serverlessllm}; do
   python -m warmserve.cli --cache-dir "$cache" --log-level warning serve --config h100-live \
       --policy "$policy" --port 8000 > "$out/serve-$policy.log" 2>&1 &
   pid=$!
@@ -44,7 +45,10 @@ import json, sys
 out = sys.argv[1]
 print(f"\n{'policy':14s} {'TTFT p50':>10s} {'TTFT p90':>10s} {'TTFT p99':>10s} {'TPOT':>8s} "
       f"{'done':>6s} {'drop':>5s} {'in SLO':>7s} {'activations':>11s}")
+from pathlib import Path
 for policy in ("warmserve", "serverlessllm"):
+    if not Path(f"{out}/bench-{policy}.json").exists():
+        continue
     s = json.load(open(f"{out}/bench-{policy}.json"))["live"]
     f = lambda v, scale=1000: "-" if v is None else f"{v * scale:.1f}"
     print(f"{policy:14s} {f(s['ttft_p50_s']):>10s} {f(s['ttft_p90_s']):>10s} "

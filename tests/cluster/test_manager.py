@@ -49,3 +49,33 @@ def test_activation_tries_the_preferred_worker_first():
     w0.stats["pool"]["pages_free"] = 99  # the most free pages: the usual first choice
     assert cluster.activate_elsewhere("m", prefer=w1) is w1
     assert cluster.activate_elsewhere("m") is w0
+
+
+def test_the_supervisor_survives_a_worker_that_cannot_answer():
+    """A worker whose stats call fails inside it (a stuck engine, say) is polled again; the
+    supervisor thread does not die (it used to, leaving every worker's stats stale)."""
+    import time
+
+    from warmserve.worker.rpc import RemoteError
+
+    cluster = _cluster()
+    cluster.poll_interval_s = 0.02
+    w0, _ = cluster.workers
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) <= 2:
+            raise RemoteError("stats: engine not responding")
+        return {"models": {"m": {"state": "active"}}, "pool": {"pages_free": 1}}
+
+    w0.process.client.stats = flaky
+    cluster._supervisor.start()
+    try:
+        deadline = time.monotonic() + 5
+        while w0.state_of("m") != "active" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert cluster._supervisor.is_alive() and w0.state_of("m") == "active"
+    finally:
+        cluster._stop.set()
+        cluster._supervisor.join(2)

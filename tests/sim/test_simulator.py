@@ -152,3 +152,25 @@ def test_gpu_seconds_count_a_kept_and_reused_instance_from_its_load():
     assert small.instances[0].active_since == 20.0  # protection restarts...
     sim.events.now = 30.0
     assert sim._result().gpu_seconds_busy == pytest.approx(30.0)  # ...the GPU-seconds do not
+
+
+def _simultaneous(n: int) -> Workload:
+    spec = WorkloadSpec(("m",), total_rate_rps=1.0, duration_s=30.0, window_s=30.0,
+                        shape="flat", history_periods=0)
+    arrivals = 1.0 + np.arange(n) * 0.001
+    return Workload(spec, ("m",), arrivals, np.zeros(n, np.int32), np.full(n, 100, np.int32),
+                    np.full(n, 500, np.int32))
+
+
+@pytest.mark.parametrize(("system", "running", "queued"), [
+    ("warmserve-no-overflow", 32, 28),  # the published router: B per instance, then queue
+    ("warmserve", 60, 0),  # overflow: the one instance batches them all (KV has room)
+])
+def test_overflow_routing_fills_instances_past_b_when_none_can_be_added(system, running,
+                                                                         queued):
+    """One GPU, one instance, 60 requests at once: nowhere to scale."""
+    sim = Simulator(_simultaneous(60), [PROFILE.model("llama-2-7b")], get_system(system),
+                    SimConfig(1, 8, PolicyConfig(), PROFILE))
+    sim.run(stop_at_s=1.5)
+    (inst,) = sim.models[0].instances
+    assert inst.running == running and len(sim.models[0].queue) == queued

@@ -116,3 +116,11 @@ def test_growing_the_cluster_for_the_dedicated_system():
     assert free_group(cluster, 4) is None
     assert grow_cluster(cluster, 4, PROFILE.pool_bytes) == (8, 9, 10, 11)
     assert len(cluster.gpus) == 16  # a whole node was added
+
+
+def test_a_partial_last_node_has_only_the_groups_it_holds():
+    cluster = Cluster(12, 8, PROFILE.pool_bytes)
+    assert cluster.groups(4) == ((0, 1, 2, 3), (4, 5, 6, 7), (8, 9, 10, 11))
+    assert (8, 9, 10, 11, 12, 13, 14, 15) not in cluster.groups(8)
+    meshes = {mesh for _, mesh, _ in plan_muxserve(cluster, _planned([5.0] * 4), 256)}
+    assert all(g < 12 for mesh in meshes for g in mesh)

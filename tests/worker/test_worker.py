@@ -176,3 +176,27 @@ def test_refusals(worker, cache_dir):
         assert small.pool.num_free_pages == 3  # the refusal changed nothing
     finally:
         small.close()
+
+
+def test_a_stuck_engine_is_reported_and_does_not_stall_the_worker(worker, monkeypatch):
+    """An engine loop that does not get back between steps (a step hung): stats answers for
+    every model within its timeout and names the stuck one; lend is refused, not hung."""
+    import threading
+
+    import warmserve.worker.worker as worker_module
+
+    monkeypatch.setattr(worker_module, "STATS_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(worker_module, "ENGINE_CALL_TIMEOUT_S", 0.5)
+    worker.activate("a")
+    worker.activate("b")
+    release = threading.Event()
+    worker._active("a").loop.post(lambda engine: release.wait(10))  # occupies a's loop
+    try:
+        models = worker.stats()["models"]
+        assert "not responding" in models["a"]["error"] and "running" not in models["a"]
+        assert models["b"]["running"] == 0 and models["b"]["error"] is None
+        with pytest.raises(Refused, match="a: engine not responding"):
+            worker.lend("a", 4)
+    finally:
+        release.set()
+    assert worker.stats()["models"]["a"]["running"] == 0  # back once the step returns

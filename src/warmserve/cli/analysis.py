@@ -30,9 +30,9 @@ def simulate(
                                         "workload, policy parameters).")] = "h100-node",
     gpus: Annotated[int | None, typer.Option(help="GPUs in the cluster.")] = None,
     gpus_per_node: Annotated[int | None, typer.Option(help="GPUs per node.")] = None,
-    policies: Annotated[str, typer.Option(help="Comma-separated policy sets; 'all' adds the "
-                                          "ablations.")] = "warmserve,serverlessllm,muxserve,"
-                                                           "dedicated",
+    policies: Annotated[str, typer.Option(
+        help="Comma-separated policy sets; 'all' adds the stronger baseline variants and the "
+             "ablations.")] = "warmserve,serverlessllm,muxserve,dedicated",
     duration: Annotated[float | None, typer.Option(help="Simulated seconds.")] = None,
     rate: Annotated[float | None, typer.Option(help="Total request rate (preset only).")] = None,
     seed: Annotated[int | None, typer.Option(help="Workload seed.")] = None,
@@ -51,12 +51,12 @@ def simulate(
     from warmserve.sim.report import write_outputs
     from warmserve.sim.run import WorkloadError, build_scenario, summaries
     from warmserve.sim.run import simulate as run_sim
-    from warmserve.sim.systems import ABLATIONS, DEFAULT_SYSTEMS
+    from warmserve.sim.systems import ABLATIONS, DEFAULT_SYSTEMS, VARIANTS
     from warmserve.workload.traces import TraceError
 
     names = [p.strip() for p in policies.split(",") if p.strip()]
     if names == ["all"]:
-        names = list(DEFAULT_SYSTEMS) + list(ABLATIONS)
+        names = list(DEFAULT_SYSTEMS) + list(VARIANTS) + list(ABLATIONS)
     try:
         cfg = load_config(config)
         prof = load_profile(profile)

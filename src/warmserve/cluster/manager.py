@@ -19,7 +19,7 @@ from warmserve.cluster.local import LocalWorkerProcess
 from warmserve.config import WarmServeConfig
 from warmserve.engine.checkpoint import resolve_checkpoint
 from warmserve.sim.systems import SystemSpec, get_system
-from warmserve.worker.rpc import WorkerClient, WorkerGone
+from warmserve.worker.rpc import RemoteError, WorkerClient, WorkerGone
 from warmserve.worker.worker import Refused
 
 log = logging.getLogger(__name__)
@@ -260,4 +260,6 @@ class LocalCluster:
                     worker.stats = worker.client.stats()
                 except WorkerGone:
                     worker.stats = {}
+                except RemoteError as exc:  # the worker is up but could not answer: keep going
+                    log.warning("stats of worker %s failed: %s", worker.name, exc)
             time.sleep(0)

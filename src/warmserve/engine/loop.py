@@ -119,8 +119,8 @@ class EngineLoop:
         """Run `fn(engine)` on the loop thread between steps, without waiting for it."""
         self._commands.put(("call", (fn, queue.SimpleQueue())))
 
-    def stats(self) -> EngineStats:
-        return self.call(lambda engine: engine.stats())
+    def stats(self, timeout_s: float = 30.0) -> EngineStats:
+        return self.call(lambda engine: engine.stats(), timeout_s)
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         self._stopping.set()

@@ -39,10 +39,13 @@ def plot_ttft_cdf(path: Path, results: dict[str, SimResult]) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for name, result in results.items():
+    colors = plt.get_cmap("tab20").colors
+    for k, (name, result) in enumerate(results.items()):
         ttft = np.sort(result.ttft_s[~result.dropped])
-        if len(ttft):
-            ax.plot(ttft, np.arange(1, len(ttft) + 1) / len(result.ttft_s), label=name)
+        if len(ttft):  # the systems solid, their variants and ablations dashed
+            ax.plot(ttft, np.arange(1, len(ttft) + 1) / len(result.ttft_s), label=name,
+                    color=colors[(2 * k) % 20 + (2 * k) // 20], linestyle="--" if "-" in name
+                    else "-")
     ax.set_xscale("log")
     ax.set_xlabel("TTFT (s)")
     ax.set_ylabel("fraction of requests")

@@ -88,8 +88,12 @@ class Cluster:
         return -(-len(self.gpus) // self.gpus_per_node)
 
     def groups(self, tp: int) -> tuple[tuple[int, ...], ...]:
-        """Every aligned group of `tp` GPUs within a node (see policies.aligned_groups)."""
-        return aligned_groups(self.gpus_per_node, self.num_nodes, tp)
+        """Every aligned group of `tp` GPUs within a node (see policies.aligned_groups); a
+        last node with fewer GPUs has only the groups it holds."""
+        groups = aligned_groups(self.gpus_per_node, self.num_nodes, tp)
+        if len(self.gpus) % self.gpus_per_node:
+            groups = tuple(grp for grp in groups if grp[-1] < len(self.gpus))
+        return groups
 
     def add_gpus(self, count: int, pool_bytes: int) -> None:
         start = len(self.gpus)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,6 +34,9 @@ from warmserve.memory.pool import PagePool, PoolFullError, Slot
 from warmserve.memory.prewarm import PrewarmProgress, prewarm_slot
 
 log = logging.getLogger(__name__)
+
+STATS_TIMEOUT_S = 5.0  # an engine that cannot answer between two steps this long is stuck
+ENGINE_CALL_TIMEOUT_S = 30.0  # lend and reclaim wait this long for the engine to take them
 
 FIRST_KV_BYTES = 256 << 20  # mapped before the first request; the rest follows in background
 
@@ -154,7 +158,7 @@ class UniversalWorker:
             bm = engine.block_manager
             return bm.lend_units(min(wanted, len(bm.free_units(unit))), unit)
 
-        blocks = resident.loop.call(take)
+        blocks = self._engine_call(resident, take)
         pages = sorted({p for b in blocks for p in layout.kv_pages(b, 1)})
         self.pool.unmap(resident.slot, pages).result()
         resident.lent_blocks += blocks
@@ -170,7 +174,7 @@ class UniversalWorker:
             self.pool.map(resident.slot, pages).result()
         except PoolFullError as exc:
             raise Refused(f"{name}: cannot reclaim {len(pages)} pages: {exc}") from None
-        resident.loop.call(lambda engine: engine.block_manager.reclaim(blocks))
+        self._engine_call(resident, lambda engine: engine.block_manager.reclaim(blocks))
         resident.lent_blocks = []
         return len(pages)
 
@@ -182,23 +186,31 @@ class UniversalWorker:
         self._active(name).loop.abort(request_id)
 
     def stats(self) -> dict:
-        with self._lock:
-            models = {}
-            for name, r in self._residents.items():
-                entry = {"state": r.state.value, "pages": r.slot.num_mapped_pages,
-                         "runner_ready": r.runner is not None,
-                         "weight_bytes": r.layout.weight_bytes, "error": r.error,
-                         "prewarm_bytes_done": r.progress.bytes_done}
-                if r.loop is not None:
-                    s = r.loop.stats()
-                    entry |= {"running": s.num_running, "waiting": s.num_waiting,
-                              "blocks_free": s.num_blocks_free, "blocks_lent": s.num_blocks_lent,
-                              "blocks_usable": s.num_blocks_usable,
-                              "block_bytes": r.layout.block_bytes,
-                              "blocks_per_unit": r.layout.blocks_per_unit,
-                              "tokens_per_s": s.tokens_per_s}
-                models[name] = entry
-            return {"device": str(self.device), "pool": self.pool.stats(), "models": models}
+        with self._lock:  # what is resident; the engines are asked outside the lock (below)
+            residents = list(self._residents.items())
+        models = {}
+        for name, r in residents:
+            entry = {"state": r.state.value, "pages": r.slot.num_mapped_pages,
+                     "runner_ready": r.runner is not None,
+                     "weight_bytes": r.layout.weight_bytes, "error": r.error,
+                     "prewarm_bytes_done": r.progress.bytes_done}
+            loop = r.loop
+            if loop is not None:
+                try:
+                    s = loop.stats(timeout_s=STATS_TIMEOUT_S)
+                except queue.Empty:  # its loop is stuck in a step: say so, answer the rest
+                    entry["error"] = (f"engine not responding (no answer within "
+                                      f"{STATS_TIMEOUT_S:.0f} s)")
+                    models[name] = entry
+                    continue
+                entry |= {"running": s.num_running, "waiting": s.num_waiting,
+                          "blocks_free": s.num_blocks_free, "blocks_lent": s.num_blocks_lent,
+                          "blocks_usable": s.num_blocks_usable,
+                          "block_bytes": r.layout.block_bytes,
+                          "blocks_per_unit": r.layout.blocks_per_unit,
+                          "tokens_per_s": s.tokens_per_s}
+            models[name] = entry
+        return {"device": str(self.device), "pool": self.pool.stats(), "models": models}
 
     def close(self) -> None:
         for name in list(self._residents):
@@ -336,6 +348,14 @@ class UniversalWorker:
         self.pool.unmap(r.slot, kv).result()
         r.loop, r.lent_blocks, r.kv_pending = None, [], None
         r.state = ModelState.PREWARMED
+
+    @staticmethod
+    def _engine_call(r: _Resident, fn: Callable) -> Any:
+        """`fn(engine)` on the model's engine loop; Refused if the loop does not get to it."""
+        try:
+            return r.loop.call(fn, ENGINE_CALL_TIMEOUT_S)
+        except queue.Empty:
+            raise Refused(f"{r.config.name}: engine not responding (a step is stuck)") from None
 
     def _require(self, name: str) -> _Resident:
         if name not in self._residents:
