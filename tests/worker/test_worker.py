@@ -178,9 +178,10 @@ def test_refusals(worker, cache_dir):
         small.close()
 
 
-def test_a_stuck_engine_is_reported_and_does_not_stall_the_worker(worker, monkeypatch):
+def test_a_stuck_engine_is_reported_and_does_not_stall_the_worker(worker, monkeypatch, capfd):
     """An engine loop that does not get back between steps (a step hung): stats answers for
-    every model within its timeout and names the stuck one; lend is refused, not hung."""
+    every model within its timeout and names the stuck one, once dumping every thread's stack;
+    lend is refused, not hung."""
     import threading
 
     import warmserve.worker.worker as worker_module
@@ -195,6 +196,7 @@ def test_a_stuck_engine_is_reported_and_does_not_stall_the_worker(worker, monkey
         models = worker.stats()["models"]
         assert "not responding" in models["a"]["error"] and "running" not in models["a"]
         assert models["b"]["running"] == 0 and models["b"]["error"] is None
+        assert "in wait" in capfd.readouterr().err  # the stuck loop thread, where it waits
         with pytest.raises(Refused, match="a: engine not responding"):
             worker.lend("a", 4)
     finally:

@@ -11,8 +11,10 @@ abort, stats. What cannot fit is refused with a reason (`Refused`); nothing is l
 from __future__ import annotations
 
 import enum
+import faulthandler
 import logging
 import queue
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -68,6 +70,7 @@ class _Resident:
     lent_blocks: list[int] = field(default_factory=list)
     kv_pending: Any = None
     progress: PrewarmProgress = field(default_factory=PrewarmProgress)
+    stuck_reported: bool = False  # its engine's threads were dumped once (see _report_stuck)
 
 
 class UniversalWorker:
@@ -201,6 +204,7 @@ class UniversalWorker:
                 except queue.Empty:  # its loop is stuck in a step: say so, answer the rest
                     entry["error"] = (f"engine not responding (no answer within "
                                       f"{STATS_TIMEOUT_S:.0f} s)")
+                    self._report_stuck(r)
                     models[name] = entry
                     continue
                 entry |= {"running": s.num_running, "waiting": s.num_waiting,
@@ -355,7 +359,19 @@ class UniversalWorker:
         try:
             return r.loop.call(fn, ENGINE_CALL_TIMEOUT_S)
         except queue.Empty:
+            UniversalWorker._report_stuck(r)
             raise Refused(f"{r.config.name}: engine not responding (a step is stuck)") from None
+
+    @staticmethod
+    def _report_stuck(r: _Resident) -> None:
+        """Once per stuck engine: log it and write every thread's stack to stderr, so that
+        where it hangs (a CUDA call, a lock) is on record."""
+        if r.stuck_reported:
+            return
+        r.stuck_reported = True
+        log.error("%s: its engine loop has not come back from a step; all threads follow",
+                  r.config.name)
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
 
     def _require(self, name: str) -> _Resident:
         if name not in self._residents:
