@@ -321,3 +321,19 @@ def test_the_reactive_baseline_never_rebalances():
     cluster.load["b"] = 6
     _run(ctl, cluster, 4.0, 8.0)
     assert not any(entry[0] == "drain" for entry in cluster.log)
+
+
+def test_surplus_is_counted_at_the_engines_bound_the_router_fills_to():
+    """"a" holds both workers with 3 requests each: at B = 4 it needs both (6 > 0.8 x 4), but
+    the router fills an instance up to the engine's 32, so one carries it: "b", with nothing,
+    gets the other."""
+    cluster = FullCluster()
+    cluster.workers[0].inflight["a"] = 3
+    cluster.workers[1].inflight["a"] = 3
+    cluster.load["a"] = 6
+    ctl = Controller(cluster, TWO, min_instances=1)
+    assert ctl.engine_bound == 32
+    _run(ctl, cluster, 0.0, 4.0)
+    cluster.load["b"] = 6
+    _run(ctl, cluster, 4.0, 5.0)
+    assert any(entry[0] == "drain" and entry[1] == "a" for entry in cluster.log)

@@ -75,6 +75,9 @@ class Controller:
         self.cluster = cluster
         self.system = system or get_system("warmserve")
         self.policy = config.policy
+        # the router sends an instance requests past B, up to its engine's bound (overflow):
+        # what another model could give up is counted at that bound (as in the simulator)
+        self.engine_bound = max(config.engine.max_num_seqs, config.policy.instance_capacity)
         self.models = [m.name for m in config.models]
         self.weight_bytes = {m.name: model_weight_bytes(m, cluster.cache_dir)
                              for m in config.models}
@@ -273,7 +276,8 @@ class Controller:
             serving = [w for w in workers if w.state_of(other) == "active"
                        and not self.cluster.is_draining(w, other)]
             surplus[other] = surplus_instances(
-                self._load[other].load, len(serving), capacity, self.policy.scale_up_ratio,
+                self._load[other].load, len(serving), self.engine_bound,
+                self.policy.scale_up_ratio,
                 self.forecasters[other].forecast().avg_concurrency)
             for w in serving:
                 started = self._load[other].activated_at.get(w.name, self._first_tick)
