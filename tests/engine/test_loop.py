@@ -82,3 +82,37 @@ def test_shutdown_fails_pending_and_refuses_new(make_engine):
     assert outputs[-1].finished
     with pytest.raises(RuntimeError, match="shut down"):
         loop.submit("y", GREEDY)
+
+
+def test_a_call_to_a_shut_down_loop_fails_at_once(loop):
+    """Never a wait for an answer that cannot come: before the shutdown it is answered, after
+    it EngineShutDown is raised, also for a call queued behind the stop."""
+    import threading
+    import time
+
+    from warmserve.engine.loop import EngineShutDown
+
+    assert loop.call(lambda engine: 7) == 7
+    release = threading.Event()
+    loop.post(lambda engine: release.wait(5))  # the loop is busy: the next call queues
+    result = {}
+
+    def late_call():
+        start = time.monotonic()
+        try:
+            loop.call(lambda engine: 1, timeout_s=10)
+        except EngineShutDown:
+            result["raised_after_s"] = time.monotonic() - start
+
+    caller = threading.Thread(target=late_call)
+    loop._commands.put(("stop", None))  # the stop goes in before the call
+    caller.start()
+    time.sleep(0.1)
+    release.set()
+    caller.join(5)
+    assert result["raised_after_s"] < 2  # not the 10-s timeout
+    loop._stopping.set()
+    with pytest.raises(EngineShutDown):
+        loop.call(lambda engine: 1)
+    with pytest.raises(EngineShutDown):
+        loop.submit("hi", GREEDY)

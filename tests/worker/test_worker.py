@@ -202,3 +202,16 @@ def test_a_stuck_engine_is_reported_and_does_not_stall_the_worker(worker, monkey
     finally:
         release.set()
     assert worker.stats()["models"]["a"]["running"] == 0  # back once the step returns
+
+
+def test_stats_and_lend_on_an_engine_deactivated_meanwhile(worker, capfd):
+    """The worker reads a model's engine loop without its lock; if that loop was just shut
+    down, stats leave the model's engine figures out (no false "not responding") and lend is
+    refused at once."""
+    worker.activate("a")
+    worker._active("a").loop.shutdown()  # as a deactivation does, before `loop` is cleared
+    entry = worker.stats()["models"]["a"]
+    assert entry["error"] is None and "running" not in entry
+    assert "not come back" not in capfd.readouterr().err
+    with pytest.raises(Refused, match="a was deactivated meanwhile"):
+        worker.lend("a", 4)

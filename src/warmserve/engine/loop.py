@@ -14,6 +14,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -24,6 +25,10 @@ from warmserve.engine.sequence import FinishReason
 log = logging.getLogger(__name__)
 
 _DONE = object()
+
+
+class EngineShutDown(RuntimeError):
+    """The engine loop is shut down (its model was deactivated): it takes nothing more."""
 
 
 class RequestStream:
@@ -95,7 +100,7 @@ class EngineLoop:
                request_id: str | None = None) -> RequestStream:
         """Queue a request; raises InvalidRequestError for bad input (nothing is queued)."""
         if self._stopping.is_set():
-            raise RuntimeError(f"engine {self._name!r} is shut down")
+            raise EngineShutDown(f"engine {self._name!r} is shut down")
         token_ids = self._encode(prompt)
         self.engine.validate(token_ids, params)
         request_id = request_id or f"{self._name}-{next(self._ids)}"
@@ -107,10 +112,23 @@ class EngineLoop:
         self._commands.put(("abort", request_id))
 
     def call(self, fn: Callable[[LLMEngine], Any], timeout_s: float = 30.0) -> Any:
-        """Run `fn(engine)` on the loop thread between steps and return its result."""
+        """Run `fn(engine)` on the loop thread between steps and return its result. Raises
+        queue.Empty if the loop does not get to it within `timeout_s` (a step is stuck), and
+        EngineShutDown if the loop is shut down (before or while waiting)."""
+        if self._stopping.is_set():
+            raise EngineShutDown(f"engine {self._name!r} is shut down")
         done: queue.SimpleQueue = queue.SimpleQueue()
         self._commands.put(("call", (fn, done)))
-        ok, value = done.get(timeout=timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                ok, value = done.get(timeout=max(0.0, min(0.2, deadline - time.monotonic())))
+                break
+            except queue.Empty:
+                if not self._thread.is_alive():  # shut down after this call was queued
+                    raise EngineShutDown(f"engine {self._name!r} is shut down") from None
+                if time.monotonic() >= deadline:
+                    raise
         if not ok:
             raise value
         return value

@@ -27,7 +27,7 @@ from warmserve.config import EngineConfig, ModelConfig
 from warmserve.engine.checkpoint import DTYPES, read_arch, resolve_checkpoint
 from warmserve.engine.engine import create_engine
 from warmserve.engine.loader import build_model
-from warmserve.engine.loop import EngineLoop, RequestStream
+from warmserve.engine.loop import EngineLoop, EngineShutDown, RequestStream
 from warmserve.engine.sampling import SamplingParams
 from warmserve.engine.tokenizer import Tokenizer
 from warmserve.memory.host_cache import HostWeightCache
@@ -207,6 +207,9 @@ class UniversalWorker:
                     self._report_stuck(r)
                     models[name] = entry
                     continue
+                except EngineShutDown:  # deactivated since we looked: no engine to ask
+                    models[name] = entry
+                    continue
                 entry |= {"running": s.num_running, "waiting": s.num_waiting,
                           "blocks_free": s.num_blocks_free, "blocks_lent": s.num_blocks_lent,
                           "blocks_usable": s.num_blocks_usable,
@@ -356,11 +359,16 @@ class UniversalWorker:
     @staticmethod
     def _engine_call(r: _Resident, fn: Callable) -> Any:
         """`fn(engine)` on the model's engine loop; Refused if the loop does not get to it."""
+        loop = r.loop
+        if loop is None:
+            raise Refused(f"{r.config.name} is not active")
         try:
-            return r.loop.call(fn, ENGINE_CALL_TIMEOUT_S)
+            return loop.call(fn, ENGINE_CALL_TIMEOUT_S)
         except queue.Empty:
             UniversalWorker._report_stuck(r)
             raise Refused(f"{r.config.name}: engine not responding (a step is stuck)") from None
+        except EngineShutDown:
+            raise Refused(f"{r.config.name} was deactivated meanwhile") from None
 
     @staticmethod
     def _report_stuck(r: _Resident) -> None:
