@@ -7,7 +7,7 @@ parallelism over the whole mesh; the models of a mesh share its memory (weights,
 pool split by rate x KV bytes per token) and its compute (a prefill of any of them holds the
 mesh; decodes run side by side under MPS). The placement tries every split of the nodes, puts
 the models, the most compute-hungry first, where they add the most estimated throughput, and
-keeps the split that serves the most of the average rates.
+keeps the split that serves the most of the average rates, then leaves the most headroom.
 """
 
 from __future__ import annotations
