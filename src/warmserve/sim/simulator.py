@@ -158,14 +158,14 @@ class Simulator:
     def _average_load(self) -> list[PlannedModel]:
         """Each model's average rate and token lengths over the run (what MuxServe plans
         from; it is given the true averages)."""
-        w, out = self.w, []
-        for state in self.models:
-            mine = w.model_index == state.index
-            n = int(mine.sum())
-            out.append(PlannedModel(state.index, state.cost, n / w.spec.duration_s,
-                                    float(w.input_tokens[mine].mean()) if n else 0.0,
-                                    float(w.output_tokens[mine].mean()) if n else 0.0))
-        return out
+        w, m = self.w, len(self.models)
+        counts = np.bincount(w.model_index, minlength=m)
+        per = np.maximum(counts, 1)  # a model without requests: zero means
+        prompt = np.bincount(w.model_index, w.input_tokens, minlength=m) / per
+        output = np.bincount(w.model_index, w.output_tokens, minlength=m) / per
+        return [PlannedModel(s.index, s.cost, counts[s.index] / w.spec.duration_s,
+                             float(prompt[s.index]), float(output[s.index]))
+                for s in self.models]
 
     def _initial_instances(self, state: ModelState) -> int:
         if self.sys.dedicated:
