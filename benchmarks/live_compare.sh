@@ -4,6 +4,9 @@
 #   PYTHONPATH=src benchmarks/live_compare.sh OUTDIR [DURATION_S] [RATE_RPS]
 # Prints a table last; writes bench-<policy>.json and serve-<policy>.log into OUTDIR.
 # POLICIES="warmserve" runs only those (the table shows every bench-*.json in OUTDIR).
+# While the bench runs, the cluster view (/v1/cluster: every worker's models, their engines'
+# queues and KV blocks, the controller's latest actions) is recorded every 2 s into
+# cluster-<policy>.jsonl, so a run that goes wrong shows how.
 set -u
 out=${1:-live-out}; duration=${2:-90}; rate=${3:-6}
 cache=${WARMSERVE_CACHE_DIR:-/tmp/warmserve-live}
@@ -16,10 +19,17 @@ path = Path("$cache") / "synth" / "llama-3-8b"
 if not (path / "config.json").exists():
     write_synthetic("llama-3-8b", path, device="cuda" if torch.cuda.is_available() else "cpu")
 PY
-wait_health() {
-  python - <<'PY'
-import time, httpx
+wait_health() {  # wait_health PID: until the server answers, or fail if it exits first
+  python - "$1" <<'PY'
+import os, sys, time, httpx
+pid = int(sys.argv[1])
 for _ in range(600):
+    try:  # a server that exited is a zombie until the shell waits for it
+        alive = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        alive = False
+    if not alive:
+        sys.exit(f"the server (pid {pid}) exited before it was healthy: see its log")
     try:
         if httpx.get("http://127.0.0.1:8000/health", timeout=2).json()["status"] == "ok":
             break
@@ -32,12 +42,16 @@ for policy in ${POLICIES:-warmserve serverlessllm}; do
   python -m warmserve.cli --cache-dir "$cache" --log-level warning serve --config h100-live \
       --policy "$policy" --port 8000 > "$out/serve-$policy.log" 2>&1 &
   pid=$!
-  wait_health
+  wait_health "$pid" || { cat "$out/serve-$policy.log" >&2; exit 1; }
   sleep 12  # past new_instance_protect_s and keep_alive_s: idle models have scaled to zero
+  while sleep 2; do
+    curl -s -m 5 http://127.0.0.1:8000/v1/cluster || echo '{"error": "no answer"}'; echo
+  done > "$out/cluster-$policy.jsonl" 2>/dev/null &
+  watcher=$!
   python -m warmserve.cli bench --url http://127.0.0.1:8000 --workload azure-functions \
       --rate "$rate" --duration "$duration" --max-input-tokens 512 --max-output-tokens 64 \
       --seed 1 --json > "$out/bench-$policy.json"
-  curl -s http://127.0.0.1:8000/v1/cluster > "$out/cluster-$policy.json" 2>/dev/null || true
+  kill "$watcher"
   kill -INT "$pid"; wait "$pid"
 done
 python - "$out" <<'PY'

@@ -216,6 +216,22 @@ def test_lent_kv_is_reclaimed_when_load_rises_evicting_prewarms_if_needed():
     assert [a[1] for a in ctl.actions] == ["evict", "reclaim"]
 
 
+def test_requests_waiting_for_lent_blocks_get_them_back_and_block_lending():
+    """The live deadlock of 2026-11-28: every block of an engine lent, its requests all
+    waiting (none running). The reservation counts waiting requests too: the blocks come back,
+    and such an engine lends nothing."""
+    worker = KVWorker("w0", {"blocks_usable": 0, "blocks_free": 0, "blocks_lent": 100,
+                             "running": 0, "waiting": 18})
+    ctl = _kv_controller(worker)
+    ctl.tick(0.0)
+    assert worker.calls == [("reclaim", "m")]
+    worker.entry |= {"blocks_usable": 100, "blocks_free": 100, "blocks_lent": 0, "waiting": 2}
+    worker.calls.clear()
+    ctl._sample("m", 0.0)
+    ctl.close_window(10.0)  # keep ceil(100 x 2 / 4) = 50 free: lend 50 blocks = 3 pages
+    assert worker.calls == [("lend", "m", 3)]
+
+
 TWO = parse_config({
     "cluster": {"nodes": [{"devices": [{"type": "cpu", "count": 2, "memory_gib": 1}]}]},
     "models": [{"name": "a", "checkpoint": "synth:tiny"},

@@ -116,3 +116,49 @@ def test_a_call_to_a_shut_down_loop_fails_at_once(loop):
         loop.call(lambda engine: 1)
     with pytest.raises(EngineShutDown):
         loop.submit("hi", GREEDY)
+
+
+def test_a_slow_step_is_timed_logged_and_visible_while_it_runs(loop, monkeypatch, caplog):
+    """A step longer than SLOW_STEP_S is logged with what it ran; while a step runs, other
+    threads see for how long (how the worker tells a slow step from a loop that is busy)."""
+    import threading
+    import time
+
+    import warmserve.engine.loop as loop_module
+
+    monkeypatch.setattr(loop_module, "SLOW_STEP_S", 0.05)
+    inside, release = threading.Event(), threading.Event()
+    step = loop.engine.step
+
+    def held_step():
+        inside.set()
+        release.wait(5)
+        return step()
+
+    loop.engine.step = held_step
+    assert loop.step_running_for() is None
+    stream = loop.submit("x", SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
+    assert inside.wait(5)
+    time.sleep(0.1)
+    assert loop.step_running_for() >= 0.1
+    release.set()
+    stream.collect()
+    assert loop.num_steps >= 1 and loop.num_slow_steps >= 1
+    assert "tiny: a step took" in caplog.text and "prefill_tokens" in caplog.text
+
+
+def test_a_stalled_loop_waits_instead_of_spinning_and_a_reclaim_unstalls_it(loop):
+    """All KV blocks lent: a request waits with nothing to run. The loop must not spin on empty
+    steps (it would hold the GIL against every other engine in the process); the reclaim call
+    that gives the blocks back gets the request going."""
+    import time
+
+    lent = loop.call(lambda engine: engine.block_manager.lend(
+        engine.block_manager.num_free_blocks))
+    stream = loop.submit("x", SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+    time.sleep(0.3)
+    steps = loop.num_steps
+    assert steps <= 10  # a spinning loop makes thousands of empty steps in 0.3 s
+    assert loop.call(lambda engine: engine.stats().num_waiting) == 1
+    loop.call(lambda engine: engine.block_manager.reclaim(lent))
+    assert stream.collect().num_output_tokens == 2

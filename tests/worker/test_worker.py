@@ -178,7 +178,8 @@ def test_refusals(worker, cache_dir):
         small.close()
 
 
-def test_a_stuck_engine_is_reported_and_does_not_stall_the_worker(worker, monkeypatch, capfd):
+def test_a_stuck_engine_is_reported_and_does_not_stall_the_worker(worker, monkeypatch, capfd,
+                                                                  caplog):
     """An engine loop that does not get back between steps (a step hung): stats answers for
     every model within its timeout and names the stuck one, once dumping every thread's stack;
     lend is refused, not hung."""
@@ -196,7 +197,9 @@ def test_a_stuck_engine_is_reported_and_does_not_stall_the_worker(worker, monkey
         models = worker.stats()["models"]
         assert "not responding" in models["a"]["error"] and "running" not in models["a"]
         assert models["b"]["running"] == 0 and models["b"]["error"] is None
-        assert "in wait" in capfd.readouterr().err  # the stuck loop thread, where it waits
+        assert "no step is running: the loop is busy with another call" in caplog.text
+        err = capfd.readouterr().err
+        assert "--- thread 'a-loop'" in err and "in wait" in err  # where the loop thread waits
         with pytest.raises(Refused, match="a: engine not responding"):
             worker.lend("a", 4)
     finally:

@@ -17,8 +17,10 @@ import numpy as np
 
 from warmserve.workload.builder import Workload
 
-WORDS = ("the", "model", "serves", "many", "requests", "on", "shared", "GPUs", "with", "low",
-         "latency", "and")
+# Prompts are token ids, so a request is exactly as long as the trace says whatever the model's
+# tokenizer (text would be ~5x longer on a byte-level one). Ids 32..126 exist in every vocabulary
+# of 128 or more entries (printable characters on a byte-level tokenizer).
+_LOW_ID, _HIGH_ID = 32, 127
 
 
 @dataclass
@@ -30,9 +32,10 @@ class Result:
     status: int | None = None
 
 
-def prompt_of(tokens: int, seed: int) -> str:
-    """A prompt of about `tokens` tokens (one word each for common tokenizers)."""
-    return " ".join(WORDS[(seed + i) % len(WORDS)] for i in range(max(1, tokens)))
+def prompt_ids(tokens: int, seed: int) -> list[int]:
+    """A prompt of exactly `tokens` (at least 1) token ids, different for each seed."""
+    span = _HIGH_ID - _LOW_ID
+    return [_LOW_ID + (seed * 7 + i * 13) % span for i in range(max(1, tokens))]
 
 
 async def replay(url: str, workload: Workload, models: list[str], api_key: str | None = None,
@@ -51,7 +54,7 @@ async def replay(url: str, workload: Workload, models: list[str], api_key: str |
         async def one(slot: int, i: int) -> None:
             await asyncio.sleep(max(0.0, workload.arrival_s[i] - (time.perf_counter() - start)))
             body = {"model": models[int(workload.model_index[i]) % len(models)],
-                    "prompt": prompt_of(min(int(workload.input_tokens[i]), max_input_tokens), i),
+                    "prompt": prompt_ids(min(int(workload.input_tokens[i]), max_input_tokens), i),
                     "max_tokens": min(int(workload.output_tokens[i]), max_output_tokens),
                     "temperature": 0, "stream": True, "ignore_eos": True}
             results[slot] = await _stream(client, body)

@@ -170,13 +170,15 @@ class Controller:
 
     def _kv_entries(self):
         """(worker, model, stats entry, blocks it may lend) for every active instance: the
-        published reservation keeps total x running / B blocks free and lends the rest."""
+        published reservation keeps total x requests / B blocks free and lends the rest. The
+        requests are those running and those waiting in the engine's queue: an engine whose
+        requests all wait (for blocks that are lent) is not idle."""
         for worker in self.cluster.workers:
             for model, entry in worker.stats.get("models", {}).items():
                 if entry.get("state") == "active" and "blocks_usable" in entry:
                     total = entry["blocks_usable"] + entry["blocks_lent"]
                     lendable = lendable_kv_tokens(total, total - entry["blocks_free"],
-                                                  entry["running"],
+                                                  _requests(entry),
                                                   self.policy.instance_capacity)
                     yield worker, model, entry, lendable
 
@@ -196,12 +198,14 @@ class Controller:
                 log.info("lend on %s: %s", worker.name, exc)
 
     def _reclaim_where_needed(self, now: float) -> None:
-        """Take lent pages back when an instance's free blocks fall below its reservation,
-        evicting prewarmed models on that worker if they hold the memory."""
+        """Take lent pages back when an instance's free blocks fall below its reservation, or
+        when requests wait in its engine, evicting prewarmed models on that worker if they hold
+        the memory."""
         for worker, model, entry, _ in list(self._kv_entries()):
             total = entry["blocks_usable"] + entry["blocks_lent"]
-            target_free = math.ceil(total * entry["running"] / self.policy.instance_capacity)
-            if not entry["blocks_lent"] or entry["blocks_free"] >= target_free:
+            target_free = math.ceil(total * _requests(entry) / self.policy.instance_capacity)
+            short = entry["blocks_free"] < target_free or entry.get("waiting", 0) > 0
+            if not entry["blocks_lent"] or not short:
                 continue
             try:
                 try:
@@ -374,3 +378,8 @@ def load_history(path: Path, models: set[str]) -> dict[str, list[tuple[float, fl
             raise TraceError(f"{path}:{line}: negative value {min(values)}")
         out.setdefault(row["model"], []).append(values)
     return out
+
+
+def _requests(entry: dict) -> int:
+    """An engine's requests, running and waiting, from its stats entry."""
+    return entry["running"] + entry.get("waiting", 0)

@@ -96,6 +96,8 @@ class LLMEngine:
         self._text: dict[str, _TextState] = {}
         self._num_preemptions = 0
         self._token_times: list[tuple[float, int]] = []
+        self._last_step: dict[str, float | int] = {}
+        self.last_step_ran = False  # whether the latest step ran or finished anything
 
     @property
     def block_manager(self) -> BlockManager:
@@ -138,18 +140,31 @@ class LLMEngine:
         return self.scheduler.has_unfinished
 
     def step(self) -> list[RequestOutput]:
+        t0 = time.perf_counter()
         sched = self.scheduler.schedule()
+        t1 = time.perf_counter()
         self._num_preemptions += len(sched.preempted)
         outputs = [self._final(seq, [], "") for seq in sched.evicted]
+        self._last_step = {"schedule_s": t1 - t0, "decodes": len(sched.decodes),
+                           "prefills": len(sched.prefills),
+                           "prefill_tokens": sum(n for _, n in sched.prefills),
+                           "preempted": len(sched.preempted)}
+        self.last_step_ran = not sched.is_empty or bool(sched.evicted)
         if sched.is_empty:
             return outputs
         sample_seqs = sched.sequences_to_sample()
         sampled = self.runner.execute(sched, sample_seqs)
+        self._last_step["execute_s"] = time.perf_counter() - t1
         self.scheduler.postprocess(sched)
         self._count_tokens(len(sampled))
         for seq, token in zip(sample_seqs, sampled, strict=True):
             outputs.append(self._append(seq, token))
         return outputs
+
+    def last_step_summary(self) -> str:
+        """What the latest step ran and where its time went, for slow-step logs."""
+        return ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                         for k, v in self._last_step.items())
 
     def stats(self) -> EngineStats:
         bm = self.block_manager

@@ -25,6 +25,8 @@ from warmserve.engine.sequence import FinishReason
 log = logging.getLogger(__name__)
 
 _DONE = object()
+SLOW_STEP_S = 1.0  # a step longer than this is logged with what it ran
+STALL_RETRY_S = 0.05  # a loop whose step ran nothing steps again after this, or on a command
 
 
 class EngineShutDown(RuntimeError):
@@ -89,6 +91,9 @@ class EngineLoop:
         self._ids = itertools.count()
         self._name = name
         self._stopping = threading.Event()
+        self._step_started: float | None = None  # set while a step runs (read by other threads)
+        self.num_steps = 0
+        self.num_slow_steps = 0
         self._thread = threading.Thread(target=self._run, name=f"{name}-loop", daemon=True)
         self._thread.start()
 
@@ -140,6 +145,16 @@ class EngineLoop:
     def stats(self, timeout_s: float = 30.0) -> EngineStats:
         return self.call(lambda engine: engine.stats(), timeout_s)
 
+    @property
+    def thread_name(self) -> str:
+        return self._thread.name
+
+    def step_running_for(self) -> float | None:
+        """Seconds the step now running has taken so far; None between steps. Safe to call
+        from any thread: it is how a caller tells a slow step from a loop that is not stepping."""
+        started = self._step_started
+        return None if started is None else time.monotonic() - started
+
     def shutdown(self, timeout_s: float = 10.0) -> None:
         self._stopping.set()
         self._commands.put(("stop", None))
@@ -155,20 +170,24 @@ class EngineLoop:
         raise InvalidRequestError("prompt must be text, token ids or chat messages, not empty")
 
     def _run(self) -> None:
+        stalled = False  # the last step could run nothing (e.g. no free KV blocks)
         while True:
-            block = not self.engine.has_work()
+            # Idle, wait for a command. Stalled, also wait (a command, such as a reclaim of
+            # lent KV blocks, is what can unstall it), but look again now and then: a loop that
+            # spun here would hold the GIL against every other engine of the process.
+            idle = not self.engine.has_work()
+            timeout = None if idle else STALL_RETRY_S if stalled else 0.0
             try:
                 while True:
-                    kind, arg = self._commands.get(block=block)
-                    block = False
+                    kind, arg = self._commands.get(block=timeout != 0.0, timeout=timeout)
+                    timeout = 0.0
                     if kind == "stop":
                         self._fail_all("engine shut down")
                         return
                     self._handle(kind, arg)
             except queue.Empty:
                 pass
-            if self.engine.has_work():
-                self._step()
+            stalled = self.engine.has_work() and not self._step()
 
     def _handle(self, kind: str, arg: Any) -> None:
         if kind == "add":
@@ -191,15 +210,26 @@ class EngineLoop:
             except Exception as exc:  # handed back to the caller's thread
                 done.put((False, exc))
 
-    def _step(self) -> None:
+    def _step(self) -> bool:
+        """One engine step; False if it could run nothing."""
+        self._step_started = started = time.monotonic()
         try:
             outputs = self.engine.step()
         except Exception as exc:
             log.exception("engine step failed; failing its requests")
             self._fail_all(f"engine step failed: {exc}")
-            return
+            return True
+        finally:
+            self._step_started = None
+        took = time.monotonic() - started
+        self.num_steps += 1
+        if took > SLOW_STEP_S:
+            self.num_slow_steps += 1
+            log.warning("%s: a step took %.2f s (%s)", self._name, took,
+                        self.engine.last_step_summary())
         for output in outputs:
             self._deliver(output)
+        return self.engine.last_step_ran
 
     def _deliver(self, output: RequestOutput) -> None:
         stream = self._streams.get(output.request_id)

@@ -11,11 +11,11 @@ abort, stats. What cannot fit is refused with a reason (`Refused`); nothing is l
 from __future__ import annotations
 
 import enum
-import faulthandler
 import logging
 import queue
 import sys
 import threading
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -372,14 +372,22 @@ class UniversalWorker:
 
     @staticmethod
     def _report_stuck(r: _Resident) -> None:
-        """Once per stuck engine: log it and write every thread's stack to stderr, so that
-        where it hangs (a CUDA call, a lock) is on record."""
-        if r.stuck_reported:
+        """Once per stuck engine: log whether a step is running and for how long, then every
+        thread's stack by name, so that where it hangs (a CUDA call, a lock) is on record."""
+        if r.stuck_reported or r.loop is None:
             return
         r.stuck_reported = True
-        log.error("%s: its engine loop has not come back from a step; all threads follow",
-                  r.config.name)
-        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        running = r.loop.step_running_for()
+        where = ("its step has run for %.1f s" % running if running is not None
+                 else "no step is running: the loop is busy with another call")
+        log.error("%s: its engine loop (thread %r) did not answer: %s; after %d steps, %d slow."
+                  " All threads follow", r.config.name, r.loop.thread_name, where,
+                  r.loop.num_steps, r.loop.num_slow_steps)
+        names = {t.ident: t.name for t in threading.enumerate()}
+        for ident, frame in sys._current_frames().items():
+            stack = "".join(traceback.format_stack(frame))
+            print(f"--- thread {names.get(ident, ident)!r}\n{stack}", file=sys.stderr)
+        sys.stderr.flush()
 
     def _require(self, name: str) -> _Resident:
         if name not in self._residents:
