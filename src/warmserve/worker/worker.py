@@ -378,7 +378,7 @@ class UniversalWorker:
             return
         r.stuck_reported = True
         running = r.loop.step_running_for()
-        where = ("its step has run for %.1f s" % running if running is not None
+        where = (f"its step has run for {running:.1f} s" if running is not None
                  else "no step is running: the loop is busy with another call")
         log.error("%s: its engine loop (thread %r) did not answer: %s; after %d steps, %d slow."
                   " All threads follow", r.config.name, r.loop.thread_name, where,
