@@ -62,3 +62,27 @@ def test_cuda_engine_equals_cpu_engine_greedy(tiny_checkpoint):
                                SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))
         outputs[device] = run_all(engine)
     assert outputs["cuda"] == outputs["cpu"]
+
+
+def test_engines_built_at_once_in_threads_all_capture_their_graphs(tiny_checkpoint):
+    """A worker reloading several models builds their runners on several threads at once;
+    graph capture must not break another thread's capture (it did: cudaErrorStreamCapture*)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from warmserve.engine.engine import create_engine
+    from warmserve.engine.sampling import SamplingParams
+
+    config = EngineConfig(kv_cache_gib=0.05, max_cuda_graph_batch=16)
+
+    def build(i):
+        return create_engine(tiny_checkpoint, config, "float32", "cuda", 512)
+
+    with ThreadPoolExecutor(4) as pool:
+        engines = list(pool.map(build, range(4)))
+    outputs = []
+    for engine in engines:
+        assert engine.runner._graphs  # every one captured its decode graphs
+        engine.add_request("r", list(range(5, 40)),
+                           SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))
+        outputs.append(run_all(engine))
+    assert all(o == outputs[0] for o in outputs)

@@ -8,6 +8,7 @@ block manager hands out, so they never touch a sequence's cache.
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,11 @@ from warmserve.engine.scheduler import SchedulerOutput
 from warmserve.engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
+
+# One graph capture at a time in a process. Two runners built at once (a worker reloading
+# several models) broke each other: one's synchronize, legal on its own, is illegal while the
+# other's stream is capturing, and invalidates that capture (seen live, 2026-11-28).
+_CAPTURE_LOCK = threading.Lock()
 
 
 @dataclass
@@ -126,20 +132,22 @@ class ModelRunner:
         self._static.copy_(self._host)
         buckets = sorted({b for b in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
                           if b < max_batch} | {max_batch}, reverse=True)
-        pool = torch.cuda.graph_pool_handle()
-        for bucket in buckets:
-            meta = AttentionMetadata(self._slot[:bucket], bucket, self._tables[:bucket],
-                                     self._lens[:bucket], [])
-            with torch.inference_mode():
-                for _ in range(2):  # warm up (Triton compile, cuBLAS handles)
-                    self._decode_forward(bucket, meta)
-                torch.cuda.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                # thread_local: other engines of the worker keep running while this captures
-                with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-                    logits = self._decode_forward(bucket, meta)
-            self._graphs[bucket] = _Graph(graph, logits)
-        torch.cuda.synchronize()
+        stream = torch.cuda.current_stream(self.device)  # only this thread's work is waited on
+        with _CAPTURE_LOCK:
+            pool = torch.cuda.graph_pool_handle()
+            for bucket in buckets:
+                meta = AttentionMetadata(self._slot[:bucket], bucket, self._tables[:bucket],
+                                         self._lens[:bucket], [])
+                with torch.inference_mode():
+                    for _ in range(2):  # warm up (Triton compile, cuBLAS handles)
+                        self._decode_forward(bucket, meta)
+                    stream.synchronize()
+                    graph = torch.cuda.CUDAGraph()
+                    # thread_local: other engines of the worker keep running while this captures
+                    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                        logits = self._decode_forward(bucket, meta)
+                self._graphs[bucket] = _Graph(graph, logits)
+            stream.synchronize()
         log.info("captured decode CUDA graphs for batch sizes %s", sorted(self._graphs))
 
     def _decode_forward(self, bucket: int, meta: AttentionMetadata) -> torch.Tensor:
