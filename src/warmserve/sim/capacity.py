@@ -354,7 +354,7 @@ class CapacityManager:
         if not self.sys.kv_lending or any(i.kept_since is not None for i in gpu.instances):
             return 0
         inst = gpu.instances[0]
-        per_token = inst.cost.kv_bytes_per_token // inst.cost.tp
+        per_token = inst.kv_bytes_per_token
         total = inst.kv_tokens + self.cluster.kv_room_tokens(inst, reclaim=True)
         lend = lendable_kv_tokens(total, inst.kv_tokens, inst.running, self.B)
         return lend * per_token

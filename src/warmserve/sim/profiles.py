@@ -42,7 +42,7 @@ class ModelCost:
         return self.prefill_base_s + tokens * self.prefill_s_per_token
 
     def decode_step_s(self, batch: int) -> float:
-        return self.decode_base_s + max(0, batch - 1) * self.decode_per_seq_s
+        return self.decode_base_s + (batch - 1 if batch > 1 else 0) * self.decode_per_seq_s
 
     def on_gpus(self, tp: int) -> ModelCost:
         """The same model over another number of GPUs (see TpScaling)."""

@@ -183,8 +183,9 @@ class Simulator:
         if state.queue or not self._try_admit(state, i):
             state.queue.append(i)
             if self.sys.autoscale:  # the router queues and triggers a scale-up
+                now = self.events.now
                 pending = sum(1 for inst in state.instances
-                              if inst.accepting and inst.ready_at > self.now)
+                              if inst.accepting and inst.ready_at > now)
                 if pending * self.B < len(state.queue):
                     self.cap.scale_up(state, 1)
 
@@ -197,7 +198,7 @@ class Simulator:
 
     def _route(self, state: ModelState, i: int, bound: int | None) -> bool:
         need = self.need_tokens[i]
-        best, best_running, now = None, math.inf, self.now
+        best, best_running, now = None, math.inf, self.events.now
         for inst in state.instances:
             running = inst.running
             if (running < best_running and running < (bound or inst.max_batch)
@@ -222,7 +223,7 @@ class Simulator:
             return True
         if not self.sys.kv_lending or self.cluster.kv_room_tokens(inst, reclaim=True) < need:
             return False
-        per_token = inst.cost.kv_bytes_per_token // inst.cost.tp
+        per_token = inst.kv_bytes_per_token
         for g in inst.gpus:  # take lent memory back: evict the lowest-scored prewarms there
             gpu = self.cluster.gpus[g]
             for p in sorted(gpu.prewarms, key=lambda p: p.score):
@@ -234,8 +235,9 @@ class Simulator:
 
     def _admit(self, state: ModelState, inst: Instance, i: int, need: int) -> None:
         cost = inst.cost
-        slowdown = self._slowdown(inst)
-        start = max(self.now, inst.prefill_free_at)
+        slowdown = self._slowdown(inst) if self.sys.colocate else 1.0
+        now = self.events.now
+        start = now if now > inst.prefill_free_at else inst.prefill_free_at
         first = start + cost.prefill_s(self.input_tokens[i]) * slowdown
         inst.prefill_free_at = first
         inst.running += 1
@@ -244,7 +246,7 @@ class Simulator:
         out = self.output_tokens[i]
         self.ttft[i] = first - self.arrival[i]
         self.tpot[i] = tpot
-        self.events.push(first + max(out - 1, 0) * tpot, FINISH, (state, inst, i, need))
+        self.events.push(first + (out - 1 if out > 1 else 0) * tpot, FINISH, (state, inst, i, need))
 
     def _slowdown(self, inst: Instance) -> float:
         if not self.sys.colocate:
@@ -266,9 +268,10 @@ class Simulator:
             self.cap.release(inst)
 
     def _drain_queue(self, state: ModelState) -> None:
+        now, timeout = self.events.now, self.cfg.queue_timeout_s
         while state.queue:
             i = state.queue[0]
-            if self.now - self.arrival[i] > self.cfg.queue_timeout_s:
+            if now - self.arrival[i] > timeout:
                 state.queue.popleft()
                 self.dropped[i] = True
                 self._change_concurrency(state, -1)
@@ -278,10 +281,12 @@ class Simulator:
             state.queue.popleft()
 
     def _change_concurrency(self, state: ModelState, delta: int) -> None:
-        state.integral += state.concurrency * (self.now - state.last_change_s)
-        state.last_change_s = self.now
+        now = self.events.now
+        state.integral += state.concurrency * (now - state.last_change_s)
+        state.last_change_s = now
         state.concurrency += delta
-        state.window_peak = max(state.window_peak, state.concurrency)
+        if state.concurrency > state.window_peak:
+            state.window_peak = state.concurrency
 
     # --- control ----------------------------------------------------------------------------
 

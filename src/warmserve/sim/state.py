@@ -46,6 +46,7 @@ class Instance:
     def __post_init__(self) -> None:
         if self.active_since < 0:
             self.active_since = self.created_at
+        self.kv_bytes_per_token = self.cost.kv_bytes_per_token // self.cost.tp  # on each GPU
 
     def refresh(self) -> None:
         """Recompute `accepting` after changing draining, kept_since or released_at (the
@@ -102,10 +103,15 @@ class Cluster:
 
     def kv_room_tokens(self, inst: Instance, reclaim: bool) -> int:
         """Tokens the instance can still take: free memory, plus prewarmed bytes if reclaim."""
-        per_token = inst.cost.kv_bytes_per_token // inst.cost.tp
-        room = min(self.gpus[g].free_bytes() + (self.gpus[g].prewarmed_bytes() if reclaim else 0)
-                   for g in inst.gpus)
-        return max(0, room // per_token)
+        gpus = self.gpus
+        if reclaim:
+            room = min(gpus[g].free_bytes() + gpus[g].prewarmed_bytes() for g in inst.gpus)
+        elif len(inst.gpus) == 1:  # the common case, on every request: no generator
+            gpu = gpus[inst.gpus[0]]
+            room = gpu.pool_bytes - gpu.used
+        else:
+            room = min(gpus[g].pool_bytes - gpus[g].used for g in inst.gpus)
+        return max(0, room // inst.kv_bytes_per_token)
 
     # Every change of GPU memory goes through these, which keep `Gpu.used` exact.
 
@@ -115,16 +121,17 @@ class Cluster:
             self.gpus[g].used += inst.cost.weight_bytes_per_gpu
 
     def remove_instance(self, inst: Instance) -> None:
-        per_token = inst.cost.kv_bytes_per_token // inst.cost.tp
+        per_token = inst.kv_bytes_per_token
         for g in inst.gpus:
             self.gpus[g].instances.remove(inst)
             self.gpus[g].used -= inst.cost.weight_bytes_per_gpu + inst.kv_tokens * per_token
 
     def change_kv(self, inst: Instance, tokens: int) -> None:
         inst.kv_tokens += tokens
-        delta = tokens * (inst.cost.kv_bytes_per_token // inst.cost.tp)
+        delta = tokens * inst.kv_bytes_per_token
+        gpus = self.gpus
         for g in inst.gpus:
-            self.gpus[g].used += delta
+            gpus[g].used += delta
 
     def place_prewarm(self, prewarm: Prewarm) -> None:
         for g in prewarm.gpus:
