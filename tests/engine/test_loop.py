@@ -162,3 +162,15 @@ def test_a_stalled_loop_waits_instead_of_spinning_and_a_reclaim_unstalls_it(loop
     assert loop.call(lambda engine: engine.stats().num_waiting) == 1
     loop.call(lambda engine: engine.block_manager.reclaim(lent))
     assert stream.collect().num_output_tokens == 2
+
+
+def test_slow_steps_are_reported_at_most_once_per_interval(loop, monkeypatch, caplog):
+    """On a slow device every step may be slow: the log gets one line per interval, with the
+    count of slow steps since the last one, not one line per step."""
+    import warmserve.engine.loop as loop_module
+
+    monkeypatch.setattr(loop_module, "SLOW_STEP_S", 0.0)
+    stream = loop.submit("x", SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    stream.collect()
+    assert loop.num_slow_steps >= 8
+    assert caplog.text.count("a step took") == 1

@@ -25,7 +25,8 @@ from warmserve.engine.sequence import FinishReason
 log = logging.getLogger(__name__)
 
 _DONE = object()
-SLOW_STEP_S = 1.0  # a step longer than this is logged with what it ran
+SLOW_STEP_S = 1.0  # a step longer than this is logged with what it ran,
+SLOW_STEP_LOG_EVERY_S = 30.0  # at most once in this long per engine (CPU engines are slow)
 STALL_RETRY_S = 0.05  # a loop whose step ran nothing steps again after this, or on a command
 
 
@@ -94,6 +95,7 @@ class EngineLoop:
         self._step_started: float | None = None  # set while a step runs (read by other threads)
         self.num_steps = 0
         self.num_slow_steps = 0
+        self._slow_logged = (-float("inf"), 0)  # (when, num_slow_steps then)
         self._thread = threading.Thread(target=self._run, name=f"{name}-loop", daemon=True)
         self._thread.start()
 
@@ -225,8 +227,12 @@ class EngineLoop:
         self.num_steps += 1
         if took > SLOW_STEP_S:
             self.num_slow_steps += 1
-            log.warning("%s: a step took %.2f s (%s)", self._name, took,
-                        self.engine.last_step_summary())
+            last, count = self._slow_logged
+            if started - last >= SLOW_STEP_LOG_EVERY_S:
+                log.warning("%s: a step took %.2f s (%s); %d slow steps since the last report",
+                            self._name, took, self.engine.last_step_summary(),
+                            self.num_slow_steps - count)
+                self._slow_logged = (started, self.num_slow_steps)
         for output in outputs:
             self._deliver(output)
         return self.engine.last_step_ran
