@@ -25,3 +25,21 @@ def test_prompt_ids_are_valid_for_the_smallest_tokenizer(tiny_checkpoint):
     """The synthetic checkpoints' byte-level tokenizer holds every id the bench sends."""
     tokenizer = Tokenizer(tiny_checkpoint, read_arch(tiny_checkpoint))
     assert max(prompt_ids(512, 3)) < tokenizer.vocab_size
+
+
+def test_live_summary_counts_activations_over_the_run_only():
+    """Activations are the run's cold starts plus prewarm hits (the counters' change over the
+    run), whoever activated; other endpoints have no such counters."""
+    from warmserve.bench.replay import Result, summarize_live
+
+    results = [Result(ttft_s=0.2, tpot_s=0.01, tokens=4, ok=True, status=200),
+               Result(ttft_s=2.0, tpot_s=0.01, tokens=4, ok=True, status=200),
+               Result(status=429)]
+    before = {"cold_starts": 5, "prewarm_hits": 7}
+    after = {"cold_starts": 6, "prewarm_hits": 10, "controller_actions": []}
+    live = summarize_live(results, 10.0, 1.0, after, before)
+    assert (live["cold_starts"], live["prewarm_hits"], live["activations"]) == (1, 3, 4)
+    assert live["completed"] == 2 and live["dropped"] == 1 and live["rejected_429"] == 1
+    assert live["requests_within_slo"] == 1
+    other = summarize_live(results, 10.0, 1.0, None, None)
+    assert other["activations"] is None and other["cold_starts"] is None

@@ -101,7 +101,8 @@ def summarize_live(results: list[Result], duration_s: float, ttft_slo_s: float,
     def pct(q: float) -> float | None:
         return float(np.percentile(ttft, q)) if len(ttft) else None
 
-    actions = (cluster or {}).get("controller_actions", [])
+    cold = _delta(cluster, cluster_before, "cold_starts")
+    hits = _delta(cluster, cluster_before, "prewarm_hits")
     return {
         "ttft_mean_s": float(ttft.mean()) if len(ttft) else None,
         "ttft_p50_s": pct(50), "ttft_p90_s": pct(90), "ttft_p95_s": pct(95), "ttft_p99_s": pct(99),
@@ -112,9 +113,11 @@ def summarize_live(results: list[Result], duration_s: float, ttft_slo_s: float,
         "requests_within_slo": int((ttft <= ttft_slo_s).sum()),
         "ttft_slo_s": ttft_slo_s,
         "gpu_seconds_busy": None,  # not observable from outside the endpoint
-        "cold_starts": _delta(cluster, cluster_before, "cold_starts"),
-        "prewarm_hits": _delta(cluster, cluster_before, "prewarm_hits"),
-        "activations": sum(1 for a in actions if a["action"] == "activate") if cluster else None,
+        "cold_starts": cold,
+        "prewarm_hits": hits,
+        # every activation, by the router or the controller, either loaded weights or found
+        # them prewarmed (the controller's action log holds only its own, and only the latest)
+        "activations": None if cold is None or hits is None else cold + hits,
         "rejected_429": sum(1 for r in results if r.status == 429),
     }
 
