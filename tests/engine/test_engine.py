@@ -187,6 +187,30 @@ def test_lend_and_reclaim_while_decoding(make_engine):
     assert tokens["r0"] == alone["r0"] and tokens["r1"] == alone["r1"]
 
 
+def test_a_lone_sequence_short_of_lent_blocks_waits_for_them_not_cut(make_engine):
+    """A request that fits the whole cache but not what is left after lending must not be cut
+    for length (it was, live: 65 of 100 tokens): it waits until the blocks come back, then
+    finishes whole, token for token as alone."""
+    engine = make_engine(kv_cache_bytes=BLOCK_BYTES * 17)  # 16 usable blocks = 64 tokens
+    bm = engine.block_manager
+    lent = bm.lend(8)  # 32 tokens left
+    engine.add_request("r", list(range(1, 11)), SamplingParams(max_tokens=40, temperature=0,
+                                                               ignore_eos=True))
+    outs = []
+    for _ in range(100):
+        outs += engine.step()
+    assert not any(o.finished for o in outs)  # stalled, not cut
+    assert engine.stats().num_waiting == 1 and not engine.last_step_ran
+    bm.reclaim(lent)
+    while engine.has_work():
+        outs += engine.step()
+    assert outs[-1].finish_reason is FinishReason.LENGTH and outs[-1].num_output_tokens == 40
+    alone = make_engine(kv_cache_bytes=BLOCK_BYTES * 17)
+    alone.add_request("r", list(range(1, 11)), SamplingParams(max_tokens=40, temperature=0,
+                                                              ignore_eos=True))
+    assert run_all(alone)["r"] == [t for o in outs for t in o.token_ids]
+
+
 def test_sequence_larger_than_cache_finishes_with_length(make_engine):
     engine = make_engine(kv_cache_bytes=BLOCK_BYTES * 4)  # 3 usable blocks = 12 tokens
     engine.add_request("big", list(range(1, 11)), SamplingParams(max_tokens=30, temperature=0,

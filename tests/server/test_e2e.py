@@ -300,3 +300,27 @@ def test_controller_lends_idle_kv_and_takes_it_back_under_load(tmp_path, cache_d
             assert sum(1 for _ in stream) > 0
     finally:
         srv.close()
+
+
+def test_requests_waiting_for_lent_kv_get_it_back(tmp_path, cache_dir, tiny_checkpoint):
+    """The live deadlock of 2026-11-28, end to end: an active model with its whole KV cache lent
+    and nothing running gets a request too long for the blocks left. It waits in the engine; the
+    controller must take the blocks back (it counted running requests only, so it never did:
+    this request then timed out), and it finishes."""
+    config = _config() | {"policy": {"page_size_mib": 2, "instance_capacity": 4,
+                                     "window_s": 120.0, "control_interval_s": 0.2}}
+    srv = _Server(config, tmp_path, cache_dir, controller=True)
+    try:
+        worker = next(w for w in srv.cluster.workers if w.state_of("tiny-a") == "active")
+        assert worker.client.lend("tiny-a", 10**6) > 0  # every whole page of free KV
+        left = worker.client.stats()["models"]["tiny-a"]["blocks_free"]
+        tokens = 400 + 100
+        assert left * 16 < tokens  # 16-token blocks: what is left cannot hold the request
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key=KEY, max_retries=0,
+                               timeout=30)
+        reply = client.completions.create(model="tiny-a", prompt=[5 + i % 300 for i in range(400)],
+                                          max_tokens=100, extra_body={"ignore_eos": True})
+        assert reply.usage.completion_tokens == 100
+        assert "reclaim" in [a for _, a, _, _ in srv.controller.actions]
+    finally:
+        srv.close()

@@ -96,12 +96,19 @@ class Scheduler:
         return budget
 
     def _make_room(self, seq: Sequence, n: int, out: SchedulerOutput) -> bool:
-        """Preempt from the back of `running` until `seq` can grow by n; False if seq left."""
-        while not self.block_manager.can_allocate(seq, n):
+        """Preempt from the back of `running` until `seq` can grow by n; False if seq left.
+        Alone and still short, seq is cut for length only if the whole cache could not hold
+        it; if it could once its lent blocks come back, it waits for them (preempted)."""
+        bm = self.block_manager
+        while not bm.can_allocate(seq, n):
             victim = self.running[-1]
             if victim is seq and len(self.running) == 1:
-                self.finish(seq, FinishReason.LENGTH)
-                out.evicted.append(seq)
+                if len(seq.block_table) + bm.blocks_needed(seq, n) > bm.num_blocks:
+                    self.finish(seq, FinishReason.LENGTH)
+                    out.evicted.append(seq)
+                    return False
+                self._preempt(seq)
+                out.preempted.append(seq)
                 return False
             self._preempt(victim)
             out.preempted.append(victim)
