@@ -97,7 +97,7 @@ class LLMEngine:
         self._num_preemptions = 0
         self._token_times: list[tuple[float, int]] = []
         self._last_step: dict[str, float | int] = {}
-        self.last_step_ran = False  # whether the latest step ran or finished anything
+        self.last_step_ran = False  # whether the latest step ran, finished or preempted anything
 
     @property
     def block_manager(self) -> BlockManager:
@@ -149,7 +149,7 @@ class LLMEngine:
                            "prefills": len(sched.prefills),
                            "prefill_tokens": sum(n for _, n in sched.prefills),
                            "preempted": len(sched.preempted)}
-        self.last_step_ran = not sched.is_empty or bool(sched.evicted)
+        self.last_step_ran = not sched.is_empty or bool(sched.evicted or sched.preempted)
         if sched.is_empty:
             return outputs
         sample_seqs = sched.sequences_to_sample()
