@@ -374,15 +374,16 @@ class UniversalWorker:
     def _report_stuck(r: _Resident) -> None:
         """Once per stuck engine: log whether a step is running and for how long, then every
         thread's stack by name, so that where it hangs (a CUDA call, a lock) is on record."""
-        if r.stuck_reported or r.loop is None:
+        loop = r.loop  # read once: a deactivation may clear it meanwhile
+        if r.stuck_reported or loop is None:
             return
         r.stuck_reported = True
-        running = r.loop.step_running_for()
+        running = loop.step_running_for()
         where = (f"its step has run for {running:.1f} s" if running is not None
                  else "no step is running: the loop is busy with another call")
         log.error("%s: its engine loop (thread %r) did not answer: %s; after %d steps, %d slow."
-                  " All threads follow", r.config.name, r.loop.thread_name, where,
-                  r.loop.num_steps, r.loop.num_slow_steps)
+                  " All threads follow", r.config.name, loop.thread_name, where,
+                  loop.num_steps, loop.num_slow_steps)
         names = {t.ident: t.name for t in threading.enumerate()}
         for ident, frame in sys._current_frames().items():
             stack = "".join(traceback.format_stack(frame))
