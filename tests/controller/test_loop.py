@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+import pytest
+
 from warmserve.config import parse_config
 from warmserve.controller.loop import Controller
 
@@ -230,6 +232,19 @@ def test_requests_waiting_for_lent_blocks_get_them_back_and_block_lending():
     ctl._sample("m", 0.0)
     ctl.close_window(10.0)  # keep ceil(100 x 2 / 4) = 50 free: lend 50 blocks = 3 pages
     assert worker.calls == [("lend", "m", 3)]
+
+
+@pytest.mark.parametrize(("blocked", "reclaimed"), [(1, True), (0, False)])
+def test_a_request_blocked_for_lent_blocks_gets_them_back_a_queued_one_does_not(blocked,
+                                                                                 reclaimed):
+    """Enough free blocks by the reservation (30 of 100 free, 25 kept for 1 request), but the
+    engine says its waiting request is blocked (too long for 30): the blocks come back. A request
+    that merely waits for the next step (blocked 0) does not trigger a reclaim."""
+    worker = KVWorker("w0", {"blocks_usable": 40, "blocks_free": 30, "blocks_lent": 60,
+                             "running": 0, "waiting": 1, "blocked": blocked})
+    ctl = _kv_controller(worker)
+    ctl.tick(0.0)
+    assert (worker.calls == [("reclaim", "m")]) is reclaimed
 
 
 TWO = parse_config({

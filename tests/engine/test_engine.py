@@ -200,7 +200,8 @@ def test_a_lone_sequence_short_of_lent_blocks_waits_for_them_not_cut(make_engine
     for _ in range(100):
         outs += engine.step()
     assert not any(o.finished for o in outs)  # stalled, not cut
-    assert engine.stats().num_waiting == 1 and not engine.last_step_ran
+    stats = engine.stats()
+    assert stats.num_waiting == 1 and stats.num_blocked == 1 and not engine.last_step_ran
     bm.reclaim(lent)
     while engine.has_work():
         outs += engine.step()
@@ -231,3 +232,14 @@ def test_stats(make_engine):
     engine.step()
     stats = engine.stats()
     assert stats.num_running == 2 and stats.num_blocks_free < stats.num_blocks_usable
+
+
+def test_requests_queued_for_batch_slots_are_not_blocked(make_engine):
+    """Waiting because the batch is full is not waiting for KV blocks: num_blocked stays 0."""
+    engine = make_engine(max_num_seqs=1)
+    for rid in ("a", "b"):
+        engine.add_request(rid, [1, 2, 3], SamplingParams(max_tokens=5, temperature=0,
+                                                          ignore_eos=True))
+    engine.step()
+    stats = engine.stats()
+    assert stats.num_waiting == 1 and stats.num_blocked == 0

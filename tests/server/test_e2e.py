@@ -306,9 +306,10 @@ def test_requests_waiting_for_lent_kv_get_it_back(tmp_path, cache_dir, tiny_chec
     """The live deadlock of 2026-11-28, end to end: an active model with its whole KV cache lent
     and nothing running gets a request too long for the blocks left. It waits in the engine; the
     controller must take the blocks back (it counted running requests only, so it never did:
-    this request then timed out), and it finishes."""
+    this request then timed out), and it finishes. The controller's tick is a minute away: the
+    check of lending workers between ticks is what takes the blocks back."""
     config = _config() | {"policy": {"page_size_mib": 2, "instance_capacity": 4,
-                                     "window_s": 120.0, "control_interval_s": 0.2}}
+                                     "window_s": 120.0, "control_interval_s": 60.0}}
     srv = _Server(config, tmp_path, cache_dir, controller=True)
     try:
         worker = next(w for w in srv.cluster.workers if w.state_of("tiny-a") == "active")

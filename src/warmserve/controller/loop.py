@@ -44,6 +44,7 @@ from warmserve.worker.rpc import WorkerGone
 from warmserve.worker.worker import Refused
 
 log = logging.getLogger(__name__)
+KV_CHECK_S = 0.1  # how often workers lending KV are checked for blocked requests, between ticks
 
 H2D_BYTES_PER_S = 52e9  # cold-start time in replica scores: weight bytes over pinned H2D
 
@@ -120,10 +121,20 @@ class Controller:
     # --- the loop -------------------------------------------------------------------------
 
     def _run(self) -> None:
+        interval = self.policy.control_interval_s
+        # Between ticks, workers that lend KV are asked for fresh stats every KV_CHECK_S, so a
+        # request blocked on lent blocks gets them back in a fraction of a tick plus the
+        # supervisor's poll.
+        wait_s = min(interval, KV_CHECK_S) if self.system.kv_lending else interval
+        next_tick = self._clock() + interval
         next_window = self._clock() + self.policy.window_s
-        while not self._stop.wait(self.policy.control_interval_s):
+        while not self._stop.wait(wait_s):
             now = self._clock()
             try:
+                if now < next_tick:
+                    self._reclaim_for_lenders(now)
+                    continue
+                next_tick = now + interval
                 self.tick(now)
                 if now >= next_window:
                     self.close_window(now)
@@ -197,14 +208,26 @@ class Controller:
             except (Refused, WorkerGone) as exc:
                 log.info("lend on %s: %s", worker.name, exc)
 
+    def _reclaim_for_lenders(self, now: float) -> None:
+        """The reclaim check alone, on fresh stats of the workers that lend KV blocks."""
+        lenders = [w for w in self.cluster.workers if w.alive and any(
+            m.get("blocks_lent") for m in w.stats.get("models", {}).values())]
+        for worker in lenders:
+            try:
+                worker.stats = worker.client.stats()
+            except (Refused, WorkerGone) as exc:
+                log.info("stats of %s: %s", worker.name, exc)
+        if lenders:
+            self._reclaim_where_needed(now)
+
     def _reclaim_where_needed(self, now: float) -> None:
         """Take lent pages back when an instance's free blocks fall below its reservation, or
-        when requests wait in its engine, evicting prewarmed models on that worker if they hold
-        the memory."""
+        when requests in its engine wait for blocks, evicting prewarmed models on that worker
+        if they hold the memory."""
         for worker, model, entry, _ in list(self._kv_entries()):
             total = entry["blocks_usable"] + entry["blocks_lent"]
             target_free = math.ceil(total * _requests(entry) / self.policy.instance_capacity)
-            short = entry["blocks_free"] < target_free or entry.get("waiting", 0) > 0
+            short = entry["blocks_free"] < target_free or entry.get("blocked", 0) > 0
             if not entry["blocks_lent"] or not short:
                 continue
             try:

@@ -47,6 +47,7 @@ class RequestOutput:
 class EngineStats:
     num_running: int
     num_waiting: int
+    num_blocked: int  # waiting for free KV blocks (see Scheduler.num_blocked)
     num_blocks_free: int
     num_blocks_usable: int
     num_blocks_lent: int
@@ -170,6 +171,7 @@ class LLMEngine:
         bm = self.block_manager
         return EngineStats(
             num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            num_blocked=self.scheduler.num_blocked if self.scheduler.waiting else 0,
             num_blocks_free=bm.num_free_blocks, num_blocks_usable=bm.num_usable_blocks,
             num_blocks_lent=bm.num_lent_blocks, num_preemptions=self._num_preemptions,
             tokens_per_s=self._tokens_per_s(),

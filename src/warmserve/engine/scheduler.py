@@ -50,6 +50,10 @@ class Scheduler:
         self.max_tokens_per_step = max_tokens_per_step
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        # Waiting sequences the last schedule could not admit for want of free KV blocks (not
+        # for want of batch slots or step budget): what tells a controller to take lent
+        # blocks back.
+        self.num_blocked = 0
 
     @property
     def has_unfinished(self) -> bool:
@@ -70,7 +74,10 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self._schedule_running(out, self.max_tokens_per_step)
-        if not out.preempted:
+        self.num_blocked = 0
+        if out.preempted:  # preempted for want of blocks: all that wait are short of them
+            self.num_blocked = len(self.waiting)
+        else:
             self._schedule_waiting(out, budget)
         return out
 
@@ -129,6 +136,7 @@ class Scheduler:
             seq = self.waiting[0]
             n = min(seq.num_uncomputed_tokens, budget)
             if not self.block_manager.can_allocate(seq, n):
+                self.num_blocked = len(self.waiting)
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING

@@ -211,6 +211,7 @@ class UniversalWorker:
                     models[name] = entry
                     continue
                 entry |= {"running": s.num_running, "waiting": s.num_waiting,
+                          "blocked": s.num_blocked,
                           "blocks_free": s.num_blocks_free, "blocks_lent": s.num_blocks_lent,
                           "blocks_usable": s.num_blocks_usable,
                           "block_bytes": r.layout.block_bytes,
