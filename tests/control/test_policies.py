@@ -20,6 +20,7 @@ from warmserve.control.policies import (
     place_prewarms,
     replica_plan,
     route,
+    should_reclaim_kv,
     surplus_instances,
 )
 from warmserve.control.predictor import Forecast
@@ -131,6 +132,18 @@ def test_route_least_loaded_with_room():
                          [(1000, 0, 0, 1000), (1000, 100, 16, 400), (1000, 600, 32, 0)])
 def test_kv_reservation(total, used, running, lend):
     assert lendable_kv_tokens(total, used, running, 32) == lend
+
+
+@pytest.mark.parametrize(("free", "lent", "requests", "blocked", "reclaim"), [
+    (10, 60, 3, 0, True),    # keep ceil(100 x 3 / 4) = 75 free: only 10 are
+    (80, 20, 3, 0, False),   # 80 free: enough
+    (30, 60, 1, 1, True),    # 30 >= 25 free, but a request is blocked (too long for 30)
+    (30, 60, 1, 0, False),   # the same request merely queued for the next step
+    (0, 0, 18, 18, False),   # nothing lent: nothing to take back
+    (0, 100, 18, 18, True),  # the live deadlock: all lent, all waiting
+])
+def test_kv_reclaim(free, lent, requests, blocked, reclaim):
+    assert should_reclaim_kv(100, free, lent, requests, blocked, 4) is reclaim
 
 
 @pytest.mark.parametrize(("load", "instances", "surplus"),

@@ -107,6 +107,16 @@ def lendable_kv_tokens(total_tokens: int, used_tokens: int, running: int, capaci
     return max(0, total_tokens - used_tokens - target_free)
 
 
+def should_reclaim_kv(total: int, free: int, lent: int, requests: int, blocked: int,
+                     capacity: int) -> bool:
+    """KV-cache reservation, the other way: take lent blocks back when the free ones fall
+    below total x requests / B, or when the engine has requests blocked for want of blocks
+    (one too long for what is free stays blocked whatever the reservation says)."""
+    if not lent:
+        return False
+    return free < math.ceil(total * requests / capacity) or blocked > 0
+
+
 def autoscale(load: float, instances: int, capacity: int, up_ratio: float, down_ratio: float
               ) -> int:
     """Desired instance count for a model from its recent mean concurrency (published rule)."""

@@ -14,7 +14,6 @@ snapshot and applies the actions through the cluster's worker clients.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections import deque
@@ -34,6 +33,7 @@ from warmserve.control.policies import (
     lendable_kv_tokens,
     place_prewarms,
     replica_plan,
+    should_reclaim_kv,
     surplus_instances,
 )
 from warmserve.control.predictor import ModelForecaster
@@ -225,10 +225,10 @@ class Controller:
         when requests in its engine wait for blocks, evicting prewarmed models on that worker
         if they hold the memory."""
         for worker, model, entry, _ in list(self._kv_entries()):
-            total = entry["blocks_usable"] + entry["blocks_lent"]
-            target_free = math.ceil(total * _requests(entry) / self.policy.instance_capacity)
-            short = entry["blocks_free"] < target_free or entry.get("blocked", 0) > 0
-            if not entry["blocks_lent"] or not short:
+            if not should_reclaim_kv(entry["blocks_usable"] + entry["blocks_lent"],
+                                     entry["blocks_free"], entry["blocks_lent"],
+                                     _requests(entry), entry.get("blocked", 0),
+                                     self.policy.instance_capacity):
                 continue
             try:
                 try:
