@@ -243,3 +243,28 @@ def test_requests_queued_for_batch_slots_are_not_blocked(make_engine):
     engine.step()
     stats = engine.stats()
     assert stats.num_waiting == 1 and stats.num_blocked == 0
+
+
+def test_a_prompt_longer_than_the_blocks_in_service_waits_for_lent_ones(make_engine):
+    """A prompt that fits the whole cache but not the blocks left after lending is not admitted
+    chunk by chunk (it would fill what is there, be preempted, and start over, again and
+    again): it waits, blocked, and runs whole once the blocks come back."""
+    engine = make_engine(kv_cache_bytes=BLOCK_BYTES * 17, max_tokens_per_step=16)
+    bm = engine.block_manager
+    lent = bm.lend(8)  # 8 blocks = 32 tokens in service
+    prompt = [1 + i % 50 for i in range(40)]
+    params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    engine.add_request("r", prompt, params)
+    ran = 0
+    for _ in range(50):
+        engine.step()
+        ran += engine.last_step_ran
+    assert ran == 0 and engine.stats().num_blocked == 1
+    bm.reclaim(lent)
+    outs = []
+    while engine.has_work():
+        outs += engine.step()
+    alone = make_engine(kv_cache_bytes=BLOCK_BYTES * 17, max_tokens_per_step=16)
+    alone.add_request("r", prompt, params)
+    assert [t for o in outs for t in o.token_ids] == run_all(alone)["r"]
+    assert engine.stats().num_preemptions == 0

@@ -123,6 +123,14 @@ class Scheduler:
                 return False
         return True
 
+    def _needs_lent_blocks(self, seq: Sequence) -> bool:
+        """Whether `seq` cannot finish its prompt on the blocks in service, but could once the
+        lent ones come back. Admitted chunk by chunk, it would run out at the same point again
+        and again, each time recomputed; it waits instead (and counts as blocked)."""
+        bm = self.block_manager
+        need = -(-seq.num_tokens // bm.block_size)
+        return bm.num_usable_blocks < need <= bm.num_blocks
+
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.block_manager.free(seq)
@@ -135,7 +143,7 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             n = min(seq.num_uncomputed_tokens, budget)
-            if not self.block_manager.can_allocate(seq, n):
+            if not self.block_manager.can_allocate(seq, n) or self._needs_lent_blocks(seq):
                 self.num_blocked = len(self.waiting)
                 break
             self.waiting.popleft()
