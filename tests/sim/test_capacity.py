@@ -83,6 +83,21 @@ def test_rebalancing_leaves_models_without_surplus_alone(system):
     assert len(sim.models[0].instances) == 7 and sim.cap.counts["rebalance"] == 0
 
 
+@pytest.mark.parametrize(("system", "drained"), [("warmserve", True),
+                                                 ("warmserve-lookback", False)])
+def test_the_lookback_experiment_spares_instances_needed_within_the_reserve_time(system,
+                                                                                drained):
+    """"s" has 60 in flight now but had 1,400 twenty seconds ago: counted on its latest load,
+    it has instances to spare; with the look-back (rebalance_reserve_s = 60 s) it has none."""
+    sim = two_model_sim(system)
+    _crowd(sim, running=0)
+    small, big = sim.models
+    small.recent_loads.extend([(80.0, 1400.0), (100.0, 60.0)])
+    assert not sim.cap.acquire(big)
+    assert (sim.cap.counts["rebalance"] == 1) is drained
+    assert (len(small.instances) < 7) is drained
+
+
 def test_a_model_with_nothing_serving_may_take_from_a_model_past_its_target():
     """With the published router, "s" at load 150 needs its 7 instances at B each; but "big"
     has nothing at all, and "s" could carry 150 on fewer instances batching to the engine's

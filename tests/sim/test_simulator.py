@@ -174,3 +174,14 @@ def test_overflow_routing_fills_instances_past_b_when_none_can_be_added(system, 
     sim.run(stop_at_s=1.5)
     (inst,) = sim.models[0].instances
     assert inst.running == running and len(sim.models[0].queue) == queued
+
+
+def test_the_lookback_keeps_the_loads_of_the_reserve_time_only(paper_short):
+    sim = Simulator(paper_short.workload, paper_short.costs, get_system("warmserve-lookback"),
+                    SimConfig(16, 8, CONFIG.policy, PROFILE))
+    sim.run(stop_at_s=150.0)
+    horizon = CONFIG.policy.rebalance_reserve_s
+    for state in sim.models:
+        times = [t for t, _ in state.recent_loads]
+        assert times and times[-1] - times[0] <= horizon
+        assert state.recent_loads[-1][1] == state.load

@@ -299,6 +299,10 @@ class Simulator:
             span = self.now - old_t
             load = (state.integral - old_i) / span if span > 0 else state.concurrency
             state.load = load
+            if self.sys.rebalance_lookback:
+                state.recent_loads.append((self.now, load))
+                while state.recent_loads[0][0] < self.now - policy.rebalance_reserve_s:
+                    state.recent_loads.popleft()
             live = state.live()
             desired = autoscale(load, len(live), self.B,
                                 policy.scale_up_ratio, policy.scale_down_ratio)

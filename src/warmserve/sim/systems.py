@@ -40,6 +40,9 @@ class SystemSpec:
     overflow: bool = False  # the router fills instances past B, to the engine's bound
     colocate: bool = False  # MuxServe static co-location
     dedicated: bool = False  # peak-provisioned, unbounded GPUs
+    # Rebalancing counts other models' surplus against their peak 5-s load over the last
+    # rebalance_reserve_s, not the latest one (an experiment, docs/simulation.md)
+    rebalance_lookback: bool = False
     description: str = ""
 
 
@@ -62,6 +65,9 @@ SYSTEMS: dict[str, SystemSpec] = {
                    description="ablation: prewarm on free GPUs only"),
         SystemSpec("warmserve-round-robin", **_WARMSERVE | dict(round_robin=True),
                    description="ablation: round-robin placement"),
+        SystemSpec("warmserve-lookback", **_WARMSERVE | dict(rebalance_lookback=True),
+                   description="experiment: rebalancing takes no instance a model needed "
+                   "within the last rebalance_reserve_s"),
         SystemSpec("serverlessllm", engine_init=True, keep_alive=True,
                    description="reactive autoscaling, DRAM/SSD loading, keep-alive"),
         SystemSpec("serverlessllm-overflow", engine_init=True, keep_alive=True, overflow=True,
@@ -76,6 +82,7 @@ SYSTEMS: dict[str, SystemSpec] = {
 }
 DEFAULT_SYSTEMS = ("warmserve", "serverlessllm", "muxserve", "dedicated")
 VARIANTS = ("serverlessllm-overflow",)  # baselines made stronger than published
+EXPERIMENTS = ("warmserve-lookback",)  # candidates for warmserve, not in `--policies all`
 ABLATIONS = ("warmserve-published", "warmserve-no-rebalance", "warmserve-no-overflow",
              "warmserve-no-forecast", "warmserve-no-kv-reservation", "warmserve-round-robin")
 
