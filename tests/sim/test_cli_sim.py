@@ -40,3 +40,19 @@ def test_predict_json():
     overall = json.loads(result.stdout)["overall"]
     assert {"peak_mre", "avg_mre", "naive_last_window_peak_mre",
             "naive_same_slot_yesterday_peak_mre"} <= set(overall)
+
+
+def test_predict_scores_an_oracle_over_replays_and_refuses_it_for_a_request_file(tmp_path):
+    """The oracle (mean of other seeds' replays of the same shape) is the floor: on `paper` it
+    is below the forecaster and the naive predictors. A request file has no other replays."""
+    result = runner.invoke(app, ["predict", "--workload", "paper", "--oracle-replays", "3",
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    overall = json.loads(result.stdout)["overall"]
+    assert 0 < overall["oracle_peak_mre"] < overall["peak_mre"]
+    assert overall["oracle_peak_mre"] < overall["naive_last_window_peak_mre"]
+    path = tmp_path / "req.csv"
+    path.write_text("arrival_s,model,input_tokens,output_tokens\n"
+                    + "".join(f"{i * 0.1:.1f},llama-2-7b-a,100,50\n" for i in range(50)))
+    result = runner.invoke(app, ["predict", "--workload", str(path), "--oracle-replays", "2"])
+    assert result.exit_code != 0 and "--oracle-replays needs a preset" in result.output

@@ -84,6 +84,9 @@ def predict(
     config: Annotated[str, typer.Option("--config", "-c")] = "h100-node",
     profile: Annotated[str, typer.Option(help="Cost profile name or YAML file.")] = "h100",
     seed: Annotated[int | None, typer.Option()] = None,
+    oracle_replays: Annotated[int, typer.Option(
+        min=0, max=64, help="Also score an oracle that knows the load shape: the mean of this "
+        "many replays of the preset under other seeds (the floor of any forecaster).")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     log_level: VerbLogLevel = None,
 ) -> None:
@@ -92,26 +95,38 @@ def predict(
     from warmserve.control.forecast_eval import evaluate_forecasts
     from warmserve.sim.profiles import load_profile
     from warmserve.sim.run import WorkloadError, build_scenario
+    from warmserve.workload.presets import PRESETS
     from warmserve.workload.traces import TraceError
 
     try:
         cfg = load_config(config)
-        scenario = build_scenario(workload, cfg, load_profile(profile), seed=seed,
-                                  window_s=window)
+        prof = load_profile(profile)
+        scenario = build_scenario(workload, cfg, prof, seed=seed, window_s=window)
+        if oracle_replays and workload not in PRESETS:
+            raise WorkloadError(f"--oracle-replays needs a preset: a request file such as "
+                                f"{workload!r} is one replay only")
+        base = scenario.workload.spec.seed
+        replays = [build_scenario(workload, cfg, prof, seed=base + k, window_s=window).workload
+                   for k in range(1, oracle_replays + 1)]
     except (ConfigError, WorkloadError, TraceError, ValueError, KeyError, OSError) as exc:
         raise fail(str(exc).strip("'\"")) from None
-    report = evaluate_forecasts(scenario.workload, cfg.policy.error_correction_windows)
+    report = evaluate_forecasts(scenario.workload, cfg.policy.error_correction_windows,
+                                replays or None)
     if as_json:
         print(json.dumps(report, indent=2))
         return
     table = Table(title=f"forecast errors (mean relative), window {scenario.workload.window_s} s")
-    for column in ("model", "peak", "avg", "naive last window", "naive same slot yesterday"):
+    keys = ["peak_mre", "avg_mre", "naive_last_window_peak_mre",
+            "naive_same_slot_yesterday_peak_mre"]
+    columns = ["model", "peak", "avg", "naive last window", "naive same slot yesterday"]
+    if replays:
+        keys += ["oracle_peak_mre", "oracle_avg_mre"]
+        columns += ["oracle peak", "oracle avg"]
+    for column in columns:
         table.add_column(column, justify="right")
     rows = [*report["models"].items(), ("overall", report["overall"])]
     for name, row in rows:
-        table.add_row(name, *(fmt(row[k]) for k in (
-            "peak_mre", "avg_mre", "naive_last_window_peak_mre",
-            "naive_same_slot_yesterday_peak_mre")))
+        table.add_row(name, *(fmt(row[k]) for k in keys))
     Console().print(table)
     for note in scenario.workload.notes:
         console.print(f"[dim]{note}[/dim]")

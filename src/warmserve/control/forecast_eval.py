@@ -8,7 +8,8 @@ from warmserve.control.predictor import ModelForecaster, mean_relative_error
 from warmserve.workload.builder import Workload
 
 
-def evaluate_forecasts(workload: Workload, error_windows: int = 10) -> dict:
+def evaluate_forecasts(workload: Workload, error_windows: int = 10,
+                       replays: list[Workload] | None = None) -> dict:
     """Replay each model's simulated span window by window: forecast, then observe.
 
     Returns {"overall": {...}, "with_history": {...}, "models": {name: {...}}} with mean
@@ -17,6 +18,10 @@ def evaluate_forecasts(workload: Workload, error_windows: int = 10) -> dict:
     predictor is scored on the same windows: all but the first, which has no last window.
     `with_history` averages over the models that have earlier days only, so that all four
     errors there cover the same models.
+
+    `replays`: the same workload drawn with other seeds (same load shape, fresh randomness).
+    Their mean per window is what an oracle knowing the shape would predict; its errors
+    (`oracle_peak_mre`, `oracle_avg_mre`) are the floor no forecaster gets below.
     """
     models = {}
     for name in workload.models:
@@ -43,6 +48,7 @@ def evaluate_forecasts(workload: Workload, error_windows: int = 10) -> dict:
             "naive_same_slot_yesterday_peak_mre": (
                 mean_relative_error(history.peak_concurrency[-1, 1:], peak)
                 if history is not None else None),
+            **(_oracle(workload, replays, name) if replays else {}),
             "has_history": history is not None,
             "windows": n,
             "mean_peak_concurrency": float(actual.peak_concurrency[0].mean()),
@@ -54,9 +60,21 @@ def evaluate_forecasts(workload: Workload, error_windows: int = 10) -> dict:
             "models": models}
 
 
+def _oracle(workload: Workload, replays: list[Workload], name: str) -> dict:
+    out = {}
+    for metric, key in (("peak_concurrency", "oracle_peak_mre"),
+                        ("avg_concurrency", "oracle_avg_mre")):
+        actual = getattr(workload.actual[name], metric)[0]
+        expected = np.mean([getattr(w.actual[name], metric)[0] for w in replays], axis=0)
+        out[key] = mean_relative_error(expected[1:], actual[1:])
+    return out
+
+
 def _overall(models: dict) -> dict:
     keys = ("peak_mre", "avg_mre", "naive_last_window_peak_mre",
             "naive_same_slot_yesterday_peak_mre")
+    if any("oracle_peak_mre" in m for m in models.values()):
+        keys += ("oracle_peak_mre", "oracle_avg_mre")
     overall = {}
     for key in keys:
         values = [m[key] for m in models.values() if m[key] is not None and not np.isnan(m[key])]
