@@ -123,8 +123,8 @@ class Controller:
     def _run(self) -> None:
         interval = self.policy.control_interval_s
         # Between ticks, workers that lend KV are asked for fresh stats every KV_CHECK_S, so a
-        # request blocked on lent blocks gets them back in a fraction of a tick plus the
-        # supervisor's poll.
+        # request blocked on lent blocks gets them back within about that, not within a tick
+        # plus the supervisor's poll of the stats.
         wait_s = min(interval, KV_CHECK_S) if self.system.kv_lending else interval
         next_tick = self._clock() + interval
         next_window = self._clock() + self.policy.window_s
