@@ -100,21 +100,25 @@ def place_prewarms(requests: Sequence[ReplicaRequest], gpus: Sequence[GpuCapacit
     return placements
 
 
+def reserved_kv(total: int, requests: int, capacity: int) -> int:
+    """KV-cache reservation: what an instance keeps free for its own growth, total x
+    requests / B (in whatever unit `total` is: tokens or blocks)."""
+    return math.ceil(total * requests / capacity)
+
+
 def lendable_kv_tokens(total_tokens: int, used_tokens: int, running: int, capacity: int) -> int:
-    """KV-cache reservation: keep total x running / B tokens free for the instance's own
-    growth; lend what is free beyond that."""
-    target_free = math.ceil(total_tokens * running / capacity)
-    return max(0, total_tokens - used_tokens - target_free)
+    """Free KV beyond the reservation: what an instance may lend."""
+    return max(0, total_tokens - used_tokens - reserved_kv(total_tokens, running, capacity))
 
 
 def should_reclaim_kv(total: int, free: int, lent: int, requests: int, blocked: int,
                      capacity: int) -> bool:
-    """KV-cache reservation, the other way: take lent blocks back when the free ones fall
-    below total x requests / B, or when the engine has requests blocked for want of blocks
-    (one too long for what is free stays blocked whatever the reservation says)."""
+    """The reservation the other way: take lent blocks back when the free ones fall below
+    it, or when the engine has requests blocked for want of blocks (one too long for what is
+    free stays blocked whatever the reservation says)."""
     if not lent:
         return False
-    return free < math.ceil(total * requests / capacity) or blocked > 0
+    return free < reserved_kv(total, requests, capacity) or blocked > 0
 
 
 def autoscale(load: float, instances: int, capacity: int, up_ratio: float, down_ratio: float
