@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import deque
 
 import pytest
 from hypothesis import given, settings
@@ -17,6 +18,7 @@ from warmserve.control.policies import (
     autoscale,
     drain_for,
     lendable_kv_tokens,
+    peak_recent_load,
     place_prewarms,
     replica_plan,
     route,
@@ -213,3 +215,12 @@ def test_drain_for_invariants(raw, surplus, tp):
     for model in "abc":  # what is drained without a move is the model's surplus
         assert sum(1 for h in holdings if h.instance in set(plan.drain) - moved
                    and h.model == model) <= surplus.get(model, 0)
+
+
+def test_peak_recent_load_forgets_what_is_older_than_the_horizon():
+    recent: deque = deque()
+    assert peak_recent_load(recent, 0.0, 50.0, 60.0) == 50.0
+    assert peak_recent_load(recent, 30.0, 10.0, 60.0) == 50.0
+    assert peak_recent_load(recent, 60.0, 20.0, 60.0) == 50.0  # 0 s is exactly 60 s old: kept
+    assert peak_recent_load(recent, 61.0, 5.0, 60.0) == 20.0
+    assert [t for t, _ in recent] == [30.0, 60.0, 61.0]

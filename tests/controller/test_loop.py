@@ -343,6 +343,27 @@ def test_a_drain_that_does_not_finish_is_called_off():
     assert cluster.workers[1].states["a"] == "active"
 
 
+@pytest.mark.parametrize(("system", "drains"), [("warmserve", False),
+                                                ("warmserve-no-lookback", True)])
+def test_rebalancing_spares_an_instance_its_model_needed_within_the_reserve_time(system, drains):
+    """"a" carried 40 requests (two instances even at the engine's bound of 32) until 1.5 s
+    before "b" starts to starve, and 2 since. On its latest load one of its instances is
+    surplus; on its peak of the last rebalance_reserve_s (5 s), none is."""
+    from warmserve.sim.systems import get_system
+
+    cluster = FullCluster()
+    cluster.workers[0].inflight["a"] = 2
+    cluster.workers[1].inflight["a"] = 1
+    ctl = Controller(cluster, TWO, min_instances=1, system=get_system(system))
+    cluster.load["a"] = 40
+    _run(ctl, cluster, 0.0, 4.0)
+    cluster.load["a"] = 2
+    _run(ctl, cluster, 4.0, 5.5)  # the 1-s load window holds only the 2s from 5.0 on
+    cluster.load["b"] = 6
+    _run(ctl, cluster, 5.5, 6.5)
+    assert any(entry[0] == "drain" for entry in cluster.log) is drains
+
+
 def test_the_reactive_baseline_never_rebalances():
     from warmserve.sim.systems import get_system
 

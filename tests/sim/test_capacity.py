@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from warmserve.config import PolicyConfig
+from warmserve.control.policies import peak_recent_load
 from warmserve.sim.profiles import load_profile
 from warmserve.sim.simulator import SimConfig, Simulator
 from warmserve.sim.systems import get_system
@@ -25,6 +26,12 @@ def two_model_sim(system: str) -> Simulator:
     return Simulator(workload, costs, get_system(system), SimConfig(8, 8, PolicyConfig(), PROFILE))
 
 
+def set_load(state, load: float) -> None:
+    """A model's load as the autoscaler's tick leaves it: its latest 5-s mean, which is also
+    its peak over the look-back (nothing earlier was recorded)."""
+    state.load = state.peak_load = load
+
+
 def _crowd(sim: Simulator, running: int) -> None:
     """Seven instances of "s" (one GPU each, GPU 7 free) with little load; "big" starving."""
     small, big = sim.models
@@ -32,7 +39,7 @@ def _crowd(sim: Simulator, running: int) -> None:
         sim.cap.new_instance(small, (g,), ready_at=0.0)
         small.instances[-1].running = running
     sim.events.now = 100.0
-    small.load = 60.0  # needs ceil(60 / 25.6) = 3 instances: 4 are surplus
+    set_load(small, 60.0)  # needs ceil(60 / 25.6) = 3 instances: 4 are surplus
     big.queue.append(0)
     big.load = 40.0
 
@@ -78,21 +85,23 @@ def test_rebalancing_leaves_models_without_surplus_alone(system):
     _crowd(sim, running=0)
     # "big" has nothing serving, so "s" counts at the engine's bound (256 each, to 80%):
     # 1,400 needs all seven
-    sim.models[0].load = 1400.0
+    set_load(sim.models[0], 1400.0)
     assert not sim.cap.acquire(sim.models[1])
     assert len(sim.models[0].instances) == 7 and sim.cap.counts["rebalance"] == 0
 
 
-@pytest.mark.parametrize(("system", "drained"), [("warmserve", True),
-                                                 ("warmserve-lookback", False)])
-def test_the_lookback_experiment_spares_instances_needed_within_the_reserve_time(system,
-                                                                                drained):
+@pytest.mark.parametrize(("system", "drained"), [("warmserve-no-lookback", True),
+                                                 ("warmserve", False)])
+def test_rebalancing_spares_instances_a_model_needed_within_the_reserve_time(system, drained):
     """"s" has 60 in flight now but had 1,400 twenty seconds ago: counted on its latest load,
-    it has instances to spare; with the look-back (rebalance_reserve_s = 60 s) it has none."""
+    it has instances to spare; on its peak of the last rebalance_reserve_s (60 s) it has none."""
     sim = two_model_sim(system)
     _crowd(sim, running=0)
     small, big = sim.models
-    small.recent_loads.extend([(80.0, 1400.0), (100.0, 60.0)])
+    for t, load in [(80.0, 1400.0), (100.0, 60.0)]:
+        small.load = load
+        small.peak_load = peak_recent_load(small.recent_loads, t, load, 60.0)
+    assert small.peak_load == 1400.0
     assert not sim.cap.acquire(big)
     assert (sim.cap.counts["rebalance"] == 1) is drained
     assert (len(small.instances) < 7) is drained
@@ -105,7 +114,7 @@ def test_a_model_with_nothing_serving_may_take_from_a_model_past_its_target():
     sim = two_model_sim("warmserve-no-overflow")
     _crowd(sim, running=0)
     small, big = sim.models
-    small.load = 150.0
+    set_load(small, 150.0)
     assert not sim.cap.acquire(big)
     assert sim.cap.counts["rebalance"] == 1 and [i.gpus for i in big.instances] == [(4, 5, 6, 7)]
     assert len(small.instances) == 4
@@ -120,7 +129,7 @@ def test_rebalancing_moves_an_instance_out_of_the_way_when_nothing_is_surplus():
     for g in (1, 7):
         sim.cap.new_instance(small, (g,), ready_at=0.0)
     sim.events.now = 100.0
-    small.load = 400.0  # needs both instances, even batching to the engine's bound
+    set_load(small, 400.0)  # needs both instances, even batching to the engine's bound
     big.queue.append(0)
     big.load = 40.0
     assert not sim.cap.acquire(big)

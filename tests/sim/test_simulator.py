@@ -177,7 +177,7 @@ def test_overflow_routing_fills_instances_past_b_when_none_can_be_added(system, 
 
 
 def test_the_lookback_keeps_the_loads_of_the_reserve_time_only(paper_short):
-    sim = Simulator(paper_short.workload, paper_short.costs, get_system("warmserve-lookback"),
+    sim = Simulator(paper_short.workload, paper_short.costs, get_system("warmserve"),
                     SimConfig(16, 8, CONFIG.policy, PROFILE))
     sim.run(stop_at_s=150.0)
     horizon = CONFIG.policy.rebalance_reserve_s
@@ -185,3 +185,4 @@ def test_the_lookback_keeps_the_loads_of_the_reserve_time_only(paper_short):
         times = [t for t, _ in state.recent_loads]
         assert times and times[-1] - times[0] <= horizon
         assert state.recent_loads[-1][1] == state.load
+        assert state.peak_load == max(load for _, load in state.recent_loads) >= state.load

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -150,6 +151,17 @@ def surplus_instances(load: float, instances: int, capacity: int, up_ratio: floa
     demand = max(load, forecast_avg)
     needed = math.ceil(demand / (up_ratio * capacity)) if demand > 0 else 0
     return max(0, instances - max(needed, 1 if demand > 0 else 0))
+
+
+def peak_recent_load(recent: deque, now: float, load: float, horizon: float) -> float:
+    """Record a model's load of this tick in `recent` ((time, load) pairs) and return its peak
+    over the last `horizon` seconds: what rebalancing judges the model's surplus against. A
+    group freed for a starving model stays reserved for `horizon` (rebalance_reserve_s), so an
+    instance the model needed within that time would be wanted back before the move pays off."""
+    recent.append((now, load))
+    while recent[0][0] < now - horizon:
+        recent.popleft()
+    return max(value for _, value in recent)
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from warmserve.control.policies import (
     autoscale,
     drain_for,
     lendable_kv_tokens,
+    peak_recent_load,
     place_prewarms,
     replica_plan,
     should_reclaim_kv,
@@ -57,6 +58,8 @@ class _ModelLoad:
     activated_at: dict[str, float] = field(default_factory=dict)  # worker name -> time
     busy_at: dict[str, float] = field(default_factory=dict)  # worker name -> last time busy
     load: float = 0.0  # the last tick's mean concurrency
+    recent: deque = field(default_factory=deque)  # (time, load) of rebalance_reserve_s
+    peak: float = 0.0  # their peak: what rebalancing judges this model's surplus against
 
 
 @dataclass
@@ -152,7 +155,9 @@ class Controller:
         self._finish_drains(now)
         for model in self.models:
             load = self._sample(model, now)
-            self._load[model].load = load
+            state = self._load[model]
+            state.load = load
+            state.peak = peak_recent_load(state.recent, now, load, self.policy.rebalance_reserve_s)
             active = [w for w in self.cluster.workers if w.alive and w.state_of(model) == "active"]
             desired = max(self.min_instances, autoscale(
                 load, len(active), self.policy.instance_capacity, self.policy.scale_up_ratio,
@@ -302,8 +307,10 @@ class Controller:
                 continue
             serving = [w for w in workers if w.state_of(other) == "active"
                        and not self.cluster.is_draining(w, other)]
+            load = self._load[other]
             surplus[other] = surplus_instances(
-                self._load[other].load, len(serving), self.engine_bound,
+                load.peak if self.system.rebalance_lookback else load.load, len(serving),
+                self.engine_bound,
                 self.policy.scale_up_ratio,
                 self.forecasters[other].forecast().avg_concurrency)
             for w in serving:

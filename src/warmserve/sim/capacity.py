@@ -191,8 +191,7 @@ class CapacityManager:
             if other is state:
                 continue
             serving = [i for i in other.instances if i.accepting and i.ready_at <= self.now]
-            load = (max(value for _, value in other.recent_loads)
-                    if self.sys.rebalance_lookback and other.recent_loads else other.load)
+            load = other.peak_load if self.sys.rebalance_lookback else other.load
             surplus[self.names[other.index]] = surplus_instances(
                 load, len(serving), per_instance, self.cfg.policy.scale_up_ratio,
                 other.forecast.avg_concurrency if other.forecast else 0.0)

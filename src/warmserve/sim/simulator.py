@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from warmserve.config import PolicyConfig
-from warmserve.control.policies import autoscale
+from warmserve.control.policies import autoscale, peak_recent_load
 from warmserve.control.predictor import Forecast, ModelForecaster
 from warmserve.sim.capacity import CapacityManager
 from warmserve.sim.events import EXPIRE, FINISH, READY, TICK, WINDOW, EventQueue
@@ -300,9 +300,8 @@ class Simulator:
             load = (state.integral - old_i) / span if span > 0 else state.concurrency
             state.load = load
             if self.sys.rebalance_lookback:
-                state.recent_loads.append((self.now, load))
-                while state.recent_loads[0][0] < self.now - policy.rebalance_reserve_s:
-                    state.recent_loads.popleft()
+                state.peak_load = peak_recent_load(state.recent_loads, self.now, load,
+                                                   policy.rebalance_reserve_s)
             live = state.live()
             desired = autoscale(load, len(live), self.B,
                                 policy.scale_up_ratio, policy.scale_down_ratio)

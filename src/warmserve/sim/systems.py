@@ -13,11 +13,12 @@
 - dedicated: every model on enough GPUs for its peak, from the start (the ideal TTFT and the cost
   ceiling; may use more GPUs than the cluster has).
 Beyond the paper, WarmServe here also rebalances (a model with requests waiting and no free GPU
-group gets one by draining other models' surplus instances) and overflows (the published router
-gives an instance at most B requests and queues the rest for new instances; ours then fills
-instances up to the engine's bound first). `warmserve-published` is the published algorithm
-alone. Ablations of warmserve: each of those off, no forecast (prewarm for the last window's
-load), no KV reservation (prewarm on free GPUs only), round-robin placement.
+group gets one by draining other models' surplus instances, each judged on its model's peak
+load of the last rebalance_reserve_s) and overflows (the published router gives an instance at
+most B requests and queues the rest for new instances; ours then fills instances up to the
+engine's bound first). `warmserve-published` is the published algorithm alone. Ablations of
+warmserve: each of those off, surplus judged on the latest load only, no forecast (prewarm for
+the last window's load), no KV reservation (prewarm on free GPUs only), round-robin placement.
 """
 
 from __future__ import annotations
@@ -40,14 +41,14 @@ class SystemSpec:
     overflow: bool = False  # the router fills instances past B, to the engine's bound
     colocate: bool = False  # MuxServe static co-location
     dedicated: bool = False  # peak-provisioned, unbounded GPUs
-    # Rebalancing counts other models' surplus against their peak 5-s load over the last
-    # rebalance_reserve_s, not the latest one (an experiment, docs/simulation.md)
+    # rebalancing counts other models' surplus against their peak 5-s load over the last
+    # rebalance_reserve_s, not the latest one
     rebalance_lookback: bool = False
     description: str = ""
 
 
 _WARMSERVE = dict(prewarm=True, kv_lending=True, deactivate_to_prewarm=True, rebalance=True,
-                  overflow=True)
+                  rebalance_lookback=True, overflow=True)
 SYSTEMS: dict[str, SystemSpec] = {
     s.name: s for s in (
         SystemSpec("warmserve", **_WARMSERVE, description="forecast, evict-aware prewarming, "
@@ -65,9 +66,9 @@ SYSTEMS: dict[str, SystemSpec] = {
                    description="ablation: prewarm on free GPUs only"),
         SystemSpec("warmserve-round-robin", **_WARMSERVE | dict(round_robin=True),
                    description="ablation: round-robin placement"),
-        SystemSpec("warmserve-lookback", **_WARMSERVE | dict(rebalance_lookback=True),
-                   description="experiment: rebalancing takes no instance a model needed "
-                   "within the last rebalance_reserve_s"),
+        SystemSpec("warmserve-no-lookback", **_WARMSERVE | dict(rebalance_lookback=False),
+                   description="ablation: rebalancing judges other models' surplus on their "
+                   "latest load, not their peak of the last rebalance_reserve_s"),
         SystemSpec("serverlessllm", engine_init=True, keep_alive=True,
                    description="reactive autoscaling, DRAM/SSD loading, keep-alive"),
         SystemSpec("serverlessllm-overflow", engine_init=True, keep_alive=True, overflow=True,
@@ -82,9 +83,9 @@ SYSTEMS: dict[str, SystemSpec] = {
 }
 DEFAULT_SYSTEMS = ("warmserve", "serverlessllm", "muxserve", "dedicated")
 VARIANTS = ("serverlessllm-overflow",)  # baselines made stronger than published
-EXPERIMENTS = ("warmserve-lookback",)  # candidates for warmserve, not in `--policies all`
-ABLATIONS = ("warmserve-published", "warmserve-no-rebalance", "warmserve-no-overflow",
-             "warmserve-no-forecast", "warmserve-no-kv-reservation", "warmserve-round-robin")
+ABLATIONS = ("warmserve-published", "warmserve-no-rebalance", "warmserve-no-lookback",
+             "warmserve-no-overflow", "warmserve-no-forecast", "warmserve-no-kv-reservation",
+             "warmserve-round-robin")
 
 
 def get_system(name: str) -> SystemSpec:
