@@ -223,4 +223,13 @@ def test_peak_recent_load_forgets_what_is_older_than_the_horizon():
     assert peak_recent_load(recent, 30.0, 10.0, 60.0) == 50.0
     assert peak_recent_load(recent, 60.0, 20.0, 60.0) == 50.0  # 0 s is exactly 60 s old: kept
     assert peak_recent_load(recent, 61.0, 5.0, 60.0) == 20.0
-    assert [t for t, _ in recent] == [30.0, 60.0, 61.0]
+    assert list(recent) == [(60.0, 20.0), (61.0, 5.0)]  # 10 at 30 s can never be the peak
+
+
+@given(st.lists(st.floats(0, 1000), min_size=1, max_size=60), st.floats(0.5, 20))
+def test_peak_recent_load_is_the_max_over_the_horizon(loads, horizon):
+    recent: deque = deque()
+    for i, load in enumerate(loads):
+        now = i * 0.5
+        expected = max(v for j, v in enumerate(loads[:i + 1]) if j * 0.5 >= now - horizon)
+        assert peak_recent_load(recent, now, load, horizon) == expected

@@ -154,14 +154,19 @@ def surplus_instances(load: float, instances: int, capacity: int, up_ratio: floa
 
 
 def peak_recent_load(recent: deque, now: float, load: float, horizon: float) -> float:
-    """Record a model's load of this tick in `recent` ((time, load) pairs) and return its peak
-    over the last `horizon` seconds: what rebalancing judges the model's surplus against. A
-    group freed for a starving model stays reserved for `horizon` (rebalance_reserve_s), so an
-    instance the model needed within that time would be wanted back before the move pays off."""
+    """Record a model's load of this tick in `recent` and return its peak over the last
+    `horizon` seconds: what rebalancing judges the model's surplus against. A group freed for a
+    starving model stays reserved for `horizon` (rebalance_reserve_s), so an instance the model
+    needed within that time would be wanted back before the move pays off.
+
+    `recent` holds (time, load) pairs with loads decreasing: a load that a later, larger one
+    outlives can never be the peak again, so it is dropped; the peak is the first pair."""
+    while recent and recent[-1][1] <= load:
+        recent.pop()
     recent.append((now, load))
     while recent[0][0] < now - horizon:
         recent.popleft()
-    return max(value for _, value in recent)
+    return recent[0][1]
 
 
 @dataclass(frozen=True)
