@@ -157,9 +157,12 @@ class KVWorker(FakeWorker):
         self.entry = {"state": "active", "block_bytes": 2 << 20, "blocks_per_unit": 16} | entry
         self.refuse_reclaim = refuse_reclaim
         self.calls = []
-        self.stats = {"pool": {"page_bytes": 32 << 20},
+        self.stats = {"pool": {"page_bytes": 32 << 20, "pages_free": 10},
                       "models": {"m": self.entry, "other": {"state": "prewarmed"}}}
         self.states = {"m": "active", "other": "prewarmed"}
+
+    def free_pages(self):
+        return self.stats["pool"]["pages_free"]
 
     @property
     def client(self):
@@ -172,6 +175,7 @@ class _KVClient:
 
     def lend(self, model, pages):
         self.w.calls.append(("lend", model, pages))
+        self.w.stats["pool"]["pages_free"] += pages
         return pages
 
     def reclaim(self, model):
@@ -199,14 +203,43 @@ def _kv_controller(worker):
     return Controller(cluster, CONFIG)
 
 
-def test_idle_kv_is_lent_in_whole_units_at_window_close():
+TWO_KV = parse_config({
+    "cluster": {"nodes": [{"devices": [{"type": "cpu", "count": 1, "memory_gib": 1}]}]},
+    "models": [{"name": "m", "checkpoint": "synth:tiny"},
+               {"name": "other", "checkpoint": "synth:tiny"}],
+    "policy": CONFIG.policy.model_dump(),
+})
+
+
+def _lending_controller(worker, other_mib):
+    """"m" active on `worker` (free pool: 10 pages of 32 MiB); "other" resident nowhere, its
+    forecast wanting one prewarmed replica of `other_mib` (None: no forecast, no replica)."""
+    worker.states.pop("other")
+    worker.stats["models"].pop("other")
+    cluster = FakeCluster()
+    cluster.workers = [worker]
+    ctl = Controller(cluster, TWO_KV)
+    if other_mib is not None:
+        ctl.weight_bytes["other"] = other_mib << 20
+        cluster.load = 2
+        ctl._sample("other", 0.0)
+    cluster.load = 0
+    ctl._sample("m", 0.0)
+    return ctl
+
+
+@pytest.mark.parametrize(("other_mib", "lent"), [(400, True), (300, False), (None, False)])
+def test_idle_kv_is_lent_in_whole_units_at_window_close_where_a_prewarm_needs_it(other_mib,
+                                                                               lent):
+    """Keep ceil(100 x 1 / 4) = 25 blocks free: 71 blocks = 142 MiB may be lent, 4 whole
+    32 MiB pages. A 400-MiB prewarm needs them beside the 320 MiB free; a 300-MiB one fits in
+    the free pages, and without a prewarm to place, lending would only be reclaimed again."""
     worker = KVWorker("w0", {"blocks_usable": 100, "blocks_free": 96, "blocks_lent": 0,
                              "running": 1})
-    ctl = _kv_controller(worker)
-    ctl._sample("m", 0.0)
+    ctl = _lending_controller(worker, other_mib)
     ctl.close_window(10.0)
-    # keep ceil(100 x 1 / 4) = 25 blocks free: lend 71 blocks = 142 MiB -> 4 whole 32 MiB pages
-    assert ("lend", "m", 4) in worker.calls
+    assert (("lend", "m", 4) in worker.calls) is lent
+    assert worker.prewarms == ([] if other_mib is None else ["other"])
 
 
 def test_lent_kv_is_reclaimed_when_load_rises_evicting_prewarms_if_needed():
@@ -229,7 +262,7 @@ def test_requests_waiting_for_lent_blocks_get_them_back_and_block_lending():
     assert worker.calls == [("reclaim", "m")]
     worker.entry |= {"blocks_usable": 100, "blocks_free": 100, "blocks_lent": 0, "waiting": 2}
     worker.calls.clear()
-    ctl._sample("m", 0.0)
+    ctl = _lending_controller(worker, 400)
     ctl.close_window(10.0)  # keep ceil(100 x 2 / 4) = 50 free: lend 50 blocks = 3 pages
     assert worker.calls == [("lend", "m", 3)]
 

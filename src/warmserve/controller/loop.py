@@ -178,9 +178,10 @@ class Controller:
             self.forecasters[model].observe(sum(values) / len(values), max(values),
                                             state.arrivals / window)
             state.window_samples, state.arrivals = [], 0
-        if self.system.kv_lending:
-            self._lend_idle_kv(now)
-        self._place_prewarms(now)
+        requests = self._prewarm_requests()
+        if self.system.kv_lending and requests:
+            self._lend_idle_kv(now, self._short_of_room(requests))
+        self._place_prewarms(now, requests)
 
     # --- KV-cache reservation -------------------------------------------------------------
 
@@ -198,9 +199,28 @@ class Controller:
                                                   self.policy.instance_capacity)
                     yield worker, model, entry, lendable
 
-    def _lend_idle_kv(self, now: float) -> None:
-        """Lend each instance's free KV blocks beyond its reservation to the pool."""
+    def _short_of_room(self, requests: list[ReplicaRequest]) -> set[str]:
+        """The workers where the prewarms placed with their lendable KV counted as room need
+        more than their free pool pages: only there is lending worth its reclaim (the
+        simulator lends the same way, as placed prewarms need it)."""
+        workers = [w for w in self.cluster.workers if w.alive]
+        lendable: dict[str, int] = {}
+        for worker, _, entry, blocks in self._kv_entries():
+            lendable[worker.name] = lendable.get(worker.name, 0) + blocks * entry["block_bytes"]
+        free = [_free_bytes(w) for w in workers]
+        capacity = [GpuCapacity(i, 0, free[i] + lendable.get(w.name, 0), self._resident(w))
+                    for i, w in enumerate(workers)]
+        needed = [0] * len(workers)
+        for placement in place_prewarms(requests, capacity, max(1, len(workers))):
+            needed[placement.gpus[0]] += self.weight_bytes[placement.model]
+        return {w.name for i, w in enumerate(workers) if needed[i] > free[i]}
+
+    def _lend_idle_kv(self, now: float, where: set[str]) -> None:
+        """Lend the free KV blocks beyond their reservation of each instance on the workers
+        `where` to the pool."""
         for worker, model, entry, lendable in list(self._kv_entries()):
+            if worker.name not in where:
+                continue
             page = worker.stats["pool"]["page_bytes"]
             unit_pages = entry["blocks_per_unit"] * entry["block_bytes"] // page
             pages = lendable * entry["block_bytes"] // page // unit_pages * unit_pages
@@ -360,9 +380,9 @@ class Controller:
                     self.cluster.undrain(drain.worker, other)
                 del self._drains[model]
 
-    def _place_prewarms(self, now: float) -> None:
-        """Forecast -> foundation and burst replicas -> evict-aware placement over the workers'
-        free memory (each worker a one-GPU group); prewarm what is placed and not resident."""
+    def _prewarm_requests(self) -> list[ReplicaRequest]:
+        """Forecast -> the foundation and burst replicas each model wants and has not got
+        prewarmed yet."""
         workers = [w for w in self.cluster.workers if w.alive]
         requests: list[ReplicaRequest] = []
         for model in self.models:
@@ -370,10 +390,18 @@ class Controller:
             size = self.weight_bytes[model]
             plan = replica_plan(model, self.forecasters[model].forecast(), states.count("active"),
                                 self.policy.instance_capacity, 1, size, size / H2D_BYTES_PER_S)
-            requests += plan[states.count("prewarmed"):]  # the ones not prewarmed yet
-        capacity = [GpuCapacity(i, 0, w.free_pages() * w.stats.get("pool", {}).get(
-            "page_bytes", 0), frozenset(m for m in self.models if w.state_of(m) is not None))
-            for i, w in enumerate(workers)]
+            requests += plan[states.count("prewarmed"):]
+        return requests
+
+    def _resident(self, worker) -> frozenset[str]:
+        return frozenset(m for m in self.models if worker.state_of(m) is not None)
+
+    def _place_prewarms(self, now: float, requests: list[ReplicaRequest]) -> None:
+        """Evict-aware placement of `requests` over the workers' free memory (each worker a
+        one-GPU group); prewarm what is placed."""
+        workers = [w for w in self.cluster.workers if w.alive]
+        capacity = [GpuCapacity(i, 0, _free_bytes(w), self._resident(w))
+                    for i, w in enumerate(workers)]
         for placement in place_prewarms(requests, capacity, max(1, len(workers))):
             worker = workers[placement.gpus[0]]
             try:
@@ -381,6 +409,10 @@ class Controller:
                 self.actions.append((now, "prewarm", placement.model, worker.name))
             except (Refused, WorkerGone) as exc:
                 log.info("prewarm %s on %s: %s", placement.model, worker.name, exc)
+
+
+def _free_bytes(worker) -> int:
+    return worker.free_pages() * worker.stats.get("pool", {}).get("page_bytes", 0)
 
 
 def model_weight_bytes(model: ModelConfig, cache_dir: Path) -> int:
