@@ -3,7 +3,8 @@
 # with --policy warmserve and with --policy serverlessllm, on one GPU (config h100-live).
 #   PYTHONPATH=src benchmarks/live_compare.sh OUTDIR [DURATION_S] [RATE_RPS]
 # Prints a table last; writes bench-<policy>.json and serve-<policy>.log into OUTDIR.
-# POLICIES="warmserve" runs only those (the table shows every bench-*.json in OUTDIR).
+# POLICIES="warmserve" runs only those (the table shows every bench-*.json in OUTDIR); SEED=K
+# replays another draw of the workload (default 1).
 # While the bench runs, the cluster view (/v1/cluster: every worker's models, their engines'
 # queues and KV blocks, the controller's latest actions) is recorded every 2 s into
 # cluster-<policy>.jsonl, so a run that goes wrong shows how.
@@ -50,7 +51,7 @@ for policy in ${POLICIES:-warmserve serverlessllm}; do
   watcher=$!
   python -m warmserve.cli bench --url http://127.0.0.1:8000 --workload azure-functions \
       --rate "$rate" --duration "$duration" --max-input-tokens 512 --max-output-tokens 64 \
-      --seed 1 --json > "$out/bench-$policy.json"
+      --seed "${SEED:-1}" --json > "$out/bench-$policy.json"
   kill "$watcher"
   kill -INT "$pid"; wait "$pid"
 done
