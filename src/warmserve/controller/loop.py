@@ -58,8 +58,9 @@ class _ModelLoad:
     activated_at: dict[str, float] = field(default_factory=dict)  # worker name -> time
     busy_at: dict[str, float] = field(default_factory=dict)  # worker name -> last time busy
     load: float = 0.0  # the last tick's mean concurrency
-    recent: deque = field(default_factory=deque)  # (time, load) of rebalance_reserve_s
-    peak: float = 0.0  # their peak: what rebalancing judges this model's surplus against
+    recent: deque = field(default_factory=deque)  # for policies.peak_recent_load
+    peak: float = 0.0  # the peak load of the last rebalance_reserve_s: what rebalancing
+    # judges this model's surplus against
 
 
 @dataclass
@@ -327,11 +328,10 @@ class Controller:
                 continue
             serving = [w for w in workers if w.state_of(other) == "active"
                        and not self.cluster.is_draining(w, other)]
-            load = self._load[other]
+            seen = self._load[other]
             surplus[other] = surplus_instances(
-                load.peak if self.system.rebalance_lookback else load.load, len(serving),
-                self.engine_bound,
-                self.policy.scale_up_ratio,
+                seen.peak if self.system.rebalance_lookback else seen.load, len(serving),
+                self.engine_bound, self.policy.scale_up_ratio,
                 self.forecasters[other].forecast().avg_concurrency)
             for w in serving:
                 started = self._load[other].activated_at.get(w.name, self._first_tick)

@@ -166,8 +166,9 @@ class ModelState:
     window_arrivals: int = 0
     forecast: Forecast | None = None
     load: float = 0.0  # the autoscaler's last 5-s mean concurrency
-    recent_loads: deque = field(default_factory=deque)  # (time, load) of rebalance_reserve_s
-    peak_load: float = 0.0  # their peak: what rebalancing judges surplus against
+    recent_loads: deque = field(default_factory=deque)  # for policies.peak_recent_load
+    peak_load: float = 0.0  # the peak load of the last rebalance_reserve_s: what rebalancing
+    # judges this model's surplus against
 
     def live(self) -> list[Instance]:
         """Instances accepting requests (ready or still loading)."""
