@@ -204,17 +204,14 @@ class Controller:
         """The workers where the prewarms placed with their lendable KV counted as room need
         more than their free pool pages: only there is lending worth its reclaim (the
         simulator lends the same way, as placed prewarms need it)."""
-        workers = [w for w in self.cluster.workers if w.alive]
         lendable: dict[str, int] = {}
         for worker, _, entry, blocks in self._kv_entries():
             lendable[worker.name] = lendable.get(worker.name, 0) + blocks * entry["block_bytes"]
-        free = [_free_bytes(w) for w in workers]
-        capacity = [GpuCapacity(i, 0, free[i] + lendable.get(w.name, 0), self._resident(w))
-                    for i, w in enumerate(workers)]
+        workers, placements = self._placements(requests, lendable)
         needed = [0] * len(workers)
-        for placement in place_prewarms(requests, capacity, max(1, len(workers))):
+        for placement in placements:
             needed[placement.gpus[0]] += self.weight_bytes[placement.model]
-        return {w.name for i, w in enumerate(workers) if needed[i] > free[i]}
+        return {w.name for i, w in enumerate(workers) if needed[i] > _free_bytes(w)}
 
     def _lend_idle_kv(self, now: float, where: set[str]) -> None:
         """Lend the free KV blocks beyond their reservation of each instance on the workers
@@ -334,7 +331,7 @@ class Controller:
                 self.engine_bound, self.policy.scale_up_ratio,
                 self.forecasters[other].forecast().avg_concurrency)
             for w in serving:
-                started = self._load[other].activated_at.get(w.name, self._first_tick)
+                started = seen.activated_at.get(w.name, self._first_tick)
                 if now - started < self.policy.new_instance_protect_s:
                     continue
                 where[len(holdings)] = (w, other)
@@ -393,16 +390,20 @@ class Controller:
             requests += plan[states.count("prewarmed"):]
         return requests
 
-    def _resident(self, worker) -> frozenset[str]:
-        return frozenset(m for m in self.models if worker.state_of(m) is not None)
+    def _placements(self, requests: list[ReplicaRequest], extra: dict[str, int] | None = None):
+        """Evict-aware placement of `requests` over the live workers (each a one-GPU group)
+        with their free pool bytes as room, plus `extra` bytes by worker name; returns the
+        workers and the placements (whose groups index them)."""
+        workers = [w for w in self.cluster.workers if w.alive]
+        capacity = [GpuCapacity(i, 0, _free_bytes(w) + (extra or {}).get(w.name, 0),
+                                frozenset(m for m in self.models if w.state_of(m) is not None))
+                    for i, w in enumerate(workers)]
+        return workers, place_prewarms(requests, capacity, max(1, len(workers)))
 
     def _place_prewarms(self, now: float, requests: list[ReplicaRequest]) -> None:
-        """Evict-aware placement of `requests` over the workers' free memory (each worker a
-        one-GPU group); prewarm what is placed."""
-        workers = [w for w in self.cluster.workers if w.alive]
-        capacity = [GpuCapacity(i, 0, _free_bytes(w), self._resident(w))
-                    for i, w in enumerate(workers)]
-        for placement in place_prewarms(requests, capacity, max(1, len(workers))):
+        """Prewarm what the placement of `requests` over the workers' free memory places."""
+        workers, placements = self._placements(requests)
+        for placement in placements:
             worker = workers[placement.gpus[0]]
             try:
                 worker.client.prewarm(placement.model)
