@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from warmserve.control.policies import (
+    Demand,
     DrainPlan,
     GpuCapacity,
     Holding,
@@ -17,9 +18,12 @@ from warmserve.control.policies import (
     aligned_groups,
     autoscale,
     drain_for,
+    gpu_entitlement,
+    instances_needed,
     lendable_kv_tokens,
     peak_recent_load,
     place_prewarms,
+    prefill_aware_load,
     replica_plan,
     route,
     should_reclaim_kv,
@@ -155,6 +159,62 @@ def test_surplus_stays_under_the_up_threshold(load, instances, surplus):
     assert surplus_instances(load, instances, 32, 0.8) == surplus
     kept = instances - surplus
     assert load <= 0.8 * 32 * kept or kept == instances  # never pushed over the threshold
+
+
+def test_prefill_work_counts_as_load():
+    # 10 requests but prefills that take 1.5 instances' time: as full as 48 requests
+    assert prefill_aware_load(10.0, 1.5, 32) == 48.0
+    assert prefill_aware_load(40.0, 0.5, 32) == 40.0  # concurrency is the larger
+    assert instances_needed(40.0, 32, 0.8) == 2
+    assert instances_needed(40.0, 32, 0.8, prefill_load=2.0) == 3  # ceil(2 / 0.8)
+    assert instances_needed(0.0, 32, 0.8) == 0
+    # one instance carries 10 at the engine's bound, but its prefills need three
+    assert surplus_instances(10.0, 4, 256, 0.8, prefill_load=2.0) == 1
+    assert surplus_instances(10.0, 4, 256, 0.8) == 3
+
+
+def test_gpu_entitlement_is_the_need_while_it_fits():
+    demands = [Demand("7b", 1, 3, 0.1), Demand("70b", 4, 2, 0.9)]
+    assert gpu_entitlement(demands, 11) == {"7b": 3, "70b": 8}
+    assert gpu_entitlement(demands, 64) == {"7b": 3, "70b": 8}
+
+
+def test_gpu_entitlement_under_overload_serves_the_cheapest_requests_first():
+    demands = [Demand("70b", 4, 3, 0.9), Demand("7b", 1, 6, 0.1), Demand("13b", 2, 2, 0.3),
+               Demand("idle", 1, 0, 0.05)]
+    # one instance each (4 + 1 + 2 = 7 of 16), then the 7B to its 6, the 13B to its 4,
+    # and the 70B keeps the 4 left: one instance of the three it needs
+    assert gpu_entitlement(demands, 16) == {"70b": 4, "7b": 6, "13b": 4, "idle": 0}
+    # with 13 GPUs the 13B's second instance does not fit: its 2 GPUs go to nobody, as
+    # the 70B needs 4 at a time
+    assert gpu_entitlement(demands, 13) == {"70b": 4, "7b": 6, "13b": 2, "idle": 0}
+    # fewer GPUs than one instance each: the cheapest models get theirs
+    assert gpu_entitlement(demands, 3) == {"70b": 0, "7b": 1, "13b": 2, "idle": 0}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([1, 2, 4, 8]), st.integers(0, 6),
+                          st.floats(0.01, 10.0)), min_size=1, max_size=6),
+       st.integers(0, 40))
+def test_gpu_entitlement_invariants(raw, total):
+    demands = [Demand(f"m{i}", tp, n, cost) for i, (tp, n, cost) in enumerate(raw)]
+    out = gpu_entitlement(demands, total)
+    need = {d.model: d.instances * d.tp for d in demands}
+    if sum(need.values()) <= total:
+        assert out == need
+        return
+    assert sum(out.values()) <= total
+    for d in demands:
+        assert out[d.model] % d.tp == 0 and 0 <= out[d.model] <= need[d.model]
+    left = total - sum(out.values())
+    for d in demands:  # nothing left over that a model short of its need could use...
+        if out[d.model] < need[d.model]:
+            assert left < d.tp
+        # ...and a model beyond its first instance leaves no cheaper model short of one
+        if out[d.model] > d.tp:
+            for c in demands:
+                if c.gpu_s_per_request < d.gpu_s_per_request and c.instances:
+                    assert out[c.model] >= c.tp or total < c.tp
 
 
 def test_drain_for_frees_the_cheapest_group_of_surplus_instances():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -9,21 +11,27 @@ from warmserve.config import PolicyConfig
 from warmserve.control.policies import peak_recent_load
 from warmserve.sim.profiles import load_profile
 from warmserve.sim.simulator import SimConfig, Simulator
-from warmserve.sim.systems import get_system
+from warmserve.sim.systems import SystemSpec, get_system
 from warmserve.workload.builder import Workload, WorkloadSpec
 
 PROFILE = load_profile("h100")
 
 
-def two_model_sim(system: str) -> Simulator:
-    """A 7B model ("s") and a 70B TP4 model ("big") on one 8-GPU node; no requests yet."""
-    spec = WorkloadSpec(("s", "big"), total_rate_rps=1.0, duration_s=60.0, window_s=30.0,
+def two_model_sim(system: str | SystemSpec, num_gpus: int = 8, shapes: dict[str, str] | None = None
+                  ) -> Simulator:
+    """A 7B model ("s") and a 70B TP4 model ("big") on 8-GPU nodes (one unless `num_gpus`
+    says more), or the models `shapes` names; no requests yet."""
+    shapes = shapes or {"s": "llama-2-7b", "big": "llama-2-70b"}
+    names = tuple(shapes)
+    workload_spec = WorkloadSpec(names, total_rate_rps=1.0, duration_s=60.0, window_s=30.0,
                         shape="flat", history_periods=0)
     arrivals = np.array([10.0])
-    workload = Workload(spec, ("s", "big"), arrivals, np.array([1], np.int32),
+    workload = Workload(workload_spec, names, arrivals, np.array([1], np.int32),
                         np.array([100], np.int32), np.array([10], np.int32))
-    costs = [PROFILE.model("llama-2-7b"), PROFILE.model("llama-2-70b")]
-    return Simulator(workload, costs, get_system(system), SimConfig(8, 8, PolicyConfig(), PROFILE))
+    costs = [PROFILE.model(shape) for shape in shapes.values()]
+    spec = get_system(system) if isinstance(system, str) else system
+    return Simulator(workload, costs, spec,
+                     SimConfig(num_gpus, 8, PolicyConfig(), PROFILE))
 
 
 def set_load(state, load: float) -> None:
@@ -79,9 +87,8 @@ def test_without_rebalancing_a_starving_model_waits():
     assert len(small.instances) == 7 and not big.instances and not sim.cap.reserved
 
 
-@pytest.mark.parametrize("system", ["warmserve", "warmserve-no-overflow"])
-def test_rebalancing_leaves_models_without_surplus_alone(system):
-    sim = two_model_sim(system)
+def test_rebalancing_leaves_models_without_surplus_alone():
+    sim = two_model_sim("warmserve-no-overload-control")
     _crowd(sim, running=0)
     # "big" has nothing serving, so "s" counts at the engine's bound (256 each, to 80%):
     # 1,400 needs all seven
@@ -90,12 +97,105 @@ def test_rebalancing_leaves_models_without_surplus_alone(system):
     assert len(sim.models[0].instances) == 7 and sim.cap.counts["rebalance"] == 0
 
 
-@pytest.mark.parametrize(("system", "drained"), [("warmserve-no-lookback", True),
-                                                 ("warmserve", False)])
-def test_rebalancing_spares_instances_a_model_needed_within_the_reserve_time(system, drained):
-    """"s" has 60 in flight now but had 1,400 twenty seconds ago: counted on its latest load,
-    it has instances to spare; on its peak of the last rebalance_reserve_s (60 s) it has none."""
+def _costs(sim: Simulator) -> None:
+    """Both models' requests so far: 1,000-token prompts and 200-token answers."""
+    for state in sim.models:
+        state.arrived, state.output_tokens = 100, 100 * 200
+        state.prefill_work = 100 * state.cost.prefill_s(1000)
+
+
+def test_under_overload_every_model_gets_one_instance_first():
+    """The same crowd, but overload control on: "s" and "big" need 7 + 4 GPUs of the 8, so
+    each is entitled to one instance before either gets more, and "s" gives up a group."""
+    sim = two_model_sim("warmserve")
+    _crowd(sim, running=0)
+    _costs(sim)
+    set_load(sim.models[0], 1400.0)
+    assert not sim.cap.acquire(sim.models[1])
+    assert sim.cap.counts["rebalance"] == 1 and len(sim.models[0].instances) == 4
+
+
+def _big_holds_the_node(system: str) -> Simulator:
+    """"big" on both 4-GPU groups, its prefills needing 1.5 instances; "s" has nothing and
+    requests waiting. Their needs, 8 + 1 GPUs, do not fit the node's 8."""
     sim = two_model_sim(system)
+    small, big = sim.models
+    for group in ((0, 1, 2, 3), (4, 5, 6, 7)):
+        sim.cap.new_instance(big, group, ready_at=0.0)
+    sim.events.now = 100.0
+    _costs(sim)
+    big.load = big.peak_load = 48.0
+    big.prefill_load = big.peak_prefill = 1.5
+    small.queue.append(0)
+    set_load(small, 20.0)
+    return sim
+
+
+@pytest.mark.parametrize(("system", "rebalanced"), [("warmserve", True),
+                                                    ("warmserve-no-overload-control", False)])
+def test_under_overload_the_cheaper_model_takes_gpus_back(system, rebalanced):
+    """A 7B request costs a tenth of the 70B's GPU-seconds: under overload the 70B is
+    entitled to one instance, so its second counts as surplus and drains for "s". Without
+    overload control the 70B needs both and "s" gets nothing."""
+    sim = _big_holds_the_node(system)
+    small, big = sim.models
+    assert not sim.cap.acquire(small)
+    assert (sim.cap.counts["rebalance"] == 1) is rebalanced
+    assert sum(1 for i in big.instances if i.accepting) == (1 if rebalanced else 2)
+
+
+@pytest.mark.parametrize(("system", "rebalanced"), [("warmserve", False),
+                                                    ("warmserve-no-overload-control", True)])
+def test_under_overload_the_dearer_model_gets_no_gpus_beyond_its_entitlement(system,
+                                                                             rebalanced):
+    """Two nodes. The 7B "s" holds eight GPUs and needs four; the 13B "m" holds 8..11 and
+    needs four instances (8 GPUs); the 70B "big" holds 0..3 and needs two. 4 + 8 + 8 GPUs do
+    not fit 16: the 7B and the 13B, cheaper per request, are entitled to their need and
+    "big" to the one instance it has. Without overload control, "s"'s four instances on
+    4..7 are surplus and drain for "big"."""
+    sim = two_model_sim(system, num_gpus=16, shapes={"s": "llama-2-7b", "m": "llama-2-13b",
+                                                     "big": "llama-2-70b"})
+    small, mid, big = sim.models
+    for g in (4, 5, 6, 7, 12, 13, 14, 15):
+        sim.cap.new_instance(small, (g,), ready_at=0.0)
+    for group in ((8, 9), (10, 11)):
+        sim.cap.new_instance(mid, group, ready_at=0.0)
+    sim.cap.new_instance(big, (0, 1, 2, 3), ready_at=0.0)
+    sim.events.now = 100.0
+    _costs(sim)
+    for state, prefill in ((small, 3.0), (mid, 3.0), (big, 1.5)):  # 4, 4 and 2 instances
+        state.prefill_load = state.peak_prefill = prefill
+        set_load(state, prefill * 32)
+    assert not sim.cap.acquire(big)
+    assert (sim.cap.counts["rebalance"] == 1) is rebalanced
+    assert sum(1 for i in small.instances if i.accepting) == (4 if rebalanced else 8)
+
+
+@pytest.mark.parametrize(("system", "rebalanced"), [("warmserve", True),
+                                                    ("warmserve-no-prefill-signal", False)])
+def test_a_model_whose_prompts_outrun_its_prefills_is_starving(system, rebalanced):
+    """No request waits at the router (the router overflows), but "big"'s prompts need 1.5
+    instances' prefill time: the prefill-aware signal sees it starving and frees a group."""
+    sim = two_model_sim(system)
+    small, big = sim.models
+    for g in range(3):
+        sim.cap.new_instance(small, (g,), ready_at=0.0)
+    sim.cap.new_instance(big, (4, 5, 6, 7), ready_at=0.0)
+    sim.events.now = 100.0
+    big.prefill_load = 1.5
+    big.load = 20.0 if not rebalanced else 48.0  # the tick folds prefill in only when aware
+    assert not sim.cap.acquire(big)
+    assert (sim.cap.counts["rebalance"] == 1) is rebalanced
+    assert (len(small.instances) == 0) is rebalanced
+
+
+@pytest.mark.parametrize(("lookback", "drained"), [(False, True), (True, False)])
+def test_rebalancing_spares_instances_a_model_needed_within_the_reserve_time(lookback, drained):
+    """"s" has 60 in flight now but had 1,400 twenty seconds ago: counted on its latest load,
+    it has instances to spare; on its peak of the last rebalance_reserve_s (60 s) it has none.
+    (Overload control off: on the peak the two models' needs do not fit the node.)"""
+    sim = two_model_sim(replace(get_system("warmserve"), rebalance_lookback=lookback,
+                                overload_control=False))
     _crowd(sim, running=0)
     small, big = sim.models
     for t, load in [(80.0, 1400.0), (100.0, 60.0)]:

@@ -186,3 +186,26 @@ def test_the_lookback_keeps_the_loads_of_the_reserve_time_only(paper_short):
         assert times and times[-1] - times[0] <= horizon and times[-1] == 150.0
         assert state.recent_loads[-1][1] == state.load
         assert state.peak_load == state.recent_loads[0][1] >= state.load
+
+
+@pytest.mark.parametrize(("system", "aware"), [("warmserve", True),
+                                               ("warmserve-no-prefill-signal", False)])
+def test_the_tick_counts_prefill_work_of_the_last_load_window(system, aware):
+    """200 prompts of 2,000 tokens to the 70B in one second: its prefill load over the 5-s
+    window is their prefill time over 5 s, and its load, prefill-aware, is that many times B."""
+    spec = WorkloadSpec(("s", "big"), total_rate_rps=1.0, duration_s=30.0, window_s=30.0,
+                        shape="flat", history_periods=0)
+    n = 200
+    workload = Workload(spec, ("s", "big"), np.linspace(10.0, 11.0, n), np.ones(n, np.int32),
+                        np.full(n, 2000, np.int32), np.full(n, 10, np.int32))
+    costs = [PROFILE.model("llama-2-7b"), PROFILE.model("llama-2-70b")]
+    sim = Simulator(workload, costs, get_system(system), SimConfig(8, 8, PolicyConfig(), PROFILE))
+    sim.run(stop_at_s=13.0)
+    big = sim.models[1]
+    work = n * costs[1].prefill_s(2000)
+    assert big.prefill_work == pytest.approx(work)
+    if aware:
+        assert big.prefill_load == pytest.approx(work / 5.0, rel=0.01)
+        assert big.load == pytest.approx(big.prefill_load * 32, rel=1e-6)
+    else:
+        assert big.prefill_load == 0.0 and big.load < 200

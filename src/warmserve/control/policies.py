@@ -133,6 +133,15 @@ def autoscale(load: float, instances: int, capacity: int, up_ratio: float, down_
     return instances
 
 
+def prefill_aware_load(concurrency: float, prefill_load: float, capacity: int) -> float:
+    """The load the autoscaler sees, counting prefill work as well as requests: an instance
+    whose prefills take all its time (`prefill_load` = 1, in instances' worth of prefill
+    time per second) is as full as one holding `capacity` requests. Long prompts arriving
+    faster than an instance prefills them queue inside it, behind its prefills, where
+    concurrency alone shows them as requests it is running."""
+    return max(concurrency, prefill_load * capacity)
+
+
 @dataclass(frozen=True)
 class Holding:
     """A serving instance as the rebalancer sees it."""
@@ -143,14 +152,60 @@ class Holding:
     running: int
 
 
+def instances_needed(load: float, capacity: int, up_ratio: float,
+                     prefill_load: float = 0.0) -> int:
+    """Instances that carry a model's load under the autoscaler's up-threshold: its
+    concurrency at `capacity` requests each, and its prefill work (`prefill_load`, in
+    instances' worth of prefill time) at one instance's worth each."""
+    needed = math.ceil(load / (up_ratio * capacity)) if load > 0 else 0
+    if prefill_load > 0:
+        needed = max(needed, math.ceil(prefill_load / up_ratio))
+    return needed
+
+
 def surplus_instances(load: float, instances: int, capacity: int, up_ratio: float,
-                      forecast_avg: float = 0.0) -> int:
+                      forecast_avg: float = 0.0, prefill_load: float = 0.0) -> int:
     """Instances a model could give up and still stay under the autoscaler's up-threshold,
     for the larger of its recent load and its forecast average for this window (its forecast
-    peak would leave almost nothing to take)."""
+    peak would leave almost nothing to take), and for its prefill work."""
     demand = max(load, forecast_avg)
-    needed = math.ceil(demand / (up_ratio * capacity)) if demand > 0 else 0
+    needed = instances_needed(demand, capacity, up_ratio, prefill_load)
     return max(0, instances - max(needed, 1 if demand > 0 else 0))
+
+
+@dataclass(frozen=True)
+class Demand:
+    """What a model's load needs, as the overload control sees it."""
+
+    model: str
+    tp: int  # GPUs an instance takes
+    instances: int  # instances its load needs (instances_needed)
+    gpu_s_per_request: float  # what serving one of its requests costs, in GPU-seconds
+
+
+def gpu_entitlement(demands: Sequence[Demand], total_gpus: int) -> dict[str, int]:
+    """GPUs each model may hold when they are scarce. While every model's need fits the
+    cluster, each is entitled to its need. When they do not (overload), every model with load
+    is entitled to one instance, and the rest go to the models whose requests cost the fewest
+    GPU-seconds, cheapest first, up to their need: a GPU serves the most requests there.
+    Rebalancing gives a starving model no GPUs beyond its entitlement, and takes them back
+    from a model that holds more than its own."""
+    wanted = {d.model: d.instances * d.tp for d in demands}
+    if sum(wanted.values()) <= total_gpus:
+        return wanted
+    order = sorted(demands, key=lambda d: (d.gpu_s_per_request, d.model))
+    out = {d.model: 0 for d in demands}
+    left = total_gpus
+    for d in order:
+        if d.instances > 0 and left >= d.tp:
+            out[d.model] = d.tp
+            left -= d.tp
+    for d in order:
+        more = min(wanted[d.model] - out[d.model], left // d.tp * d.tp)
+        if more > 0:
+            out[d.model] += more
+            left -= more
+    return out
 
 
 def peak_recent_load(recent: deque, now: float, load: float, horizon: float) -> float:

@@ -10,10 +10,13 @@ group is free, WarmServe drains another model's surplus instances for the starvi
 from __future__ import annotations
 
 from warmserve.control.policies import (
+    Demand,
     GpuCapacity,
     Holding,
     ReplicaRequest,
     drain_for,
+    gpu_entitlement,
+    instances_needed,
     lendable_kv_tokens,
     place_prewarms,
     replica_plan,
@@ -170,10 +173,15 @@ class CapacityManager:
             self.reserved.pop(g, None)
 
     def _rebalance(self, state: ModelState) -> None:
-        """No free group for a model with requests waiting: free one aligned group by draining
-        other models' surplus instances and moving the rest to free GPUs elsewhere, and
-        reserve it (see policies.drain_for)."""
-        if not state.queue or state.load <= len(state.live()) * self.B:
+        """No free group for a model with requests waiting (at the router, or, with the
+        prefill-aware signal, behind prefills that take more than all its instances' time):
+        free one aligned group by draining other models' surplus instances and moving the
+        rest to free GPUs elsewhere, and reserve it (see policies.drain_for). With overload
+        control, a model gets no GPUs beyond its entitlement, and a model holding more than
+        its own counts the difference as surplus (policies.gpu_entitlement)."""
+        live = len(state.live())
+        waiting = state.queue or (self.sys.prefill_aware and state.prefill_load > live)
+        if not waiting or state.load <= live * self.B:
             return  # not starving: requests wait only for a moment, or nothing waits
         if any(m == state.index and until > self.now for m, until in self.reserved.values()):
             return  # a group is already being drained for this model
@@ -182,19 +190,26 @@ class CapacityManager:
                              for g in grp)]
         holdings, surplus, by_id = [], {}, {}
         protect = self.cfg.policy.new_instance_protect_s
+        up = self.cfg.policy.scale_up_ratio
         # What the others can give: their instances beyond what carries their load at B each
         # (the autoscaler's target); at the engine's bound instead where the router fills
         # instances that far (overflow) or the model has nothing serving at all.
         starved = not any(i.accepting for i in state.instances)
         per_instance = self.cfg.max_batch if self.sys.overflow or starved else self.B
+        entitled = self._entitlement(per_instance) if self.sys.overload_control else None
+        if entitled is not None and (live + 1) * state.cost.tp > entitled[state.index]:
+            return  # the cluster is overloaded and this model's GPUs serve fewer requests
         for other in self.models:
             if other is state:
                 continue
             serving = [i for i in other.instances if i.accepting and i.ready_at <= self.now]
-            load = other.peak_load if self.sys.rebalance_lookback else other.load
-            surplus[self.names[other.index]] = surplus_instances(
-                load, len(serving), per_instance, self.cfg.policy.scale_up_ratio,
-                other.forecast.avg_concurrency if other.forecast else 0.0)
+            load, prefill = self._judged_load(other)
+            spare = surplus_instances(
+                load, len(serving), per_instance, up,
+                other.forecast.avg_concurrency if other.forecast else 0.0, prefill)
+            if entitled is not None:
+                spare = max(spare, len(serving) - entitled[other.index] // other.cost.tp)
+            surplus[self.names[other.index]] = spare
             for inst in serving:
                 if self.now - inst.active_since < protect:
                     continue
@@ -219,6 +234,30 @@ class CapacityManager:
             else:
                 self._drain(old)
         self.counts["rebalance"] += 1
+
+    def _judged_load(self, state: ModelState) -> tuple[float, float]:
+        """The concurrency and prefill work rebalancing judges a model by: the latest, or
+        with the look-back the peak of the last rebalance_reserve_s (which holds the latest)."""
+        if self.sys.rebalance_lookback:
+            return max(state.peak_load, state.load), max(state.peak_prefill, state.prefill_load)
+        return state.load, state.prefill_load
+
+    def _entitlement(self, per_instance: int) -> dict[int, int]:
+        """GPUs each model may hold (policies.gpu_entitlement), by model index."""
+        demands = []
+        for m in self.models:
+            load, prefill = self._judged_load(m)
+            avg = m.forecast.avg_concurrency if m.forecast else 0.0
+            needed = instances_needed(max(load, avg), per_instance,
+                                      self.cfg.policy.scale_up_ratio, prefill)
+            cost = m.cost
+            per_request = 0.0
+            if m.arrived:
+                out = m.output_tokens / m.arrived
+                per_request = cost.tp * (m.prefill_work / m.arrived
+                                         + out * cost.decode_step_s(self.B) / self.B)
+            demands.append(Demand(str(m.index), cost.tp, needed, per_request))
+        return {int(k): v for k, v in gpu_entitlement(demands, len(self.cluster.gpus)).items()}
 
     def _packing(self, group: tuple[int, ...]) -> int:
         """Busy GPUs in the aligned blocks around a group: packing small instances next to

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from warmserve.config import PolicyConfig
-from warmserve.control.policies import autoscale, peak_recent_load
+from warmserve.control.policies import autoscale, peak_recent_load, prefill_aware_load
 from warmserve.control.predictor import Forecast, ModelForecaster
 from warmserve.sim.capacity import CapacityManager
 from warmserve.sim.events import EXPIRE, FINISH, READY, TICK, WINDOW, EventQueue
@@ -180,6 +180,9 @@ class Simulator:
         state = self.models[self.model_of[i]]
         self._change_concurrency(state, +1)
         state.window_arrivals += 1
+        state.prefill_work += state.cost.prefill_s(self.input_tokens[i])
+        state.arrived += 1
+        state.output_tokens += self.output_tokens[i]
         if state.queue or not self._try_admit(state, i):
             state.queue.append(i)
             if self.sys.autoscale:  # the router queues and triggers a scale-up
@@ -294,14 +297,20 @@ class Simulator:
         policy = self.cfg.policy
         for state in self.models:
             self._change_concurrency(state, 0)
-            state.tick_samples.append((self.now, state.integral))
-            old_t, old_i = state.tick_samples[0]  # the deque spans load_window_s
+            state.tick_samples.append((self.now, state.integral, state.prefill_work))
+            old_t, old_i, old_p = state.tick_samples[0]  # the deque spans load_window_s
             span = self.now - old_t
             load = (state.integral - old_i) / span if span > 0 else state.concurrency
+            if self.sys.prefill_aware and span > 0:
+                state.prefill_load = (state.prefill_work - old_p) / span
+                load = prefill_aware_load(load, state.prefill_load, self.B)
             state.load = load
             if self.sys.rebalance_lookback:
                 state.peak_load = peak_recent_load(state.recent_loads, self.now, load,
                                                    policy.rebalance_reserve_s)
+                state.peak_prefill = peak_recent_load(state.recent_prefill, self.now,
+                                                      state.prefill_load,
+                                                      policy.rebalance_reserve_s)
             live = state.live()
             desired = autoscale(load, len(live), self.B,
                                 policy.scale_up_ratio, policy.scale_down_ratio)

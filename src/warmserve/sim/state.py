@@ -160,7 +160,10 @@ class ModelState:
     concurrency: int = 0  # requests in the system (queued or running)
     integral: float = 0.0  # ∫ concurrency dt up to last_change_s
     last_change_s: float = 0.0
-    tick_samples: deque = field(default_factory=deque)  # (time, integral), load_window_s long
+    tick_samples: deque = field(default_factory=deque)  # (time, integral, prefill work)
+    prefill_work: float = 0.0  # seconds of prefill (on one instance) of every arrival so far
+    arrived: int = 0
+    output_tokens: int = 0  # of every arrival so far
     window_start_integral: float = 0.0
     window_peak: int = 0
     window_arrivals: int = 0
@@ -169,6 +172,9 @@ class ModelState:
     recent_loads: deque = field(default_factory=deque)  # for policies.peak_recent_load
     peak_load: float = 0.0  # the peak load of the last rebalance_reserve_s: what rebalancing
     # judges this model's surplus against
+    prefill_load: float = 0.0  # instances' worth of prefill arriving, over the last 5 s
+    recent_prefill: deque = field(default_factory=deque)  # for policies.peak_recent_load
+    peak_prefill: float = 0.0
 
     def live(self) -> list[Instance]:
         """Instances accepting requests (ready or still loading)."""

@@ -16,9 +16,13 @@ Beyond the paper, WarmServe here also rebalances (a model with requests waiting 
 group gets one by draining other models' surplus instances, each judged on its model's peak
 load of the last rebalance_reserve_s) and overflows (the published router gives an instance at
 most B requests and queues the rest for new instances; ours then fills instances up to the
-engine's bound first). `warmserve-published` is the published algorithm alone. Ablations of
-warmserve: each of those off, surplus judged on the latest load only, no forecast (prewarm for
-the last window's load), no KV reservation (prewarm on free GPUs only), round-robin placement.
+engine's bound first). Its load signal counts prefill work as well as concurrency (a model
+whose prompts outrun its instances' prefills is starving, whatever its queue), and when the
+cluster cannot carry every model's load, rebalancing gives GPUs to the models whose requests
+cost the fewest GPU-seconds first (policies.gpu_entitlement). `warmserve-published` is the
+published algorithm alone. Ablations of warmserve: each of those off, surplus judged on the
+latest load only, no forecast (prewarm for the last window's load), no KV reservation (prewarm
+on free GPUs only), round-robin placement.
 """
 
 from __future__ import annotations
@@ -44,11 +48,17 @@ class SystemSpec:
     # rebalancing counts other models' surplus against their peak 5-s load over the last
     # rebalance_reserve_s, not the latest one
     rebalance_lookback: bool = False
+    # the load signal counts prefill work as well as concurrency: an instance whose prefills
+    # take all its time is as full as one holding B requests
+    prefill_aware: bool = False
+    # when the cluster cannot carry every model's load, rebalancing follows policies.gpu_entitlement
+    overload_control: bool = False
     description: str = ""
 
 
 _WARMSERVE = dict(prewarm=True, kv_lending=True, deactivate_to_prewarm=True, rebalance=True,
-                  rebalance_lookback=True, overflow=True)
+                  rebalance_lookback=True, overflow=True, prefill_aware=True,
+                  overload_control=True)
 SYSTEMS: dict[str, SystemSpec] = {
     s.name: s for s in (
         SystemSpec("warmserve", **_WARMSERVE, description="forecast, evict-aware prewarming, "
@@ -69,6 +79,12 @@ SYSTEMS: dict[str, SystemSpec] = {
         SystemSpec("warmserve-no-lookback", **_WARMSERVE | dict(rebalance_lookback=False),
                    description="ablation: rebalancing judges other models' surplus on their "
                    "latest load, not their peak of the last rebalance_reserve_s"),
+        SystemSpec("warmserve-no-prefill-signal", **_WARMSERVE | dict(prefill_aware=False),
+                   description="ablation: the load signal is concurrency alone (a model "
+                   "whose prompts outrun its prefills looks no busier than its requests)"),
+        SystemSpec("warmserve-no-overload-control", **_WARMSERVE | dict(overload_control=False),
+                   description="ablation: rebalancing serves any starving model, whatever "
+                   "its requests cost, when the cluster cannot carry every model's load"),
         SystemSpec("serverlessllm", engine_init=True, keep_alive=True,
                    description="reactive autoscaling, DRAM/SSD loading, keep-alive"),
         SystemSpec("serverlessllm-overflow", engine_init=True, keep_alive=True, overflow=True,
@@ -84,6 +100,7 @@ SYSTEMS: dict[str, SystemSpec] = {
 DEFAULT_SYSTEMS = ("warmserve", "serverlessllm", "muxserve", "dedicated")
 VARIANTS = ("serverlessllm-overflow",)  # baselines made stronger than published
 ABLATIONS = ("warmserve-published", "warmserve-no-rebalance", "warmserve-no-lookback",
+             "warmserve-no-prefill-signal", "warmserve-no-overload-control",
              "warmserve-no-overflow", "warmserve-no-forecast", "warmserve-no-kv-reservation",
              "warmserve-round-robin")
 
