@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 
 from warmserve.config import parse_config
-from warmserve.controller.loop import Controller
+from warmserve.controller.loop import Controller, _Work
 
 CONFIG = parse_config({
     "cluster": {"nodes": [{"devices": [{"type": "cpu", "count": 3, "memory_gib": 1}]}]},
@@ -376,18 +376,21 @@ def test_a_drain_that_does_not_finish_is_called_off():
     assert cluster.workers[1].states["a"] == "active"
 
 
-@pytest.mark.parametrize(("system", "drains"), [("warmserve", False),
-                                                ("warmserve-no-lookback", True)])
-def test_rebalancing_spares_an_instance_its_model_needed_within_the_reserve_time(system, drains):
+@pytest.mark.parametrize(("lookback", "drains"), [(True, False), (False, True)])
+def test_rebalancing_spares_an_instance_its_model_needed_within_the_reserve_time(lookback,
+                                                                                drains):
     """"a" carried 40 requests (two instances even at the engine's bound of 32) until 1.5 s
     before "b" starts to starve, and 2 since. On its latest load one of its instances is
-    surplus; on its peak of the last rebalance_reserve_s (5 s), none is."""
+    surplus; on its peak of the last rebalance_reserve_s (5 s), none is. (Overload control
+    off: on the peak, the two models' needs do not fit the two workers.)"""
     from warmserve.sim.systems import get_system
 
     cluster = FullCluster()
     cluster.workers[0].inflight["a"] = 2
     cluster.workers[1].inflight["a"] = 1
-    ctl = Controller(cluster, TWO, min_instances=1, system=get_system(system))
+    system = replace(get_system("warmserve"), rebalance_lookback=lookback,
+                     overload_control=False)
+    ctl = Controller(cluster, TWO, min_instances=1, system=system)
     cluster.load["a"] = 40
     _run(ctl, cluster, 0.0, 4.0)
     cluster.load["a"] = 2
@@ -422,3 +425,68 @@ def test_surplus_is_counted_at_the_engines_bound_the_router_fills_to():
     cluster.load["b"] = 6
     _run(ctl, cluster, 4.0, 5.0)
     assert any(entry[0] == "drain" and entry[1] == "a" for entry in cluster.log)
+
+
+def _engine_entry(prompt_tokens, prefill_tokens, prefill_s, busy_s, finished):
+    return {"state": "active", "running": 0, "waiting": 0, "prompt_tokens": prompt_tokens,
+            "prefill_tokens": prefill_tokens, "prefill_s": prefill_s, "busy_s": busy_s,
+            "finished": finished}
+
+
+def test_engine_counters_are_summed_over_workers_and_survive_a_new_engine():
+    work = _Work()
+    work.update({"w0": _engine_entry(100, 100, 0.5, 2.0, 4),
+                 "w1": _engine_entry(50, 50, 0.25, 1.0, 2)})
+    work.update({"w0": _engine_entry(300, 200, 1.0, 3.0, 6),
+                 "w1": _engine_entry(50, 50, 0.25, 1.0, 2)})
+    assert work.total["prompt_tokens"] == 350 and work.total["finished"] == 8
+    assert work.prefill_s_per_token == pytest.approx(1.25 / 250)
+    assert work.gpu_s_per_request == pytest.approx(4.0 / 8)
+    work.update({"w0": _engine_entry(310, 210, 1.1, 3.1, 7)})  # w1 no longer serves it
+    work.update({"w0": _engine_entry(310, 210, 1.1, 3.1, 7),
+                 "w1": _engine_entry(20, 20, 0.1, 0.2, 1)})  # a new engine on w1: from 0
+    assert work.total["prompt_tokens"] == 380 and work.total["finished"] == 10
+
+
+def test_prompts_that_outrun_the_prefills_scale_a_model_up():
+    """One request in flight, but its engine is given 2,000 prompt tokens a second, each
+    taking 1 ms to prefill: two instances' worth of prefill. The prefill-aware signal scales
+    "m" up; concurrency alone (its ablation) does not."""
+    from warmserve.sim.systems import get_system
+
+    results = {}
+    for system in ("warmserve", "warmserve-no-prefill-signal"):
+        cluster = FakeCluster()
+        cluster.load = 1
+        ctl = Controller(cluster, CONFIG, min_instances=1, system=get_system(system))
+        worker = cluster.workers[0]
+        t = 0.0
+        while t < 4.0:
+            tokens = int(2000 * t)
+            worker.stats["models"] = {"m": _engine_entry(tokens, tokens, tokens * 1e-3,
+                                                         tokens * 1e-3, 0)}
+            ctl.tick(t)
+            t += 0.5
+        results[system] = sum(1 for w in cluster.workers if w.states.get("m") == "active")
+        if system == "warmserve":
+            assert ctl._load["m"].prefill == pytest.approx(2.0)
+    assert results == {"warmserve": 3, "warmserve-no-prefill-signal": 1}
+
+
+@pytest.mark.parametrize(("system", "drains"), [("warmserve", True),
+                                                ("warmserve-no-overload-control", False)])
+def test_under_overload_every_model_gets_one_worker(system, drains):
+    """"a" needs both workers (40 in flight, over 0.8 x 32 at the engine's bound) and "b",
+    with nothing, needs one: 3 do not fit 2. Overload control gives each model one before
+    any gets more, so one of "a"'s instances drains for "b"; without it "a" keeps both."""
+    from warmserve.sim.systems import get_system
+
+    cluster = FullCluster()
+    cluster.workers[0].inflight["a"] = 2
+    cluster.workers[1].inflight["a"] = 1
+    cluster.load["a"] = 40
+    ctl = Controller(cluster, TWO, min_instances=1, system=get_system(system))
+    _run(ctl, cluster, 0.0, 4.0)
+    cluster.load["b"] = 6
+    _run(ctl, cluster, 4.0, 5.0)
+    assert any(entry[0] == "drain" and entry[1] == "a" for entry in cluster.log) is drains

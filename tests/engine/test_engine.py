@@ -234,6 +234,21 @@ def test_stats(make_engine):
     assert stats.num_running == 2 and stats.num_blocks_free < stats.num_blocks_usable
 
 
+def test_work_counters(make_engine):
+    """What the controller's prefill-aware signal reads: prompt tokens added and prefilled
+    (in chunks here), the seconds spent, the requests finished."""
+    engine = make_engine(max_tokens_per_step=16)
+    prompts = [PROMPTS["r3"], PROMPTS["r4"]]
+    for rid, prompt in zip("ab", prompts, strict=True):
+        engine.add_request(rid, prompt, GREEDY)
+    stats = engine.stats()
+    assert stats.prompt_tokens == sum(map(len, prompts)) and stats.prefill_tokens == 0
+    run_all(engine)
+    stats = engine.stats()
+    assert stats.prefill_tokens == stats.prompt_tokens and stats.finished == 2
+    assert 0 < stats.prefill_s < stats.busy_s
+
+
 def test_requests_queued_for_batch_slots_are_not_blocked(make_engine):
     """Waiting because the batch is full is not waiting for KV blocks: num_blocked stays 0."""
     engine = make_engine(max_num_seqs=1)

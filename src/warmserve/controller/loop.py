@@ -25,14 +25,18 @@ from typing import Any
 from warmserve.cluster.manager import LocalCluster, NoCapacity
 from warmserve.config import ModelConfig, WarmServeConfig
 from warmserve.control.policies import (
+    Demand,
     GpuCapacity,
     Holding,
     ReplicaRequest,
     autoscale,
     drain_for,
+    gpu_entitlement,
+    instances_needed,
     lendable_kv_tokens,
     peak_recent_load,
     place_prewarms,
+    prefill_aware_load,
     replica_plan,
     should_reclaim_kv,
     surplus_instances,
@@ -50,6 +54,43 @@ KV_CHECK_S = 0.1  # how often workers lending KV are checked for blocked request
 H2D_BYTES_PER_S = 52e9  # cold-start time in replica scores: weight bytes over pinned H2D
 
 
+_WORK = ("prompt_tokens", "prefill_tokens", "prefill_s", "busy_s", "finished")
+
+
+@dataclass
+class _Work:
+    """A model's engine counters (EngineStats: prompt tokens added and prefilled, prefill and
+    busy seconds, requests finished) summed over its workers since the controller started.
+    An engine starts its counters at zero: a worker where the model stopped being active is
+    forgotten, so its next engine counts from there."""
+
+    last: dict[str, tuple] = field(default_factory=dict)  # worker name -> counters seen
+    total: dict[str, float] = field(default_factory=lambda: dict.fromkeys(_WORK, 0.0))
+
+    def update(self, entries: dict[str, dict]) -> None:
+        """`entries`: the model's stats entry on each worker where it is active."""
+        for name in list(self.last):
+            if name not in entries:
+                del self.last[name]
+        for name, entry in entries.items():
+            seen = tuple(entry.get(k, 0) for k in _WORK)
+            before = self.last.get(name, (0,) * len(_WORK))
+            for key, now, then in zip(_WORK, seen, before, strict=True):
+                self.total[key] += now - then if now >= then else now  # a new engine: from 0
+            self.last[name] = seen
+
+    @property
+    def prefill_s_per_token(self) -> float:
+        t = self.total
+        return t["prefill_s"] / t["prefill_tokens"] if t["prefill_tokens"] else 0.0
+
+    @property
+    def gpu_s_per_request(self) -> float:
+        """Engine seconds per finished request (one GPU per worker)."""
+        t = self.total
+        return t["busy_s"] / t["finished"] if t["finished"] else 0.0
+
+
 @dataclass
 class _ModelLoad:
     samples: deque = field(default_factory=deque)  # (time, concurrency)
@@ -61,6 +102,11 @@ class _ModelLoad:
     recent: deque = field(default_factory=deque)  # for policies.peak_recent_load
     peak: float = 0.0  # the peak load of the last rebalance_reserve_s: what rebalancing
     # judges this model's surplus against
+    work: _Work = field(default_factory=_Work)
+    prompt_samples: deque = field(default_factory=deque)  # (time, prompt tokens added)
+    prefill: float = 0.0  # instances' worth of prefill time arriving, over load_window_s
+    recent_prefill: deque = field(default_factory=deque)
+    peak_prefill: float = 0.0
 
 
 @dataclass
@@ -157,6 +203,11 @@ class Controller:
         for model in self.models:
             load = self._sample(model, now)
             state = self._load[model]
+            if self.system.prefill_aware:
+                state.prefill = self._sample_prefill(model, now)
+                load = prefill_aware_load(load, state.prefill, self.policy.instance_capacity)
+                state.peak_prefill = peak_recent_load(state.recent_prefill, now, state.prefill,
+                                                      self.policy.rebalance_reserve_s)
             state.load = load
             state.peak = peak_recent_load(state.recent, now, load, self.policy.rebalance_reserve_s)
             active = [w for w in self.cluster.workers if w.alive and w.state_of(model) == "active"]
@@ -281,6 +332,23 @@ class Controller:
             state.samples.popleft()
         return sum(c for _, c in state.samples) / len(state.samples)
 
+    def _sample_prefill(self, model: str, now: float) -> float:
+        """Instances' worth of prefill arriving for `model` over the last load_window_s: the
+        prompt tokens its engines were given per second, times the seconds a token's prefill
+        has taken them (the simulator's signal, measured)."""
+        state = self._load[model]
+        state.work.update({w.name: w.stats["models"][model] for w in self.cluster.workers
+                           if w.alive and w.state_of(model) == "active"
+                           and "busy_s" in w.stats.get("models", {}).get(model, {})})
+        samples = state.prompt_samples
+        samples.append((now, state.work.total["prompt_tokens"]))
+        while samples[0][0] < now - self.policy.load_window_s:
+            samples.popleft()
+        span = now - samples[0][0]
+        if span <= 0:
+            return 0.0
+        return (samples[-1][1] - samples[0][1]) / span * state.work.prefill_s_per_token
+
     def _scale_up(self, model: str, count: int, now: float) -> None:
         for _ in range(count):
             try:
@@ -319,6 +387,9 @@ class Controller:
         active = sum(1 for w in workers if w.state_of(model) == "active")
         if model in self._drains or self._load[model].load <= active * capacity:
             return
+        entitled = self._entitlement(len(workers)) if self.system.overload_control else None
+        if entitled is not None and active + 1 > entitled[model]:
+            return  # the cluster is overloaded and this model's GPUs serve fewer requests
         holdings, where, surplus = [], {}, {}
         for other in self.models:
             if other == model:
@@ -326,10 +397,12 @@ class Controller:
             serving = [w for w in workers if w.state_of(other) == "active"
                        and not self.cluster.is_draining(w, other)]
             seen = self._load[other]
+            load, prefill = self._judged_load(other)
             surplus[other] = surplus_instances(
-                seen.peak if self.system.rebalance_lookback else seen.load, len(serving),
-                self.engine_bound, self.policy.scale_up_ratio,
-                self.forecasters[other].forecast().avg_concurrency)
+                load, len(serving), self.engine_bound, self.policy.scale_up_ratio,
+                self.forecasters[other].forecast().avg_concurrency, prefill)
+            if entitled is not None:
+                surplus[other] = max(surplus[other], len(serving) - entitled[other])
             for w in serving:
                 started = seen.activated_at.get(w.name, self._first_tick)
                 if now - started < self.policy.new_instance_protect_s:
@@ -347,6 +420,25 @@ class Controller:
             self.cluster.drain(worker, other)
         self._drains[model] = _Drain(worker, drained, now + self.policy.rebalance_reserve_s)
         self.actions.append((now, "rebalance", model, worker.name))
+
+    def _judged_load(self, model: str) -> tuple[float, float]:
+        """The load and prefill work rebalancing judges a model by (as the simulator)."""
+        seen = self._load[model]
+        if self.system.rebalance_lookback:
+            return max(seen.peak, seen.load), max(seen.peak_prefill, seen.prefill)
+        return seen.load, seen.prefill
+
+    def _entitlement(self, gpus: int) -> dict[str, int]:
+        """Workers (one GPU each) each model may hold when their needs do not fit
+        (policies.gpu_entitlement), from the engines' measured seconds per request."""
+        demands = []
+        for model in self.models:
+            load, prefill = self._judged_load(model)
+            avg = self.forecasters[model].forecast().avg_concurrency
+            needed = instances_needed(max(load, avg), self.engine_bound,
+                                      self.policy.scale_up_ratio, prefill)
+            demands.append(Demand(model, 1, needed, self._load[model].work.gpu_s_per_request))
+        return gpu_entitlement(demands, gpus)
 
     def _finish_drains(self, now: float) -> None:
         """Deactivate drained instances once idle; then activate the model they made room

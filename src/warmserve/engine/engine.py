@@ -53,6 +53,15 @@ class EngineStats:
     num_blocks_lent: int
     num_preemptions: int
     tokens_per_s: float
+    # Cumulative since the engine started, for the controller's prefill-aware load signal
+    # and its overload control: prompt tokens of the requests added, prompt tokens prefilled
+    # and the seconds that took (a step's time split between its prefill and decode tokens),
+    # seconds spent executing steps, requests finished.
+    prompt_tokens: int = 0
+    prefill_tokens: int = 0
+    prefill_s: float = 0.0
+    busy_s: float = 0.0
+    finished: int = 0
 
 
 class _TextState:
@@ -98,6 +107,8 @@ class LLMEngine:
         self._num_preemptions = 0
         self._token_times: list[tuple[float, int]] = []
         self._last_step: dict[str, float | int] = {}
+        self._work = {"prompt_tokens": 0, "prefill_tokens": 0, "prefill_s": 0.0, "busy_s": 0.0,
+                      "finished": 0}
         self.last_step_ran = False  # whether the latest step ran, finished or preempted anything
 
     @property
@@ -128,6 +139,7 @@ class LLMEngine:
             seq.generator = torch.Generator(self.runner.device).manual_seed(params.seed)
         self._seqs[request_id] = seq
         self._text[request_id] = _TextState(self.tokenizer, params.stop)
+        self._work["prompt_tokens"] += len(prompt_token_ids)
         self.scheduler.add(seq)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
@@ -155,12 +167,21 @@ class LLMEngine:
             return outputs
         sample_seqs = sched.sequences_to_sample()
         sampled = self.runner.execute(sched, sample_seqs)
-        self._last_step["execute_s"] = time.perf_counter() - t1
+        execute_s = time.perf_counter() - t1
+        self._last_step["execute_s"] = execute_s
+        self._account(execute_s, int(self._last_step["prefill_tokens"]), len(sched.decodes))
         self.scheduler.postprocess(sched)
         self._count_tokens(len(sampled))
         for seq, token in zip(sample_seqs, sampled, strict=True):
             outputs.append(self._append(seq, token))
         return outputs
+
+    def _account(self, execute_s: float, prefill_tokens: int, decodes: int) -> None:
+        work = self._work
+        work["busy_s"] += execute_s
+        if prefill_tokens:
+            work["prefill_tokens"] += prefill_tokens
+            work["prefill_s"] += execute_s * prefill_tokens / (prefill_tokens + decodes)
 
     def last_step_summary(self) -> str:
         """What the latest step ran and where its time went, for slow-step logs."""
@@ -174,7 +195,7 @@ class LLMEngine:
             num_blocked=self.scheduler.num_blocked if self.scheduler.waiting else 0,
             num_blocks_free=bm.num_free_blocks, num_blocks_usable=bm.num_usable_blocks,
             num_blocks_lent=bm.num_lent_blocks, num_preemptions=self._num_preemptions,
-            tokens_per_s=self._tokens_per_s(),
+            tokens_per_s=self._tokens_per_s(), **self._work,
         )
 
     def _append(self, seq: Sequence, token: SampledToken) -> RequestOutput:
@@ -205,6 +226,7 @@ class LLMEngine:
                logprobs: list[SampledToken] | None = None) -> RequestOutput:
         state = self._text.pop(seq.request_id)
         self._seqs.pop(seq.request_id, None)
+        self._work["finished"] += 1
         if not state.stopped:
             text += state.flush()
         return RequestOutput(

@@ -216,7 +216,10 @@ class UniversalWorker:
                           "blocks_usable": s.num_blocks_usable,
                           "block_bytes": r.layout.block_bytes,
                           "blocks_per_unit": r.layout.blocks_per_unit,
-                          "tokens_per_s": s.tokens_per_s}
+                          "tokens_per_s": s.tokens_per_s,
+                          "prompt_tokens": s.prompt_tokens, "prefill_tokens": s.prefill_tokens,
+                          "prefill_s": s.prefill_s, "busy_s": s.busy_s,
+                          "finished": s.finished}
             models[name] = entry
         return {"device": str(self.device), "pool": self.pool.stats(), "models": models}
 
