@@ -63,7 +63,8 @@ SYSTEMS: dict[str, SystemSpec] = {
     s.name: s for s in (
         SystemSpec("warmserve", **_WARMSERVE, description="forecast, evict-aware prewarming, "
                    "KV lending, GPU rebalancing, overflow routing (all techniques)"),
-        SystemSpec("warmserve-published", **_WARMSERVE | dict(rebalance=False, overflow=False),
+        SystemSpec("warmserve-published", **_WARMSERVE | dict(
+                   rebalance=False, overflow=False, prefill_aware=False, overload_control=False),
                    description="ablation: the published algorithm alone (no rebalancing; the "
                    "router queues past B requests per instance)"),
         SystemSpec("warmserve-no-rebalance", **_WARMSERVE | dict(rebalance=False),
