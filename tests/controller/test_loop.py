@@ -490,3 +490,15 @@ def test_under_overload_every_model_gets_one_worker(system, drains):
     cluster.load["b"] = 6
     _run(ctl, cluster, 4.0, 5.0)
     assert any(entry[0] == "drain" and entry[1] == "a" for entry in cluster.log) is drains
+
+
+def test_the_live_capacity_counts_every_instance_a_worker_holds():
+    """A worker holds several models' instances: two workers holding "a" and "b" on one and
+    "a" on the other hold three. "a" needing two and "b" one fit, so each is entitled to its
+    need; counted as two GPUs, the cluster would look overloaded."""
+    cluster = FullCluster()
+    cluster.workers[0].states["b"] = "active"
+    cluster.load = {"a": 40, "b": 6}
+    ctl = Controller(cluster, TWO, min_instances=1)
+    _run(ctl, cluster, 0.0, 2.0)
+    assert ctl._entitlement(cluster.workers) == {"a": 2, "b": 1}

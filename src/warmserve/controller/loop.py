@@ -1,10 +1,11 @@
 """The live controller: the simulator's policies applied to real workers.
 
 Every `control_interval_s` it samples each model's concurrency (requests in flight at the
-router), runs the published autoscaler on the time-weighted mean over `load_window_s`, and
-activates or deactivates instances; when no worker can take a model that needs more, it
-drains other models' surplus instances off one worker for it (rebalancing, as the
-simulator). Every `window_s` it feeds the forecaster the window that closed, plans foundation
+router) and, with the prefill-aware signal, the prefill work its engines are given (prompt
+tokens per second × their measured seconds per prefilled token), runs the published autoscaler
+on the load over `load_window_s`, and activates or deactivates instances; when no worker can
+take a model that needs more, it drains other models' surplus instances off one worker for it
+(rebalancing, as the simulator, with its overload control). Every `window_s` it feeds the forecaster the window that closed, plans foundation
 and burst replicas for the next one, and prewarms the ones that have no active instance behind
 them on workers where the model is not resident yet.
 The decisions are the pure functions of `warmserve.control`; this loop only gathers the
@@ -387,7 +388,7 @@ class Controller:
         active = sum(1 for w in workers if w.state_of(model) == "active")
         if model in self._drains or self._load[model].load <= active * capacity:
             return
-        entitled = self._entitlement(len(workers)) if self.system.overload_control else None
+        entitled = self._entitlement(workers) if self.system.overload_control else None
         if entitled is not None and active + 1 > entitled[model]:
             return  # the cluster is overloaded and this model's GPUs serve fewer requests
         holdings, where, surplus = [], {}, {}
@@ -428,9 +429,14 @@ class Controller:
             return max(seen.peak, seen.load), max(seen.peak_prefill, seen.prefill)
         return seen.load, seen.prefill
 
-    def _entitlement(self, gpus: int) -> dict[str, int]:
-        """Workers (one GPU each) each model may hold when their needs do not fit
-        (policies.gpu_entitlement), from the engines' measured seconds per request."""
+    def _entitlement(self, workers: list) -> dict[str, int]:
+        """Instances each model may hold when their needs do not fit (policies.gpu_entitlement,
+        each instance one unit), from the engines' measured seconds per request. A worker holds
+        several models' instances, so the cluster's capacity is counted in instances: those its
+        workers hold now, an idle worker counting one. Rebalancing runs only when no worker
+        can take another instance, so that is all the cluster holds."""
+        capacity = sum(max(1, sum(1 for m in self.models if w.state_of(m) == "active"))
+                       for w in workers)
         demands = []
         for model in self.models:
             load, prefill = self._judged_load(model)
@@ -438,7 +444,7 @@ class Controller:
             needed = instances_needed(max(load, avg), self.engine_bound,
                                       self.policy.scale_up_ratio, prefill)
             demands.append(Demand(model, 1, needed, self._load[model].work.gpu_s_per_request))
-        return gpu_entitlement(demands, gpus)
+        return gpu_entitlement(demands, capacity)
 
     def _finish_drains(self, now: float) -> None:
         """Deactivate drained instances once idle; then activate the model they made room
