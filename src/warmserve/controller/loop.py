@@ -5,9 +5,10 @@ router) and, with the prefill-aware signal, the prefill work its engines are giv
 tokens per second × their measured seconds per prefilled token), runs the published autoscaler
 on the load over `load_window_s`, and activates or deactivates instances; when no worker can
 take a model that needs more, it drains other models' surplus instances off one worker for it
-(rebalancing, as the simulator, with its overload control). Every `window_s` it feeds the forecaster the window that closed, plans foundation
-and burst replicas for the next one, and prewarms the ones that have no active instance behind
-them on workers where the model is not resident yet.
+(rebalancing, as the simulator, with its overload control). Every `window_s` it feeds the
+forecaster the window that closed, plans foundation and burst replicas for the next one, and
+prewarms the ones that have no active instance behind them on workers where the model is not
+resident yet.
 The decisions are the pure functions of `warmserve.control`; this loop only gathers the
 snapshot and applies the actions through the cluster's worker clients.
 """

@@ -21,8 +21,8 @@ whose prompts outrun its instances' prefills is starving, whatever its queue), a
 cluster cannot carry every model's load, rebalancing gives GPUs to the models whose requests
 cost the fewest GPU-seconds first (policies.gpu_entitlement). `warmserve-published` is the
 published algorithm alone. Ablations of warmserve: each of those off, surplus judged on the
-latest load only, no forecast (prewarm for the last window's load), no KV reservation (prewarm
-on free GPUs only), round-robin placement.
+latest load only, no prewarming at all, no forecast (prewarm for the last window's load), no
+KV reservation (prewarm on free GPUs only), round-robin placement.
 """
 
 from __future__ import annotations
@@ -71,6 +71,10 @@ SYSTEMS: dict[str, SystemSpec] = {
                    description="ablation: no GPU rebalancing"),
         SystemSpec("warmserve-no-overflow", **_WARMSERVE | dict(overflow=False),
                    description="ablation: the published router (queues past B per instance)"),
+        SystemSpec("warmserve-no-prewarm", **_WARMSERVE | dict(
+                   prewarm=False, kv_lending=False, deactivate_to_prewarm=False),
+                   description="ablation: no prewarming at all (every scale-up loads the "
+                   "weights from the host cache into the universal worker)"),
         SystemSpec("warmserve-no-forecast", **_WARMSERVE | dict(forecast=False),
                    description="ablation: prewarm for the last window's load"),
         SystemSpec("warmserve-no-kv-reservation", **_WARMSERVE | dict(kv_lending=False),
@@ -102,8 +106,8 @@ DEFAULT_SYSTEMS = ("warmserve", "serverlessllm", "muxserve", "dedicated")
 VARIANTS = ("serverlessllm-overflow",)  # baselines made stronger than published
 ABLATIONS = ("warmserve-published", "warmserve-no-rebalance", "warmserve-no-lookback",
              "warmserve-no-prefill-signal", "warmserve-no-overload-control",
-             "warmserve-no-overflow", "warmserve-no-forecast", "warmserve-no-kv-reservation",
-             "warmserve-round-robin")
+             "warmserve-no-overflow", "warmserve-no-prewarm", "warmserve-no-forecast",
+             "warmserve-no-kv-reservation", "warmserve-round-robin")
 
 
 def get_system(name: str) -> SystemSpec:
