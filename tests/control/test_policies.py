@@ -190,6 +190,9 @@ def test_gpu_entitlement_under_overload_serves_the_cheapest_requests_first():
     assert gpu_entitlement(demands, 13) == {"70b": 4, "7b": 6, "13b": 2, "idle": 0}
     # fewer GPUs than one instance each: the cheapest models get theirs
     assert gpu_entitlement(demands, 3) == {"70b": 0, "7b": 1, "13b": 2, "idle": 0}
+    # a cheaper model whose instance does not fit what is left leaves it to a dearer one
+    wide = [Demand("a", 2, 1, 0.05), Demand("c", 8, 1, 0.1), Demand("d", 1, 3, 0.5)]
+    assert gpu_entitlement(wide, 9) == {"a": 2, "c": 0, "d": 3}
 
 
 @settings(max_examples=300, deadline=None)
@@ -207,14 +210,13 @@ def test_gpu_entitlement_invariants(raw, total):
     for d in demands:
         assert out[d.model] % d.tp == 0 and 0 <= out[d.model] <= need[d.model]
     left = total - sum(out.values())
-    for d in demands:  # nothing left over that a model short of its need could use...
-        if out[d.model] < need[d.model]:
-            assert left < d.tp
-        # ...and a model beyond its first instance leaves no cheaper model short of one
-        if out[d.model] > d.tp:
-            for c in demands:
-                if c.gpu_s_per_request < d.gpu_s_per_request and c.instances:
-                    assert out[c.model] >= c.tp or total < c.tp
+    order = sorted(demands, key=lambda d: (d.gpu_s_per_request, d.model))
+    for i, c in enumerate(order):
+        if out[c.model] < need[c.model]:
+            # a model short of its need could not have used what went, beyond their first
+            # instance, to the dearer models after it, nor what is left over
+            extras = sum(out[d.model] - d.tp for d in order[i + 1:] if out[d.model] > d.tp)
+            assert left + extras < c.tp
 
 
 def test_drain_for_frees_the_cheapest_group_of_surplus_instances():
