@@ -11,13 +11,13 @@ Our engine has no tensor parallelism, so this measures the same layer math split
 way (Megatron-style): each rank holds its share of the attention heads and of the MLP's
 intermediate columns, and the ranks all-reduce twice a layer, after the attention output and
 after the MLP. Weights are random bf16 of the shape's real dimensions. RoPE is left out (an
-elementwise rotation, under 1% of a layer's time). Each case is timed with CUDA events, the
-median of `--repeats` runs after warm-up, for `--layers` layers, and reported per layer and
-scaled to the model's depth. Decode runs without CUDA graphs, so its fixed part includes
-kernel launches; the per-sequence cost (the slope between the smallest and largest batch)
-does not. `--compare` prints, for each degree against one GPU, the efficiency per doubling
-e = (t1 / (N tN)) ^ (1 / log2 N) of prefill time and of the decode slope, which is what the
-profile's `efficiency` stands for. Asserts nothing.
+elementwise rotation, under 1% of a layer's time). Each case is captured in a CUDA graph with
+its all-reduces, as an engine runs its steps (`--no-graphs`: eagerly, launches included), and
+timed with CUDA events, the median of `--repeats` replays after warm-up, for `--layers`
+layers; reported per layer and scaled to the model's depth. `--compare` prints, for each
+degree against one GPU, the efficiency per doubling e = (t1 / (N tN)) ^ (1 / log2 N) of
+prefill time and of the decode slope (the per-sequence cost between the smallest and largest
+batch), which is what the profile's `efficiency` stands for. Asserts nothing.
 """
 
 from __future__ import annotations
@@ -158,6 +158,23 @@ def _time_ms(fn, repeats: int, warmup: int, device: str) -> float:
     return statistics.median(times)
 
 
+def _graphed(fn, device: str):
+    """`fn` captured in a CUDA graph (NCCL all-reduces included), as a serving engine runs its
+    steps; returns the replay. On CPU, `fn` itself."""
+    if not device.startswith("cuda"):
+        return fn
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def run(args: argparse.Namespace, rank: int, world: int, device: str) -> dict:
     arch = SYNTH_ARCHS[args.shape]
     check_divisible(arch, world)
@@ -165,6 +182,7 @@ def run(args: argparse.Namespace, rank: int, world: int, device: str) -> dict:
     shards = [make_shard(arch, i, rank, world, dtype, device) for i in range(args.layers)]
     kv_local, d = arch.num_kv_heads // world, arch.head_dim
     out = {"shape": args.shape, "tp": world, "layers": args.layers, "depth": arch.num_layers,
+           "graphs": bool(args.graphs and device.startswith("cuda")),
            "context": args.context, "device": torch.cuda.get_device_name() if device.startswith(
                "cuda") else "cpu", "prefill_ms_per_layer": {}, "decode_ms_per_layer": {}}
     with torch.inference_mode():
@@ -176,7 +194,8 @@ def run(args: argparse.Namespace, rank: int, world: int, device: str) -> dict:
                 for w in shards:
                     y = prefill_layer(y, w, arch, world)
 
-            ms = _time_ms(prefill, args.repeats, args.warmup, device) / args.layers
+            step = _graphed(prefill, device) if args.graphs else prefill
+            ms = _time_ms(step, args.repeats, args.warmup, device) / args.layers
             out["prefill_ms_per_layer"][str(tokens)] = ms
         for batch in args.batches:
             x = torch.randn(batch, arch.hidden_size, device=device, dtype=dtype)
@@ -188,7 +207,8 @@ def run(args: argparse.Namespace, rank: int, world: int, device: str) -> dict:
                 for w, cache in zip(shards, caches, strict=True):
                     y = decode_layer(y, w, cache, arch, world)
 
-            ms = _time_ms(decode, args.repeats, args.warmup, device) / args.layers
+            step = _graphed(decode, device) if args.graphs else decode
+            ms = _time_ms(step, args.repeats, args.warmup, device) / args.layers
             out["decode_ms_per_layer"][str(batch)] = ms
             del caches
     return out
@@ -239,6 +259,8 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--no-graphs", dest="graphs", action="store_false",
+                    help="run the layers eagerly instead of replaying CUDA graphs")
     ap.add_argument("--json", help="write rank 0's results here")
     ap.add_argument("--compare", nargs="+", metavar="JSON")
     args = ap.parse_args()
