@@ -188,9 +188,6 @@ class CapacityManager:
         groups = [grp for grp in self.cluster.groups(state.cost.tp)
                   if not any(g in self.reserved and self.reserved[g][1] > self.now
                              for g in grp)]
-        holdings, surplus, by_id = [], {}, {}
-        protect = self.cfg.policy.new_instance_protect_s
-        up = self.cfg.policy.scale_up_ratio
         # What the others can give: their instances beyond what carries their load at B each
         # (the autoscaler's target); at the engine's bound instead where the router fills
         # instances that far (overflow) or the model has nothing serving at all.
@@ -199,23 +196,7 @@ class CapacityManager:
         entitled = self._entitlement(per_instance) if self.sys.overload_control else None
         if entitled is not None and (live + 1) * state.cost.tp > entitled[state.index]:
             return  # the cluster is overloaded and this model's GPUs serve fewer requests
-        for other in self.models:
-            if other is state:
-                continue
-            serving = [i for i in other.instances if i.accepting and i.ready_at <= self.now]
-            load, prefill = self._judged_load(other)
-            spare = surplus_instances(
-                load, len(serving), per_instance, up,
-                other.forecast.avg_concurrency if other.forecast else 0.0, prefill)
-            if entitled is not None:
-                spare = max(spare, len(serving) - entitled[other.index] // other.cost.tp)
-            surplus[self.names[other.index]] = spare
-            for inst in serving:
-                if self.now - inst.active_since < protect:
-                    continue
-                holdings.append(Holding(inst.id, self.names[other.index], inst.gpus,
-                                        inst.running))
-                by_id[inst.id] = inst
+        holdings, surplus, by_id = self._donors(state, per_instance, entitled)
         free = {tp: [grp for grp in self.cluster.groups(tp)
                      if all(self._usable(g, -1) for g in grp)]
                 for tp in {len(h.gpus) for h in holdings}}
@@ -235,6 +216,30 @@ class CapacityManager:
                 self._drain(old)
         self.counts["rebalance"] += 1
 
+    def _donors(self, starving: ModelState, per_instance: int, entitled: list[int] | None
+                ) -> tuple[list[Holding], dict[str, int], dict[int, Instance]]:
+        """The other models' serving instances that rebalancing may touch (past their
+        scale-down protection), each model's surplus, and the instances by id."""
+        holdings, surplus, by_id = [], {}, {}
+        protect = self.cfg.policy.new_instance_protect_s
+        for other in self.models:
+            if other is starving:
+                continue
+            serving = [i for i in other.instances if i.accepting and i.ready_at <= self.now]
+            load, prefill = self._judged_load(other)
+            spare = surplus_instances(
+                load, len(serving), per_instance, self.cfg.policy.scale_up_ratio,
+                other.forecast.avg_concurrency if other.forecast else 0.0, prefill)
+            if entitled is not None:  # beyond its entitlement counts as surplus too
+                spare = max(spare, len(serving) - entitled[other.index] // other.cost.tp)
+            surplus[self.names[other.index]] = spare
+            for inst in serving:
+                if self.now - inst.active_since >= protect:
+                    holdings.append(Holding(inst.id, self.names[other.index], inst.gpus,
+                                            inst.running))
+                    by_id[inst.id] = inst
+        return holdings, surplus, by_id
+
     def _judged_load(self, state: ModelState) -> tuple[float, float]:
         """The concurrency and prefill work rebalancing judges a model by: the latest, or
         with the look-back the peak of the last rebalance_reserve_s (which holds the latest)."""
@@ -242,7 +247,7 @@ class CapacityManager:
             return max(state.peak_load, state.load), max(state.peak_prefill, state.prefill_load)
         return state.load, state.prefill_load
 
-    def _entitlement(self, per_instance: int) -> dict[int, int]:
+    def _entitlement(self, per_instance: int) -> list[int]:
         """GPUs each model may hold (policies.gpu_entitlement), by model index."""
         demands = []
         for m in self.models:
@@ -250,14 +255,10 @@ class CapacityManager:
             avg = m.forecast.avg_concurrency if m.forecast else 0.0
             needed = instances_needed(max(load, avg), per_instance,
                                       self.cfg.policy.scale_up_ratio, prefill)
-            cost = m.cost
-            per_request = 0.0
-            if m.arrived:
-                out = m.output_tokens / m.arrived
-                per_request = cost.tp * (m.prefill_work / m.arrived
-                                         + out * cost.decode_step_s(self.B) / self.B)
-            demands.append(Demand(str(m.index), cost.tp, needed, per_request))
-        return {int(k): v for k, v in gpu_entitlement(demands, len(self.cluster.gpus)).items()}
+            demands.append(Demand(self.names[m.index], m.cost.tp, needed,
+                                  m.gpu_s_per_request(self.B)))
+        entitled = gpu_entitlement(demands, len(self.cluster.gpus))
+        return [entitled[self.names[m.index]] for m in self.models]
 
     def _packing(self, group: tuple[int, ...]) -> int:
         """Busy GPUs in the aligned blocks around a group: packing small instances next to

@@ -176,6 +176,15 @@ class ModelState:
     recent_prefill: deque = field(default_factory=deque)  # for policies.peak_recent_load
     peak_prefill: float = 0.0
 
+    def gpu_s_per_request(self, batch: int) -> float:
+        """What one of its requests costs so far, in GPU-seconds: its mean prefill plus its
+        mean output decoded in a batch of `batch`, times the GPUs an instance takes."""
+        if not self.arrived:
+            return 0.0
+        output = self.output_tokens / self.arrived
+        step = self.cost.decode_step_s(batch)
+        return self.cost.tp * (self.prefill_work / self.arrived + output * step / batch)
+
     def live(self) -> list[Instance]:
         """Instances accepting requests (ready or still loading)."""
         return [i for i in self.instances if i.accepting]
