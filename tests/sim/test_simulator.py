@@ -54,6 +54,24 @@ def test_every_request_is_accounted_and_memory_is_exact(paper_short, name):
             assert inst.kv_tokens == 0 or inst.running > 0
 
 
+@pytest.mark.parametrize("name", ["warmserve", "muxserve"])
+def test_the_per_model_breakdown_adds_up(paper_short, name):
+    from warmserve.sim.metrics import summarize
+
+    result = Simulator(paper_short.workload, paper_short.costs, get_system(name),
+                       SimConfig(16, 8, CONFIG.policy, PROFILE)).run()
+    summary = summarize(result, 1.0)
+    models = summary["models"]
+    assert list(models) == list(paper_short.workload.models)
+    for key in ("requests_within_slo", "dropped"):
+        assert sum(m[key] for m in models.values()) == summary[key]
+    assert sum(m["requests"] for m in models.values()) == paper_short.workload.num_requests
+    held = sum(m["gpu_seconds"] for m in models.values())
+    assert held == pytest.approx(summary["gpu_seconds_busy"])
+    if name == "muxserve":  # four meshes of four GPUs, one model each, held throughout
+        assert len({round(m["gpu_seconds"]) for m in models.values()}) == 1
+
+
 def test_dedicated_is_the_ideal(paper_short):
     results = simulate(paper_short, ["dedicated", "serverlessllm"], CONFIG, PROFILE)
     s = summaries(results, 1.0)

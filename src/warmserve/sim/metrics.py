@@ -33,4 +33,21 @@ def summarize(result: SimResult, ttft_slo_s: float) -> dict:
         "prewarm_hits": result.prewarm_hits,
         "keep_alive_hits": result.keep_alive_hits,
         "kv_reclaims": result.kv_reclaims,
-    }
+    } | ({"models": _per_model(result, ttft_slo_s)} if result.models else {})
+
+
+def _per_model(result: SimResult, ttft_slo_s: float) -> dict[str, dict]:
+    """Each model's share: its requests, those within the SLO, dropped, its P99 TTFT and the
+    GPU-seconds its instances held (co-located instances each count their GPUs)."""
+    out = {}
+    for index, name in enumerate(result.models):
+        mine = result.model_index == index
+        ttft = result.ttft_s[mine & ~result.dropped]
+        out[name] = {
+            "requests": int(mine.sum()),
+            "requests_within_slo": int((ttft <= ttft_slo_s).sum()),
+            "dropped": int((mine & result.dropped).sum()),
+            "ttft_p99_s": float(np.percentile(ttft, 99)) if len(ttft) else None,
+            "gpu_seconds": float(result.gpu_seconds_by_model[index]),
+        }
+    return out

@@ -59,6 +59,8 @@ class SimResult:
     kv_reclaims: int
     gpus_used: int
     timeline: dict = field(default_factory=dict)  # model -> {"t", "load", "forecast", ...}
+    models: tuple[str, ...] = ()  # names, by model index
+    gpu_seconds_by_model: tuple[float, ...] = ()  # what each model's instances held
 
 
 class Simulator:
@@ -367,9 +369,11 @@ class Simulator:
         never = np.isnan(ttft) & ~self.dropped
         self.dropped |= never
         end = self.now
-        busy = sum(((inst.released_at or end) - inst.created_at) * len(inst.gpus)
-                   for inst in self.cap.released + [i for s in self.models for i in s.instances])
-        if self.sys.colocate:
+        by_model = [0.0] * len(self.models)
+        for inst in self.cap.released + [i for s in self.models for i in s.instances]:
+            by_model[inst.model] += ((inst.released_at or end) - inst.created_at) * len(inst.gpus)
+        busy = sum(by_model)
+        if self.sys.colocate:  # MuxServe holds every GPU throughout
             busy = len(self.cluster.gpus) * end
         used = sum(1 for g in self.cluster.gpus if g.instances) if self.sys.dedicated else len(
             self.cluster.gpus)
@@ -377,4 +381,4 @@ class Simulator:
         return SimResult(self.sys.name, self.w.spec.duration_s, ttft, tpot,
                          self.dropped, self.w.model_index, busy, counts["cold"],
                          counts["prewarm"], counts["keep"], counts["reclaim"],
-                         used, self.timeline)
+                         used, self.timeline, tuple(self.w.models), tuple(by_model))
