@@ -8,7 +8,8 @@ from dataclasses import dataclass, field, replace
 import pytest
 
 from warmserve.config import parse_config
-from warmserve.controller.loop import Controller, _Work
+from warmserve.controller.load import EngineWork
+from warmserve.controller.loop import Controller
 
 CONFIG = parse_config({
     "cluster": {"nodes": [{"devices": [{"type": "cpu", "count": 3, "memory_gib": 1}]}]},
@@ -434,7 +435,7 @@ def _engine_entry(prompt_tokens, prefill_tokens, prefill_s, busy_s, finished):
 
 
 def test_engine_counters_are_summed_over_workers_and_survive_a_new_engine():
-    work = _Work()
+    work = EngineWork()
     work.update({"w0": _engine_entry(100, 100, 0.5, 2.0, 4),
                  "w1": _engine_entry(50, 50, 0.25, 1.0, 2)})
     work.update({"w0": _engine_entry(300, 200, 1.0, 3.0, 6),

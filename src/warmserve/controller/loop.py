@@ -20,7 +20,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ from warmserve.control.policies import (
     surplus_instances,
 )
 from warmserve.control.predictor import ModelForecaster
+from warmserve.controller.load import ModelLoad
 from warmserve.engine.arch import SYNTH_ARCHS
 from warmserve.engine.checkpoint import DTYPES, read_arch, resolve_checkpoint
 from warmserve.sim.systems import SystemSpec, get_system
@@ -54,61 +55,6 @@ log = logging.getLogger(__name__)
 KV_CHECK_S = 0.1  # how often workers lending KV are checked for blocked requests, between ticks
 
 H2D_BYTES_PER_S = 52e9  # cold-start time in replica scores: weight bytes over pinned H2D
-
-
-_WORK = ("prompt_tokens", "prefill_tokens", "prefill_s", "busy_s", "finished")
-
-
-@dataclass
-class _Work:
-    """A model's engine counters (EngineStats: prompt tokens added and prefilled, prefill and
-    busy seconds, requests finished) summed over its workers since the controller started.
-    An engine starts its counters at zero: a worker where the model stopped being active is
-    forgotten, so its next engine counts from there."""
-
-    last: dict[str, tuple] = field(default_factory=dict)  # worker name -> counters seen
-    total: dict[str, float] = field(default_factory=lambda: dict.fromkeys(_WORK, 0.0))
-
-    def update(self, entries: dict[str, dict]) -> None:
-        """`entries`: the model's stats entry on each worker where it is active."""
-        for name in list(self.last):
-            if name not in entries:
-                del self.last[name]
-        for name, entry in entries.items():
-            seen = tuple(entry.get(k, 0) for k in _WORK)
-            before = self.last.get(name, (0,) * len(_WORK))
-            for key, now, then in zip(_WORK, seen, before, strict=True):
-                self.total[key] += now - then if now >= then else now  # a new engine: from 0
-            self.last[name] = seen
-
-    @property
-    def prefill_s_per_token(self) -> float:
-        t = self.total
-        return t["prefill_s"] / t["prefill_tokens"] if t["prefill_tokens"] else 0.0
-
-    @property
-    def gpu_s_per_request(self) -> float:
-        """Engine seconds per finished request (one GPU per worker)."""
-        t = self.total
-        return t["busy_s"] / t["finished"] if t["finished"] else 0.0
-
-
-@dataclass
-class _ModelLoad:
-    samples: deque = field(default_factory=deque)  # (time, concurrency)
-    window_samples: list = field(default_factory=list)
-    arrivals: int = 0
-    activated_at: dict[str, float] = field(default_factory=dict)  # worker name -> time
-    busy_at: dict[str, float] = field(default_factory=dict)  # worker name -> last time busy
-    load: float = 0.0  # the last tick's mean concurrency
-    recent: deque = field(default_factory=deque)  # for policies.peak_recent_load
-    peak: float = 0.0  # the peak load of the last rebalance_reserve_s: what rebalancing
-    # judges this model's surplus against
-    work: _Work = field(default_factory=_Work)
-    prompt_samples: deque = field(default_factory=deque)  # (time, prompt tokens added)
-    prefill: float = 0.0  # instances' worth of prefill time arriving, over load_window_s
-    recent_prefill: deque = field(default_factory=deque)
-    peak_prefill: float = 0.0
 
 
 @dataclass
@@ -137,7 +83,7 @@ class Controller:
         self.min_instances = (config.policy.min_instances if min_instances is None
                               else min_instances)
         self._clock = clock
-        self._load = {m: _ModelLoad() for m in self.models}
+        self._load = {m: ModelLoad() for m in self.models}
         per_day = max(1, round(86400 / self.policy.window_s))  # seasonality: a day
         self.forecasters = {m: ModelForecaster(per_day, self.policy.error_correction_windows)
                             for m in self.models}
@@ -324,32 +270,17 @@ class Controller:
 
     def _sample(self, model: str, now: float) -> float:
         state = self._load[model]
-        concurrency = self.cluster.inflight(model)
-        state.samples.append((now, concurrency))
         for worker in self.cluster.workers:
             if worker.inflight[model]:
                 state.busy_at[worker.name] = now
-        state.window_samples.append((now, concurrency))
-        while state.samples and state.samples[0][0] < now - self.policy.load_window_s:
-            state.samples.popleft()
-        return sum(c for _, c in state.samples) / len(state.samples)
+        return state.sample_concurrency(now, self.cluster.inflight(model),
+                                        self.policy.load_window_s)
 
     def _sample_prefill(self, model: str, now: float) -> float:
-        """Instances' worth of prefill arriving for `model` over the last load_window_s: the
-        prompt tokens its engines were given per second, times the seconds a token's prefill
-        has taken them (the simulator's signal, measured)."""
-        state = self._load[model]
-        state.work.update({w.name: w.stats["models"][model] for w in self.cluster.workers
-                           if w.alive and w.state_of(model) == "active"
-                           and "busy_s" in w.stats.get("models", {}).get(model, {})})
-        samples = state.prompt_samples
-        samples.append((now, state.work.total["prompt_tokens"]))
-        while samples[0][0] < now - self.policy.load_window_s:
-            samples.popleft()
-        span = now - samples[0][0]
-        if span <= 0:
-            return 0.0
-        return (samples[-1][1] - samples[0][1]) / span * state.work.prefill_s_per_token
+        engines = {w.name: w.stats["models"][model] for w in self.cluster.workers
+                   if w.alive and w.state_of(model) == "active"
+                   and "busy_s" in w.stats.get("models", {}).get(model, {})}
+        return self._load[model].sample_prefill(now, engines, self.policy.load_window_s)
 
     def _scale_up(self, model: str, count: int, now: float) -> None:
         for _ in range(count):
@@ -424,11 +355,7 @@ class Controller:
         self.actions.append((now, "rebalance", model, worker.name))
 
     def _judged_load(self, model: str) -> tuple[float, float]:
-        """The load and prefill work rebalancing judges a model by (as the simulator)."""
-        seen = self._load[model]
-        if self.system.rebalance_lookback:
-            return max(seen.peak, seen.load), max(seen.peak_prefill, seen.prefill)
-        return seen.load, seen.prefill
+        return self._load[model].judged(self.system.rebalance_lookback)
 
     def _entitlement(self, workers: list) -> dict[str, int]:
         """Instances each model may hold when their needs do not fit (policies.gpu_entitlement,
