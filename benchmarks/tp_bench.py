@@ -215,10 +215,15 @@ def run(args: argparse.Namespace, rank: int, world: int, device: str) -> dict:
 
 
 def compare(paths: list[str]) -> None:
-    results = sorted((json.loads(Path(p).read_text()) for p in paths), key=lambda r: r["tp"])
+    loaded = {p: json.loads(Path(p).read_text()) for p in paths}
+    results = sorted(loaded.values(), key=lambda r: r["tp"])
     base = results[0]
     if base["tp"] != 1:
         raise SystemExit("--compare needs a one-GPU run (tp 1) among its files")
+    for path, r in loaded.items():
+        if (r["shape"], r["context"]) != (base["shape"], base["context"]):
+            raise SystemExit(f"{path}: {r['shape']} at context {r['context']}, not "
+                             f"{base['shape']} at {base['context']} like the tp 1 run")
     depth = base["depth"]
     print(f"{base['shape']} on {base['device']}, context {base['context']}; ms at full depth "
           f"({depth} layers)")

@@ -96,3 +96,8 @@ def test_compare_reads_the_efficiency_per_doubling(tmp_path, capsys):
     assert "| 1 | 40.0 | 160.0 | 8.00 | 58.80 | - | - |" in out
     with pytest.raises(SystemExit, match="one-GPU run"):
         compare(paths[1:])
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(_result(2, 2.5, 0.15, 0.9) | {"shape": "llama-2-70b"}))
+    with pytest.raises(SystemExit, match=r"other\.json: llama-2-70b at context 512, not "
+                                         r"llama-2-13b"):
+        compare([paths[0], str(other)])
