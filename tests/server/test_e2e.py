@@ -226,6 +226,10 @@ def test_controller_scales_a_model_up_under_load(tmp_path, cache_dir, tiny_check
         actions = httpx.get(srv.url + "/v1/cluster",
                             headers={"authorization": f"Bearer {KEY}"}).json()
         assert any(a["action"] == "activate" for a in actions["controller_actions"])
+        # the engines' counters reach the cluster view (the controller's prefill signal)
+        engines = [w["stats"]["models"]["tiny-a"] for w in actions["workers"]
+                   if w["stats"].get("models", {}).get("tiny-a", {}).get("state") == "active"]
+        assert sum(e.get("prompt_tokens", 0) for e in engines) > 0
         for stream in streams:
             stream.close()
     finally:
