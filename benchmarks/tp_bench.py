@@ -27,6 +27,7 @@ import json
 import math
 import os
 import statistics
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,8 +138,6 @@ def _time_ms(fn, repeats: int, warmup: int, device: str) -> float:
     for _ in range(warmup):
         fn()
     if not device.startswith("cuda"):
-        import time
-
         times = []
         for _ in range(repeats):
             start = time.perf_counter()

@@ -183,6 +183,14 @@ class Demand:
     gpu_s_per_request: float  # what serving one of its requests costs, in GPU-seconds
 
 
+def demand_of(model: str, tp: int, load: float, forecast_avg: float, prefill_load: float,
+              capacity: int, up_ratio: float, gpu_s_per_request: float) -> Demand:
+    """A model's need as surplus_instances counts it (the larger of its load and its forecast
+    average, and its prefill work), for gpu_entitlement."""
+    needed = instances_needed(max(load, forecast_avg), capacity, up_ratio, prefill_load)
+    return Demand(model, tp, needed, gpu_s_per_request)
+
+
 def gpu_entitlement(demands: Sequence[Demand], total_gpus: int) -> dict[str, int]:
     """GPUs each model may hold when they are scarce. While every model's need fits the
     cluster, each is entitled to its need. When they do not (overload), every model with load

@@ -74,11 +74,10 @@ class ModelLoad:
         _trim(self.samples, now, window_s)
         return sum(c for _, c in self.samples) / len(self.samples)
 
-    def sample_prefill(self, now: float, entries: dict[str, dict], window_s: float) -> float:
+    def sample_prefill(self, now: float, window_s: float) -> float:
         """Instances' worth of prefill arriving over the last `window_s`: the prompt tokens
-        the model's engines (`entries`, their stats by worker) were given per second, times
-        the seconds a token's prefill has taken them (the simulator's signal, measured)."""
-        self.work.update(entries)
+        the model's engines were given per second, times the seconds a token's prefill has
+        taken them (the simulator's signal, measured; `work` updated first)."""
         self.prompt_samples.append((now, self.work.total["prompt_tokens"]))
         _trim(self.prompt_samples, now, window_s)
         first_t, first_tokens = self.prompt_samples[0]

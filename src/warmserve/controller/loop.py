@@ -27,14 +27,13 @@ from typing import Any
 from warmserve.cluster.manager import LocalCluster, NoCapacity
 from warmserve.config import ModelConfig, WarmServeConfig
 from warmserve.control.policies import (
-    Demand,
     GpuCapacity,
     Holding,
     ReplicaRequest,
     autoscale,
+    demand_of,
     drain_for,
     gpu_entitlement,
-    instances_needed,
     lendable_kv_tokens,
     peak_recent_load,
     place_prewarms,
@@ -151,8 +150,10 @@ class Controller:
         for model in self.models:
             load = self._sample(model, now)
             state = self._load[model]
+            if self.system.prefill_aware or self.system.overload_control:
+                state.work.update(self._engine_stats(model))  # what both rules measure
             if self.system.prefill_aware:
-                state.prefill = self._sample_prefill(model, now)
+                state.prefill = state.sample_prefill(now, self.policy.load_window_s)
                 load = prefill_aware_load(load, state.prefill, self.policy.instance_capacity)
                 state.peak_prefill = peak_recent_load(state.recent_prefill, now, state.prefill,
                                                       self.policy.rebalance_reserve_s)
@@ -276,11 +277,11 @@ class Controller:
         return state.sample_concurrency(now, self.cluster.inflight(model),
                                         self.policy.load_window_s)
 
-    def _sample_prefill(self, model: str, now: float) -> float:
-        engines = {w.name: w.stats["models"][model] for w in self.cluster.workers
-                   if w.alive and w.state_of(model) == "active"
-                   and "busy_s" in w.stats.get("models", {}).get(model, {})}
-        return self._load[model].sample_prefill(now, engines, self.policy.load_window_s)
+    def _engine_stats(self, model: str) -> dict[str, dict]:
+        """`model`'s engine stats by worker, where it is active and its engine answered."""
+        return {w.name: w.stats["models"][model] for w in self.cluster.workers
+                if w.alive and w.state_of(model) == "active"
+                and "busy_s" in w.stats.get("models", {}).get(model, {})}
 
     def _scale_up(self, model: str, count: int, now: float) -> None:
         for _ in range(count):
@@ -368,10 +369,10 @@ class Controller:
         demands = []
         for model in self.models:
             load, prefill = self._judged_load(model)
-            avg = self.forecasters[model].forecast().avg_concurrency
-            needed = instances_needed(max(load, avg), self.engine_bound,
-                                      self.policy.scale_up_ratio, prefill)
-            demands.append(Demand(model, 1, needed, self._load[model].work.gpu_s_per_request))
+            demands.append(demand_of(
+                model, 1, load, self.forecasters[model].forecast().avg_concurrency, prefill,
+                self.engine_bound, self.policy.scale_up_ratio,
+                self._load[model].work.gpu_s_per_request))
         return gpu_entitlement(demands, capacity)
 
     def _finish_drains(self, now: float) -> None:

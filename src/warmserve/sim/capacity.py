@@ -10,13 +10,12 @@ group is free, WarmServe drains another model's surplus instances for the starvi
 from __future__ import annotations
 
 from warmserve.control.policies import (
-    Demand,
     GpuCapacity,
     Holding,
     ReplicaRequest,
+    demand_of,
     drain_for,
     gpu_entitlement,
-    instances_needed,
     lendable_kv_tokens,
     place_prewarms,
     replica_plan,
@@ -252,11 +251,10 @@ class CapacityManager:
         demands = []
         for m in self.models:
             load, prefill = self._judged_load(m)
-            avg = m.forecast.avg_concurrency if m.forecast else 0.0
-            needed = instances_needed(max(load, avg), per_instance,
-                                      self.cfg.policy.scale_up_ratio, prefill)
-            demands.append(Demand(self.names[m.index], m.cost.tp, needed,
-                                  m.gpu_s_per_request(self.B)))
+            demands.append(demand_of(
+                self.names[m.index], m.cost.tp, load,
+                m.forecast.avg_concurrency if m.forecast else 0.0, prefill, per_instance,
+                self.cfg.policy.scale_up_ratio, m.gpu_s_per_request(self.B)))
         entitled = gpu_entitlement(demands, len(self.cluster.gpus))
         return [entitled[self.names[m.index]] for m in self.models]
 
