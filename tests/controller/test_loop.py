@@ -503,3 +503,17 @@ def test_the_live_capacity_counts_every_instance_a_worker_holds():
     ctl = Controller(cluster, TWO, min_instances=1)
     _run(ctl, cluster, 0.0, 2.0)
     assert ctl._entitlement(cluster.workers) == {"a": 2, "b": 1}
+
+
+def test_overload_control_measures_request_costs_without_the_prefill_signal():
+    """Overload control ranks models by their engines' seconds per request: those counters
+    are read even when the load signal ignores prefill work."""
+    from warmserve.sim.systems import get_system
+
+    cluster = FakeCluster()
+    ctl = Controller(cluster, CONFIG, min_instances=1,
+                     system=get_system("warmserve-no-prefill-signal"))
+    cluster.workers[0].stats["models"] = {"m": _engine_entry(100, 100, 0.1, 2.0, 4)}
+    ctl.tick(0.0)
+    assert ctl._load["m"].work.gpu_s_per_request == pytest.approx(0.5)
+    assert ctl._load["m"].prefill == 0.0  # not folded into the load
