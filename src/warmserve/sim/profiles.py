@@ -12,14 +12,23 @@ import yaml
 
 @dataclass(frozen=True)
 class TpScaling:
-    """How a model's costs change with its number of GPUs (tensor parallelism), for MuxServe's
-    meshes. A decode step = a fixed part (launches, sampling: what the profile's step costs
-    beyond reading the weights at `hbm_bytes_per_s`) + the weight reads, split over the GPUs,
-    + `allreduce_s` when there are several. The work that grows with tokens (prefill, and each
-    further sequence of a decode batch) divides over the GPUs at `efficiency` per doubling."""
+    """How a model's step costs follow from memory traffic and GPUs. A decode step = a fixed
+    part (launches, sampling: what the profile's step costs beyond reading the weights at
+    `hbm_bytes_per_s`) + the weight reads, split over the GPUs, + `allreduce_s` when there are
+    several, + the running sequences' KV-cache reads (their bytes on one GPU at
+    `hbm_bytes_per_s`, times `kv_read_overhead`). The work that grows with tokens (prefill,
+    and each further sequence of a decode batch) divides over the GPUs at `efficiency` per
+    doubling (MuxServe's meshes)."""
     hbm_bytes_per_s: float = 3.0e12
     allreduce_s: float = 0.0
     efficiency: float = 1.0
+    kv_read_overhead: float = 1.0
+
+
+def prefill_steps(tokens: int, step_tokens: int, packed: bool) -> float:
+    """Engine steps a prompt's prefill takes: whole steps alone; its tokens' share of steps
+    when it queues behind other prompts, which the engine packs up to `step_tokens` a step."""
+    return tokens / step_tokens if packed else -(-tokens // step_tokens)
 
 
 @dataclass(frozen=True)
@@ -41,8 +50,44 @@ class ModelCost:
     def prefill_s(self, tokens: int) -> float:
         return self.prefill_base_s + tokens * self.prefill_s_per_token
 
-    def decode_step_s(self, batch: int) -> float:
-        return self.decode_base_s + (batch - 1 if batch > 1 else 0) * self.decode_per_seq_s
+    @property
+    def decode_s_per_context_token(self) -> float:
+        """What each token of the running sequences' contexts adds to a decode step: its KV
+        cache read (the model's heads are split over its GPUs, so are the reads)."""
+        sc = self.scaling
+        return self.kv_bytes_per_token / self.tp / sc.hbm_bytes_per_s * sc.kv_read_overhead
+
+    def decode_step_s(self, batch: int, context_tokens: float = 0.0) -> float:
+        """One decode step of `batch` sequences holding `context_tokens` tokens together."""
+        return (self.decode_base_s + (batch - 1 if batch > 1 else 0) * self.decode_per_seq_s
+                + context_tokens * self.decode_s_per_context_token)
+
+    # Prefill and decode share an engine's steps (chunked prefill, decodes first). A step that
+    # carries a prompt's chunk also carries one token of every running sequence, and those
+    # cost their per-sequence work only: the weights are read once for the whole step
+    # (measured with our engine: profiles/h100.yaml [mix]).
+
+    def mixed_prefill_s(self, tokens: int, running: int, context_tokens: float,
+                        steps: float) -> float:
+        """A prompt's prefill while `running` sequences holding `context_tokens` decode
+        beside it."""
+        riding = running * self.decode_per_seq_s + context_tokens * self.decode_s_per_context_token
+        return self.prefill_s(tokens) + riding * steps
+
+    def decode_stall_s(self, tokens: int, steps: float) -> float:
+        """How much a prompt's prefill delays the sequences decoding beside it: its steps cost
+        its prefill instead of the decode steps' fixed part."""
+        stall = self.prefill_s(tokens) - steps * self.decode_base_s
+        return stall if stall > 0.0 else 0.0
+
+    def tpot_s(self, batch: int, context_tokens: float, stall_rate: float, step_tokens: int
+               ) -> float:
+        """Time per output token at `batch` (holding `context_tokens`) when prefills take
+        `stall_rate` of the engine's time (seconds of stall per second); at most a decode step
+        plus a full prefill chunk, what every step costs while prompts queue."""
+        step = self.decode_step_s(batch, context_tokens)
+        worst = step + self.decode_stall_s(step_tokens, 1)
+        return worst if stall_rate >= 1.0 else min(step / (1.0 - stall_rate), worst)
 
     def on_gpus(self, tp: int) -> ModelCost:
         """The same model over another number of GPUs (see TpScaling)."""
@@ -87,12 +132,14 @@ class DeviceProfile:
 
 
 def service_time_fn(costs: list[ModelCost], batch: int):
-    """Per-model request duration at a given batch: prefill plus decode of every output token."""
+    """Per-model request duration at a given batch: prefill plus decode of every output token
+    (in a batch of requests like it, each holding its prompt and half its output)."""
 
     def service_time(model, input_tokens, output_tokens):
         cost = costs[model]
+        context = batch * (input_tokens + output_tokens / 2)
         return cost.prefill_s(0) + input_tokens * cost.prefill_s_per_token + (
-            output_tokens * cost.decode_step_s(batch))
+            output_tokens * cost.decode_step_s(batch, context))
 
     return service_time
 
@@ -106,7 +153,7 @@ def load_profile(name_or_path: str = "h100") -> DeviceProfile:
     gb = 1e9
     tp = data.get("tensor_parallel", {})
     scaling = TpScaling(tp.get("hbm_gbps", 3000) * gb, tp.get("allreduce_ms", 0.0) / 1e3,
-                        tp.get("efficiency", 1.0))
+                        tp.get("efficiency", 1.0), data.get("kv_read_overhead", 1.0))
     models = {
         name: ModelCost(name, int(m["tp"]), int(m["weight_gb"] * gb), int(m["kv_bytes_per_token"]),
                         m["decode_base_ms"] / 1e3, m["decode_per_seq_ms"] / 1e3,

@@ -99,7 +99,8 @@ def _csv_scenario(path: Path, config: WarmServeConfig, profile: DeviceProfile,
 def _run_one(args: tuple) -> tuple[str, SimResult]:
     scenario, name, config, profile, cache = args
     sim_config = SimConfig(scenario.num_gpus, scenario.gpus_per_node, config.policy, profile,
-                           host_cache_bytes=cache)
+                           host_cache_bytes=cache,
+                           step_tokens=config.engine.max_tokens_per_step)
     return name, Simulator(scenario.workload, scenario.costs, get_system(name), sim_config).run()
 
 

@@ -22,7 +22,7 @@ from warmserve.control.policies import autoscale, peak_recent_load, prefill_awar
 from warmserve.control.predictor import Forecast, ModelForecaster
 from warmserve.sim.capacity import CapacityManager
 from warmserve.sim.events import EXPIRE, FINISH, READY, TICK, WINDOW, EventQueue
-from warmserve.sim.profiles import DeviceProfile, ModelCost
+from warmserve.sim.profiles import DeviceProfile, ModelCost, prefill_steps
 from warmserve.sim.state import Cluster, Instance, ModelState
 from warmserve.sim.static import COLOCATION_SLOWDOWN, PlannedModel
 from warmserve.sim.systems import SystemSpec
@@ -42,6 +42,8 @@ class SimConfig:
     # max_num_seqs, MuxServe's default). The autoscaling systems' router, as published, gives
     # an instance at most B (policy.instance_capacity) and queues the rest for new instances.
     max_batch: int = 256
+    # An engine step's token budget (chunked prefill): EngineConfig.max_tokens_per_step.
+    step_tokens: int = 2048
 
 
 @dataclass
@@ -185,6 +187,7 @@ class Simulator:
         state.prefill_work += state.cost.prefill_s(self.input_tokens[i])
         state.arrived += 1
         state.output_tokens += self.output_tokens[i]
+        state.prompt_tokens += self.input_tokens[i]
         if state.queue or not self._try_admit(state, i):
             state.queue.append(i)
             if self.sys.autoscale:  # the router queues and triggers a scale-up
@@ -243,12 +246,17 @@ class Simulator:
         slowdown = self._slowdown(inst) if self.sys.colocate else 1.0
         now = self.events.now
         start = now if now > inst.prefill_free_at else inst.prefill_free_at
-        first = start + cost.prefill_s(self.input_tokens[i]) * slowdown
+        tokens, out, step_tokens = self.input_tokens[i], self.output_tokens[i], self.cfg.step_tokens
+        steps = prefill_steps(tokens, step_tokens, packed=start > now)
+        first = start + cost.mixed_prefill_s(tokens, inst.running, inst.context_tokens,
+                                             steps) * slowdown
         inst.prefill_free_at = first
+        stall_rate = inst.note_stall(now, cost.decode_stall_s(tokens, steps),
+                                     self.cfg.policy.load_window_s)
         inst.running += 1
+        inst.context_tokens += tokens + out // 2
         self.cluster.change_kv(inst, need)
-        tpot = cost.decode_step_s(inst.running) * slowdown
-        out = self.output_tokens[i]
+        tpot = cost.tpot_s(inst.running, inst.context_tokens, stall_rate, step_tokens) * slowdown
         self.ttft[i] = first - self.arrival[i]
         self.tpot[i] = tpot
         self.events.push(first + (out - 1 if out > 1 else 0) * tpot, FINISH, (state, inst, i, need))
@@ -266,6 +274,7 @@ class Simulator:
 
     def _finish(self, state: ModelState, inst: Instance, i: int, need: int) -> None:
         inst.running -= 1
+        inst.context_tokens -= self.input_tokens[i] + self.output_tokens[i] // 2
         self.cluster.change_kv(inst, -need)
         self._change_concurrency(state, -1)
         self._drain_queue(state)

@@ -8,6 +8,7 @@ GPUs, and (WarmServe) take back memory lent to prewarms by evicting them.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -36,7 +37,10 @@ class Instance:
     max_batch: int  # requests it runs at once (the router's bound)
     running: int = 0
     kv_tokens: int = 0  # tokens reserved by running requests
+    context_tokens: int = 0  # what their decode steps read: prompt + half the output each
     prefill_free_at: float = 0.0
+    stall_s: float = 0.0  # prefills' delay to decodes, decayed (see note_stall)
+    stall_at: float = 0.0
     draining: bool = False
     kept_since: float | None = None  # keep-alive: idle but loaded (reactive baseline)
     released_at: float | None = None
@@ -47,6 +51,15 @@ class Instance:
         if self.active_since < 0:
             self.active_since = self.created_at
         self.kv_bytes_per_token = self.cost.kv_bytes_per_token // self.cost.tp  # on each GPU
+
+    def note_stall(self, now: float, stall_s: float, window_s: float) -> float:
+        """Add a prefill's delay to the decodes and return the recent delay per second: an
+        exponentially decayed sum over `window_s`."""
+        if now > self.stall_at:
+            self.stall_s *= math.exp((self.stall_at - now) / window_s)
+            self.stall_at = now
+        self.stall_s += stall_s
+        return self.stall_s / window_s
 
     def refresh(self) -> None:
         """Recompute `accepting` after changing draining, kept_since or released_at (the
@@ -164,6 +177,7 @@ class ModelState:
     prefill_work: float = 0.0  # seconds of prefill (on one instance) of every arrival so far
     arrived: int = 0
     output_tokens: int = 0  # of every arrival so far
+    prompt_tokens: int = 0
     window_start_integral: float = 0.0
     window_peak: int = 0
     window_arrivals: int = 0
@@ -182,7 +196,8 @@ class ModelState:
         if not self.arrived:
             return 0.0
         output = self.output_tokens / self.arrived
-        step = self.cost.decode_step_s(batch)
+        context = batch * (self.prompt_tokens / self.arrived + output / 2)
+        step = self.cost.decode_step_s(batch, context)
         return self.cost.tp * (self.prefill_work / self.arrived + output * step / batch)
 
     def live(self) -> list[Instance]:

@@ -78,7 +78,8 @@ def mesh_throughput(models: tuple[PlannedModel, ...], size: int, pool_bytes: int
         if batch < 1:
             out[m.index] = 0.0
             continue
-        out[m.index] = batch / (prefills + m.output_tokens * c.decode_step_s(batch) * slowdown)
+        step = c.decode_step_s(batch, batch * (m.prompt_tokens + m.output_tokens / 2))
+        out[m.index] = batch / (prefills + m.output_tokens * step * slowdown)
     return out
 
 

@@ -1,0 +1,30 @@
+"""benchmarks/engine_bench.py's step timings: what each one runs, on the tiny model (CPU)."""
+
+from __future__ import annotations
+
+from benchmarks.engine_bench import mixed_step, tpot
+
+
+def test_mixed_step_times_a_prompt_riding_with_the_decodes(make_engine):
+    engine = make_engine(kv_cache_bytes=4 << 20, max_num_seqs=8, max_tokens_per_step=256)
+    steps = []
+    step = engine.step
+
+    def recording_step():
+        out = step()
+        steps.append(dict(engine._last_step))
+        return out
+
+    engine.step = recording_step
+    decode, mixed = mixed_step(engine, batch=4, n=64, device="cpu", reps=2)
+    assert decode > 0 and mixed > 0
+    riding = [s for s in steps if s["prefill_tokens"] == 64]
+    assert len(riding) == 3 and all(s["decodes"] == 4 for s in riding)  # warm-up + 2 timed
+    assert not engine.has_work()  # the decoding sequences are aborted when it is done
+
+
+def test_tpot_times_decode_steps_at_the_context_asked(make_engine):
+    engine = make_engine(kv_cache_bytes=4 << 20, max_num_seqs=8, max_tokens_per_step=256)
+    assert tpot(engine, batch=2, device="cpu", steps=8, context=100) > 0
+    assert not engine.has_work()
+    assert engine.stats().prompt_tokens == 2 * 100
