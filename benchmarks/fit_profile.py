@@ -7,10 +7,12 @@ Every timing is fitted as  t(N) = a + N x b  over the runs (a: embedding, head, 
 work; b: one decoder layer) and taken at the shape's full depth; one run without --layers is
 used as it is. Then, at full depth, a prefill costs base + tokens x per-token (through the two
 prompt lengths) and a decode step base + (batch - 1) x per-sequence (least squares over the
-batches). That is the model on one GPU with room for it; `--tp` spreads it over more GPUs by the
-profile's tensor_parallel rule (`ModelCost.on_gpus`). Weights and KV are counted in bf16.
-Prints the YAML entry; asserts nothing. To check the method on a model that fits, fit
-llama-2-13b from 10 and 20 layers and compare with its full 40-layer run.
+batches), less the KV reads of the timed sequences' ~162 tokens, which the profile charges
+per context token (`kv_read_overhead`). That is the model on one GPU with room for it; `--tp`
+spreads it over more GPUs by the profile's tensor_parallel rule (`ModelCost.on_gpus`).
+Weights and KV are counted in bf16. Prints the YAML entry; asserts nothing. To check the
+method on a model that fits, fit llama-2-13b from 10 and 20 layers and compare with its full
+40-layer run.
 """
 
 from __future__ import annotations
@@ -18,12 +20,16 @@ from __future__ import annotations
 import argparse
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from warmserve.engine.arch import SYNTH_ARCHS
 from warmserve.sim.profiles import ModelCost, load_profile
+
+# engine_bench's TPOT: 128-token prompts, the median step timed about 34 tokens later
+TIMED_CONTEXT = 162
 
 
 def at_full_depth(runs: list[dict], key: str) -> float:
@@ -70,7 +76,10 @@ def main() -> None:
     scaling = next(iter(load_profile(args.profile).models.values())).scaling
     cost = ModelCost(shape, 1, arch.num_parameters() * 2, arch.kv_bytes_per_token * 2,
                      f["decode_base_s"], f["decode_per_seq_s"], f["prefill_s_per_token"],
-                     f["prefill_base_s"], scaling).on_gpus(args.tp)
+                     f["prefill_base_s"], scaling)
+    # The profile charges context KV reads apart: take out those of the timed sequences.
+    per_seq = f["decode_per_seq_s"] - TIMED_CONTEXT * cost.decode_s_per_context_token
+    cost = replace(cost, decode_per_seq_s=max(0.0, per_seq)).on_gpus(args.tp)
     depth = ", ".join(str(r["layers"]) for r in runs)
     print(f"# {shape} fitted from runs of {depth} layers (of {arch.num_layers}) on "
           f"{runs[0].get('device')}")
