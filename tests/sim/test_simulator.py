@@ -79,6 +79,19 @@ def test_dedicated_is_the_ideal(paper_short):
     assert s["dedicated"]["ttft_p99_s"] <= s["serverlessllm"]["ttft_p99_s"]
 
 
+def test_dedicated_provisions_each_peak_at_the_autoscalers_threshold(paper_short):
+    """Each model gets its peak concurrency at 0.8 x B per instance, the load at which the
+    autoscaler counts an instance full."""
+    sim = Simulator(paper_short.workload, paper_short.costs, get_system("dedicated"),
+                    SimConfig(16, 8, CONFIG.policy, PROFILE))
+    sim.run()
+    w, policy = paper_short.workload, CONFIG.policy
+    for state in sim.models:
+        peak = w.actual[w.models[state.index]].peak_concurrency.max()
+        want = max(1, int(np.ceil(peak / (policy.scale_up_ratio * policy.instance_capacity))))
+        assert len(state.instances) == want
+
+
 def test_muxserve_gives_each_model_one_tensor_parallel_unit(paper_short):
     sim = Simulator(paper_short.workload, paper_short.costs, get_system("muxserve"),
                     SimConfig(16, 8, CONFIG.policy, PROFILE))

@@ -174,7 +174,7 @@ class Simulator:
     def _initial_instances(self, state: ModelState) -> int:
         if self.sys.dedicated:
             peak = self.w.actual[self.w.models[state.index]].peak_concurrency.max()
-            return max(1, math.ceil(peak / self.B))
+            return max(1, math.ceil(peak / (self.cfg.policy.scale_up_ratio * self.B)))
         state.forecast = state.forecaster.forecast()
         return max(1, math.ceil(state.forecast.avg_concurrency / self.B))
 
