@@ -17,6 +17,7 @@ from warmserve.control.policies import (
     ReplicaRequest,
     aligned_groups,
     autoscale,
+    demand_from_arrivals,
     drain_for,
     gpu_entitlement,
     instances_needed,
@@ -295,3 +296,15 @@ def test_peak_recent_load_is_the_max_over_the_horizon(loads, horizon):
         now = i * 0.5
         expected = max(v for j, v in enumerate(loads[:i + 1]) if j * 0.5 >= now - horizon)
         assert peak_recent_load(recent, now, load, horizon) == expected
+
+
+def test_a_need_from_arrivals_is_the_work_arriving_not_the_backlog():
+    # 10 requests/s at 0.4 GPU-s each, under the 0.8 up-threshold: 5 GPUs, two TP4 instances
+    assert demand_from_arrivals("70b", 4, 10.0, 0.4, 0.8).instances == 2
+    assert demand_from_arrivals("7b", 1, 0.1, 0.1, 0.8).instances == 1  # anything: one
+    assert demand_from_arrivals("idle", 1, 0.0, 0.1, 0.8).instances == 0
+    # under overload the cheap model's need no longer swallows the cluster: 40 requests/s of
+    # 0.1 GPU-s take 5 GPUs, whatever its queue, and the 70B's 8 fit beside them
+    demands = [demand_from_arrivals("7b", 1, 40.0, 0.1, 0.8),
+               demand_from_arrivals("70b", 4, 12.0, 0.5, 0.8)]
+    assert gpu_entitlement(demands, 16) == {"7b": 5, "70b": 8}

@@ -517,3 +517,28 @@ def test_overload_control_measures_request_costs_without_the_prefill_signal():
     ctl.tick(0.0)
     assert ctl._load["m"].work.gpu_s_per_request == pytest.approx(0.5)
     assert ctl._load["m"].prefill == 0.0  # not folded into the load
+
+
+def test_the_goodput_variant_judges_needs_from_the_requests_arriving():
+    """`warmserve-goodput` samples each model's arrivals and keeps their peak rate over the
+    look-back. "a" has 40 in flight but only 2 requests a second arrive, which one instance
+    carries at 0.15 engine-seconds each: its need is one worker, not the two its backlog asks."""
+    from warmserve.sim.systems import get_system
+
+    cluster = FullCluster()
+    cluster.load = {"a": 40, "b": 6}
+    cluster.workers[0].states["b"] = "active"
+    ctl = Controller(cluster, TWO, min_instances=1, system=get_system("warmserve-goodput"))
+    for w in cluster.workers:
+        w.stats["models"] = {"a": _engine_entry(1000, 1000, 1.0, 3.0, 20)}  # 0.15 s each
+    for k in range(10):  # ticks every 0.5 s
+        ctl.record_arrival("a")  # 2 a second
+        if k % 2:
+            ctl.record_arrival("b")  # 1 a second
+        ctl.tick(0.5 * k)
+    assert ctl._load["a"].peak_rate == pytest.approx(2.0)
+    assert ctl._load["b"].peak_rate == pytest.approx(1.0)
+    assert ctl._entitlement(cluster.workers) == {"a": 1, "b": 1}
+    plain = Controller(cluster, TWO, min_instances=1)  # judged by concurrency
+    _run(plain, cluster, 0.0, 2.0)
+    assert plain._entitlement(cluster.workers) == {"a": 2, "b": 1}

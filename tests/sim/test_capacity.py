@@ -267,3 +267,21 @@ def test_a_cold_start_pays_the_load_and_the_runner_build():
     reactive = two_model_sim("serverlessllm")
     assert reactive.cap.acquire(reactive.models[0])
     assert reactive.models[0].instances[0].ready_at >= PROFILE.engine_init_s
+
+
+@pytest.mark.parametrize(("system", "entitled"), [("warmserve", [12, 4]),
+                                                  ("warmserve-goodput", [1, 8])])
+def test_a_need_from_arrivals_ignores_the_backlog(system, entitled):
+    """Two nodes. "s" has 4,000 requests in flight, but its arrivals (2 a second at about
+    0.1 GPU-s each) need one GPU; "big" arrives at 7 a second and needs two instances (its
+    prefills say the same). Judged by concurrency the 7B's backlog asks for 20 GPUs, the
+    cluster looks overloaded, and the cheaper 7B gets all but the 70B's floor; judged by the
+    work arriving both needs fit."""
+    sim = two_model_sim(system, num_gpus=16)
+    small, big = sim.models
+    _costs(sim)
+    set_load(small, 4000.0)
+    big.load = big.peak_load = 48.0
+    big.prefill_load = big.peak_prefill = 1.5
+    small.peak_rate, big.peak_rate = 2.0, 7.0
+    assert sim.cap._entitlement(256) == entitled

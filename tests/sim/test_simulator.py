@@ -246,3 +246,21 @@ def test_the_tick_counts_prefill_work_of_the_last_load_window(system, aware):
         assert big.load == pytest.approx(big.prefill_load * 32, rel=1e-6)
     else:
         assert big.prefill_load == 0.0 and big.load < 200
+
+
+def test_the_goodput_variant_tracks_each_models_arrival_rate(paper_short):
+    """`warmserve-goodput` keeps each model's arrivals per second over the load window and
+    their peak over the look-back; the other systems do not need them."""
+    sims = {name: Simulator(paper_short.workload, paper_short.costs, get_system(name),
+                            SimConfig(16, 8, CONFIG.policy, PROFILE))
+            for name in ("warmserve-goodput", "warmserve")}
+    for sim in sims.values():
+        sim.run(stop_at_s=120.0)
+    w, window = paper_short.workload, CONFIG.policy.load_window_s
+    for state in sims["warmserve-goodput"].models:
+        mine = w.arrival_s[w.model_index == state.index]
+        recent = np.sum((mine > sims["warmserve-goodput"].now - window)
+                        & (mine <= sims["warmserve-goodput"].now))
+        assert state.arrival_rate == pytest.approx(recent / window, abs=1.0 / window)
+        assert state.peak_rate >= state.arrival_rate > 0
+    assert all(s.peak_rate == 0.0 for s in sims["warmserve"].models)

@@ -191,6 +191,18 @@ def demand_of(model: str, tp: int, load: float, forecast_avg: float, prefill_loa
     return Demand(model, tp, needed, gpu_s_per_request)
 
 
+def demand_from_arrivals(model: str, tp: int, arrival_rate: float, gpu_s_per_request: float,
+                         up_ratio: float) -> Demand:
+    """A model's need from the work arriving: its requests per second times what one costs, in
+    GPU-seconds, under the autoscaler's up-threshold; one instance while anything arrives.
+    Unlike a need from concurrency (demand_of), it does not grow with the model's own backlog:
+    a model whose instances fell behind does not look as if more GPUs would catch it up."""
+    if arrival_rate <= 0:
+        return Demand(model, tp, 0, gpu_s_per_request)
+    gpus = arrival_rate * gpu_s_per_request / up_ratio
+    return Demand(model, tp, max(1, math.ceil(gpus / tp)), gpu_s_per_request)
+
+
 def gpu_entitlement(demands: Sequence[Demand], total_gpus: int) -> dict[str, int]:
     """GPUs each model may hold when they are scarce. While every model's need fits the
     cluster, each is entitled to its need. When they do not (overload), every model with load

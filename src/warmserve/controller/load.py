@@ -62,6 +62,9 @@ class ModelLoad:
     peak: float = 0.0  # the peak load of the last rebalance_reserve_s: what rebalancing
     # judges this model's surplus against
     work: EngineWork = field(default_factory=EngineWork)
+    arrival_samples: deque = field(default_factory=deque)  # (time, arrivals so far)
+    recent_rates: deque = field(default_factory=deque)  # for policies.peak_recent_load
+    peak_rate: float = 0.0  # the peak arrival rate of the last rebalance_reserve_s
     prompt_samples: deque = field(default_factory=deque)  # (time, prompt tokens added)
     prefill: float = 0.0  # instances' worth of prefill time arriving, over load_window_s
     recent_prefill: deque = field(default_factory=deque)
@@ -73,6 +76,13 @@ class ModelLoad:
         self.window_samples.append((now, concurrency))
         _trim(self.samples, now, window_s)
         return sum(c for _, c in self.samples) / len(self.samples)
+
+    def sample_arrivals(self, now: float, window_s: float) -> float:
+        """Requests per second that arrived over the last `window_s` (at the start, as if
+        none came before: a short span would make a few requests look like a rush)."""
+        self.arrival_samples.append((now, self.arrivals))
+        _trim(self.arrival_samples, now, window_s)
+        return (self.arrivals - self.arrival_samples[0][1]) / window_s
 
     def sample_prefill(self, now: float, window_s: float) -> float:
         """Instances' worth of prefill arriving over the last `window_s`: the prompt tokens

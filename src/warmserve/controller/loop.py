@@ -31,6 +31,7 @@ from warmserve.control.policies import (
     Holding,
     ReplicaRequest,
     autoscale,
+    demand_from_arrivals,
     demand_of,
     drain_for,
     gpu_entitlement,
@@ -157,6 +158,10 @@ class Controller:
                 load = prefill_aware_load(load, state.prefill, self.policy.instance_capacity)
                 state.peak_prefill = peak_recent_load(state.recent_prefill, now, state.prefill,
                                                       self.policy.rebalance_reserve_s)
+            if self.system.need_from_arrivals:
+                rate = state.sample_arrivals(now, self.policy.load_window_s)
+                state.peak_rate = peak_recent_load(state.recent_rates, now, rate,
+                                                   self.policy.rebalance_reserve_s)
             state.load = load
             state.peak = peak_recent_load(state.recent, now, load, self.policy.rebalance_reserve_s)
             active = [w for w in self.cluster.workers if w.alive and w.state_of(model) == "active"]
@@ -366,13 +371,17 @@ class Controller:
         can take another instance, so that is all the cluster holds."""
         capacity = sum(max(1, sum(1 for m in self.models if w.state_of(m) == "active"))
                        for w in workers)
-        demands = []
+        demands, up = [], self.policy.scale_up_ratio
         for model in self.models:
+            state = self._load[model]
+            if self.system.need_from_arrivals:
+                demands.append(demand_from_arrivals(model, 1, state.peak_rate,
+                                                    state.work.gpu_s_per_request, up))
+                continue
             load, prefill = self._judged_load(model)
             demands.append(demand_of(
                 model, 1, load, self.forecasters[model].forecast().avg_concurrency, prefill,
-                self.engine_bound, self.policy.scale_up_ratio,
-                self._load[model].work.gpu_s_per_request))
+                self.engine_bound, up, state.work.gpu_s_per_request))
         return gpu_entitlement(demands, capacity)
 
     def _finish_drains(self, now: float) -> None:

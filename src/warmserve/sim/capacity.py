@@ -13,6 +13,7 @@ from warmserve.control.policies import (
     GpuCapacity,
     Holding,
     ReplicaRequest,
+    demand_from_arrivals,
     demand_of,
     drain_for,
     gpu_entitlement,
@@ -248,13 +249,16 @@ class CapacityManager:
 
     def _entitlement(self, per_instance: int) -> list[int]:
         """GPUs each model may hold (policies.gpu_entitlement), by model index."""
-        demands = []
+        demands, up = [], self.cfg.policy.scale_up_ratio
         for m in self.models:
+            name, cost = self.names[m.index], m.gpu_s_per_request(self.B)
+            if self.sys.need_from_arrivals:
+                demands.append(demand_from_arrivals(name, m.cost.tp, m.peak_rate, cost, up))
+                continue
             load, prefill = self._judged_load(m)
-            demands.append(demand_of(
-                self.names[m.index], m.cost.tp, load,
-                m.forecast.avg_concurrency if m.forecast else 0.0, prefill, per_instance,
-                self.cfg.policy.scale_up_ratio, m.gpu_s_per_request(self.B)))
+            demands.append(demand_of(name, m.cost.tp, load,
+                                     m.forecast.avg_concurrency if m.forecast else 0.0,
+                                     prefill, per_instance, up, cost))
         entitled = gpu_entitlement(demands, len(self.cluster.gpus))
         return [entitled[self.names[m.index]] for m in self.models]
 

@@ -308,9 +308,14 @@ class Simulator:
         policy = self.cfg.policy
         for state in self.models:
             self._change_concurrency(state, 0)
-            state.tick_samples.append((self.now, state.integral, state.prefill_work))
-            old_t, old_i, old_p = state.tick_samples[0]  # the deque spans load_window_s
+            state.tick_samples.append((self.now, state.integral, state.prefill_work,
+                                       state.arrived))
+            old_t, old_i, old_p, old_a = state.tick_samples[0]  # it spans load_window_s
             span = self.now - old_t
+            if self.sys.need_from_arrivals:  # over the whole window, as the controller
+                state.arrival_rate = (state.arrived - old_a) / policy.load_window_s
+                state.peak_rate = peak_recent_load(state.recent_rates, self.now,
+                                                   state.arrival_rate, policy.rebalance_reserve_s)
             load = (state.integral - old_i) / span if span > 0 else state.concurrency
             if self.sys.prefill_aware and span > 0:
                 state.prefill_load = (state.prefill_work - old_p) / span

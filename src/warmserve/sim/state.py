@@ -173,11 +173,15 @@ class ModelState:
     concurrency: int = 0  # requests in the system (queued or running)
     integral: float = 0.0  # ∫ concurrency dt up to last_change_s
     last_change_s: float = 0.0
-    tick_samples: deque = field(default_factory=deque)  # (time, integral, prefill work)
+    tick_samples: deque = field(default_factory=deque)  # (time, integral, prefill work,
+    # arrivals)
     prefill_work: float = 0.0  # seconds of prefill (on one instance) of every arrival so far
     arrived: int = 0
     output_tokens: int = 0  # of every arrival so far
     prompt_tokens: int = 0
+    arrival_rate: float = 0.0  # requests/s over the last 5 s
+    recent_rates: deque = field(default_factory=deque)  # for policies.peak_recent_load
+    peak_rate: float = 0.0
     window_start_integral: float = 0.0
     window_peak: int = 0
     window_arrivals: int = 0

@@ -19,7 +19,8 @@ most B requests and queues the rest for new instances; ours then fills instances
 engine's bound first). Its load signal counts prefill work as well as concurrency (a model
 whose prompts outrun its instances' prefills is starving, whatever its queue), and when the
 cluster cannot carry every model's load, rebalancing gives GPUs to the models whose requests
-cost the fewest GPU-seconds first (policies.gpu_entitlement). `warmserve-published` is the
+cost the fewest GPU-seconds first (policies.gpu_entitlement); `warmserve-goodput` judges
+those needs from the work arriving rather than from concurrency. `warmserve-published` is the
 published algorithm alone. Ablations of warmserve: each of those off, surplus judged on the
 latest load only, no prewarming at all, no forecast (prewarm for the last window's load), no
 KV reservation (prewarm on free GPUs only), round-robin placement.
@@ -53,6 +54,10 @@ class SystemSpec:
     prefill_aware: bool = False
     # when the cluster cannot carry every model's load, rebalancing follows policies.gpu_entitlement
     overload_control: bool = False
+    # overload control judges a model's need from the work arriving (its peak arrival rate of
+    # the look-back times its cost per request), not from its concurrency, which counts its
+    # backlog (policies.demand_from_arrivals)
+    need_from_arrivals: bool = False
     description: str = ""
 
 
@@ -90,6 +95,10 @@ SYSTEMS: dict[str, SystemSpec] = {
         SystemSpec("warmserve-no-overload-control", **_WARMSERVE | dict(overload_control=False),
                    description="ablation: rebalancing serves any starving model, whatever "
                    "its requests cost, when the cluster cannot carry every model's load"),
+        SystemSpec("warmserve-goodput", **_WARMSERVE, need_from_arrivals=True,
+                   description="warmserve whose overload control judges needs from arriving "
+                   "work: beyond capacity it serves more requests within the SLO and leaves "
+                   "the dearest model's users waiting"),
         SystemSpec("serverlessllm", engine_init=True, keep_alive=True,
                    description="reactive autoscaling, DRAM/SSD loading, keep-alive"),
         SystemSpec("serverlessllm-overflow", engine_init=True, keep_alive=True, overflow=True,
@@ -103,7 +112,8 @@ SYSTEMS: dict[str, SystemSpec] = {
     )
 }
 DEFAULT_SYSTEMS = ("warmserve", "serverlessllm", "muxserve", "dedicated")
-VARIANTS = ("serverlessllm-overflow",)  # baselines made stronger than published
+VARIANTS = ("serverlessllm-overflow",  # a baseline made stronger than published
+            "warmserve-goodput")  # warmserve with another trade under overload
 ABLATIONS = ("warmserve-published", "warmserve-no-rebalance", "warmserve-no-lookback",
              "warmserve-no-prefill-signal", "warmserve-no-overload-control",
              "warmserve-no-overflow", "warmserve-no-prewarm", "warmserve-no-forecast",
