@@ -538,6 +538,12 @@ def test_the_goodput_variant_judges_needs_from_the_requests_arriving():
         ctl.tick(0.5 * k)
     assert ctl._load["a"].peak_rate == pytest.approx(2.0)
     assert ctl._load["b"].peak_rate == pytest.approx(1.0)
+    ctl.close_window(5.0)  # the forecaster's count starts again; the rate does not
+    ctl.record_arrival("a")
+    ctl.tick(5.0)
+    assert ctl._load["a"].arrivals == 1
+    # the last second (4.5, 5.5] holds one arrival, counted across the window's reset
+    assert ctl._load["a"].sample_arrivals(5.5, 1.0) == pytest.approx(1.0)
     assert ctl._entitlement(cluster.workers) == {"a": 1, "b": 1}
     plain = Controller(cluster, TWO, min_instances=1)  # judged by concurrency
     _run(plain, cluster, 0.0, 2.0)

@@ -54,7 +54,8 @@ class ModelLoad:
 
     samples: deque = field(default_factory=deque)  # (time, concurrency), load_window_s long
     window_samples: list = field(default_factory=list)  # (time, concurrency), this window
-    arrivals: int = 0
+    arrivals: int = 0  # this forecast window
+    arrived: int = 0  # since the controller started
     activated_at: dict[str, float] = field(default_factory=dict)  # worker name -> time
     busy_at: dict[str, float] = field(default_factory=dict)  # worker name -> last time busy
     load: float = 0.0  # the autoscaler's load of the last tick
@@ -62,7 +63,7 @@ class ModelLoad:
     peak: float = 0.0  # the peak load of the last rebalance_reserve_s: what rebalancing
     # judges this model's surplus against
     work: EngineWork = field(default_factory=EngineWork)
-    arrival_samples: deque = field(default_factory=deque)  # (time, arrivals so far)
+    arrival_samples: deque = field(default_factory=deque)  # (time, arrived)
     recent_rates: deque = field(default_factory=deque)  # for policies.peak_recent_load
     peak_rate: float = 0.0  # the peak arrival rate of the last rebalance_reserve_s
     prompt_samples: deque = field(default_factory=deque)  # (time, prompt tokens added)
@@ -80,9 +81,9 @@ class ModelLoad:
     def sample_arrivals(self, now: float, window_s: float) -> float:
         """Requests per second that arrived over the last `window_s` (at the start, as if
         none came before: a short span would make a few requests look like a rush)."""
-        self.arrival_samples.append((now, self.arrivals))
+        self.arrival_samples.append((now, self.arrived))
         _trim(self.arrival_samples, now, window_s)
-        return (self.arrivals - self.arrival_samples[0][1]) / window_s
+        return (self.arrived - self.arrival_samples[0][1]) / window_s
 
     def sample_prefill(self, now: float, window_s: float) -> float:
         """Instances' worth of prefill arriving over the last `window_s`: the prompt tokens

@@ -114,7 +114,9 @@ class Controller:
 
     def record_arrival(self, model: str) -> None:
         if model in self._load:
-            self._load[model].arrivals += 1
+            state = self._load[model]
+            state.arrivals += 1
+            state.arrived += 1
 
     # --- the loop -------------------------------------------------------------------------
 
