@@ -7,7 +7,8 @@
 For every (rate, seed) it simulates the policies on the same workload and prints one line;
 then, per rate, the median over seeds of each policy's P99 TTFT, the median ratio
 ServerlessLLM P99 / WarmServe P99 (and in how many seeds it reaches 10x), and the median ratio
-of requests within the TTFT SLO, WarmServe / MuxServe. Last, each policy's capacity: the highest
+of requests within the TTFT SLO, WarmServe / MuxServe; then each policy's median requests within
+the SLO per rate. Last, each policy's capacity: the highest
 total rate at which the median SLO attainment (requests within the TTFT SLO over all requests)
 stays at or above 90% and 99%, interpolated linearly between the rates swept (">" when it holds
 at the highest rate, "<" when not even at the lowest). Asserts nothing.
@@ -70,6 +71,13 @@ def main() -> None:
             within = [_within(r["warmserve"]) / max(_within(r["muxserve"]), 1) for r in runs]
             cells += [f"{statistics.median(within):.2f}x"]
         print("| " + " | ".join(cells) + " |")
+
+    print(f"\nmedian requests within the SLO over seeds {args.seeds}")
+    print("| rate | " + " | ".join(policies) + " |")
+    print("|" + "---|" * (len(policies) + 1))
+    for rate, runs in rows.items():
+        print(f"| {rate:.0f} | " + " | ".join(
+            f"{int(statistics.median(_within(r[p]) for r in runs)):,}" for p in policies) + " |")
 
     rates = list(rows)
     print("\ncapacity (requests/s) at median SLO attainment >= 90% / >= 99%")
