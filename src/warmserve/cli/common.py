@@ -73,8 +73,8 @@ def _main(
 
 
 WorkloadOpt = Annotated[str, typer.Option(
-    "--workload", "-w", help="A preset (paper, scale, azure-conv, azure-code, servegen, "
-    "azure-functions) or a request CSV (arrival_s,model,input_tokens,output_tokens).")]
+    "--workload", "-w", help="A preset (paper, scale, scale-clients, azure-conv, azure-code, "
+    "servegen, azure-functions) or a request CSV (arrival_s,model,input_tokens,output_tokens).")]
 
 
 def print_summary(summary: dict[str, dict], scenario) -> None:
