@@ -10,7 +10,9 @@ forecaster the window that closed, plans foundation and burst replicas for the n
 prewarms the ones that have no active instance behind them on workers where the model is not
 resident yet.
 The decisions are the pure functions of `warmserve.control`; this loop only gathers the
-snapshot and applies the actions through the cluster's worker clients.
+snapshot and applies the actions through the cluster's worker clients. Each model's load
+records are `controller/load.py`; lending idle KV blocks and taking them back,
+`controller/kv.py`.
 """
 
 from __future__ import annotations
@@ -35,15 +37,14 @@ from warmserve.control.policies import (
     demand_of,
     drain_for,
     gpu_entitlement,
-    lendable_kv_tokens,
     peak_recent_load,
     place_prewarms,
     prefill_aware_load,
     replica_plan,
-    should_reclaim_kv,
     surplus_instances,
 )
 from warmserve.control.predictor import ModelForecaster
+from warmserve.controller.kv import KvReservation
 from warmserve.controller.load import ModelLoad
 from warmserve.engine.arch import SYNTH_ARCHS
 from warmserve.engine.checkpoint import DTYPES, read_arch, resolve_checkpoint
@@ -90,6 +91,7 @@ class Controller:
         self._first_tick: float | None = None
         self._drains: dict[str, _Drain] = {}  # starving model -> the worker freed for it
         self.actions: deque = deque(maxlen=200)  # (time, action, model, worker) for /v1/cluster
+        self.kv = KvReservation(cluster, self.policy.instance_capacity, self.actions)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="controller")
 
@@ -132,7 +134,7 @@ class Controller:
             now = self._clock()
             try:
                 if now < next_tick:
-                    self._reclaim_for_lenders(now)
+                    self.kv.reclaim_for_lenders(now)
                     continue
                 next_tick = now + interval
                 self.tick(now)
@@ -144,7 +146,7 @@ class Controller:
 
     def tick(self, now: float) -> None:
         if self.system.kv_lending:
-            self._reclaim_where_needed(now)
+            self.kv.reclaim_where_needed(now)
         if not self.system.autoscale:  # static placements (muxserve, dedicated)
             return
         if self._first_tick is None:  # instances found at start count as new from here
@@ -188,91 +190,20 @@ class Controller:
             state.window_samples, state.arrivals = [], 0
         requests = self._prewarm_requests()
         if self.system.kv_lending and requests:
-            self._lend_idle_kv(now, self._short_of_room(requests))
+            self.kv.lend(now, self._short_of_room(requests))
         self._place_prewarms(now, requests)
 
-    # --- KV-cache reservation -------------------------------------------------------------
-
-    def _kv_entries(self):
-        """(worker, model, stats entry, blocks it may lend) for every active instance: the
-        published reservation keeps total x requests / B blocks free and lends the rest. The
-        requests are those running and those waiting in the engine's queue: an engine whose
-        requests all wait (for blocks that are lent) is not idle."""
-        for worker in self.cluster.workers:
-            for model, entry in worker.stats.get("models", {}).items():
-                if entry.get("state") == "active" and "blocks_usable" in entry:
-                    total = entry["blocks_usable"] + entry["blocks_lent"]
-                    lendable = lendable_kv_tokens(total, total - entry["blocks_free"],
-                                                  _requests(entry),
-                                                  self.policy.instance_capacity)
-                    yield worker, model, entry, lendable
+    # --- KV-cache reservation (controller/kv.py) -------------------------------------------
 
     def _short_of_room(self, requests: list[ReplicaRequest]) -> set[str]:
         """The workers where the prewarms placed with their lendable KV counted as room need
         more than their free pool pages: only there is lending worth its reclaim (the
         simulator lends the same way, as placed prewarms need it)."""
-        lendable: dict[str, int] = {}
-        for worker, _, entry, blocks in self._kv_entries():
-            lendable[worker.name] = lendable.get(worker.name, 0) + blocks * entry["block_bytes"]
-        workers, placements = self._placements(requests, lendable)
+        workers, placements = self._placements(requests, self.kv.lendable_bytes())
         needed = [0] * len(workers)
         for placement in placements:
             needed[placement.gpus[0]] += self.weight_bytes[placement.model]
         return {w.name for i, w in enumerate(workers) if needed[i] > _free_bytes(w)}
-
-    def _lend_idle_kv(self, now: float, where: set[str]) -> None:
-        """Lend the free KV blocks beyond their reservation of each instance on the workers
-        `where` to the pool."""
-        for worker, model, entry, lendable in list(self._kv_entries()):
-            if worker.name not in where:
-                continue
-            page = worker.stats["pool"]["page_bytes"]
-            unit_pages = entry["blocks_per_unit"] * entry["block_bytes"] // page
-            pages = lendable * entry["block_bytes"] // page // unit_pages * unit_pages
-            if pages <= 0:
-                continue
-            try:
-                if worker.client.lend(model, pages):
-                    self.actions.append((now, "lend", model, worker.name))
-                    worker.stats = worker.client.stats()
-            except (Refused, WorkerGone) as exc:
-                log.info("lend on %s: %s", worker.name, exc)
-
-    def _reclaim_for_lenders(self, now: float) -> None:
-        """The reclaim check alone, on fresh stats of the workers that lend KV blocks."""
-        lenders = [w for w in self.cluster.workers if w.alive and any(
-            m.get("blocks_lent") for m in w.stats.get("models", {}).values())]
-        for worker in lenders:
-            try:
-                worker.stats = worker.client.stats()
-            except (Refused, WorkerGone) as exc:
-                log.info("stats of %s: %s", worker.name, exc)
-        if lenders:
-            self._reclaim_where_needed(now)
-
-    def _reclaim_where_needed(self, now: float) -> None:
-        """Take lent pages back when an instance's free blocks fall below its reservation, or
-        when requests in its engine wait for blocks, evicting prewarmed models on that worker
-        if they hold the memory."""
-        for worker, model, entry, _ in list(self._kv_entries()):
-            if not should_reclaim_kv(entry["blocks_usable"] + entry["blocks_lent"],
-                                     entry["blocks_free"], entry["blocks_lent"],
-                                     _requests(entry), entry.get("blocked", 0),
-                                     self.policy.instance_capacity):
-                continue
-            try:
-                try:
-                    worker.client.reclaim(model)
-                except Refused:
-                    for other, other_entry in worker.stats.get("models", {}).items():
-                        if other_entry.get("state") == "prewarmed":
-                            worker.client.evict(other)
-                            self.actions.append((now, "evict", other, worker.name))
-                    worker.client.reclaim(model)
-                self.actions.append((now, "reclaim", model, worker.name))
-                worker.stats = worker.client.stats()
-            except (Refused, WorkerGone) as exc:
-                log.info("reclaim on %s: %s", worker.name, exc)
 
     # --- actions ------------------------------------------------------------------------------
 
@@ -480,7 +411,3 @@ def load_history(path: Path, models: set[str]) -> dict[str, list[tuple[float, fl
         out.setdefault(row["model"], []).append(values)
     return out
 
-
-def _requests(entry: dict) -> int:
-    """An engine's requests, running and waiting, from its stats entry."""
-    return entry["running"] + entry.get("waiting", 0)
