@@ -45,14 +45,15 @@ def test_prefill_steps_whole_alone_and_shared_when_packed():
 
 def test_a_prefill_beside_decodes_costs_their_per_sequence_work_not_a_whole_step():
     alone = SEVEN_B.prefill_s(2048)
-    assert SEVEN_B.mixed_prefill_s(2048, 0, 0, 1) == alone
-    mixed = SEVEN_B.mixed_prefill_s(2048, 128, 128 * 150, 1)
+    assert SEVEN_B.mixed_prefill_s(alone, 0, 0, 1) == alone
+    mixed = SEVEN_B.mixed_prefill_s(alone, 128, 128 * 150, 1)
     assert alone < mixed < alone + SEVEN_B.decode_step_s(128, 128 * 150)
     assert mixed * 1e3 == pytest.approx(57.5, rel=0.10)  # measured [mix]: 57.5 ms
     # packed with other prompts, it pays its tokens' share of the decodes' ride
-    packed = SEVEN_B.mixed_prefill_s(1024, 128, 128 * 150, prefill_steps(1024, 4096, True))
-    lone = SEVEN_B.mixed_prefill_s(1024, 128, 128 * 150, prefill_steps(1024, 4096, False))
-    assert SEVEN_B.prefill_s(1024) < packed < lone
+    short = SEVEN_B.prefill_s(1024)
+    packed = SEVEN_B.mixed_prefill_s(short, 128, 128 * 150, prefill_steps(1024, 4096, True))
+    lone = SEVEN_B.mixed_prefill_s(short, 128, 128 * 150, prefill_steps(1024, 4096, False))
+    assert short < packed < lone
 
 
 def test_prefills_slow_the_decodes_up_to_a_full_chunk_a_step():
@@ -62,7 +63,7 @@ def test_prefills_slow_the_decodes_up_to_a_full_chunk_a_step():
     worst = step + SEVEN_B.prefill_s(4096) - SEVEN_B.decode_base_s
     assert SEVEN_B.tpot_s(32, 32_000, 0.99, 4096) == pytest.approx(worst)
     assert SEVEN_B.tpot_s(32, 32_000, 3.0, 4096) == pytest.approx(worst)
-    assert SEVEN_B.decode_stall_s(4, 1) == 0.0  # a tiny prompt costs less than a step's base
+    assert SEVEN_B.decode_stall_s(SEVEN_B.prefill_s(4), 1) == 0.0  # less than a step's base
 
 
 def test_recent_stall_decays_over_the_window():

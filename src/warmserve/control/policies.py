@@ -76,29 +76,49 @@ def place_prewarms(requests: Sequence[ReplicaRequest], gpus: Sequence[GpuCapacit
     num_nodes = max(g.node for g in gpus) + 1 if gpus else 0
     room = {g.gpu: g.capacity_bytes for g in gpus}
     models = {g.gpu: set(g.models) for g in gpus}
-    placed_scores: dict[int, list[float]] = {g.gpu: [] for g in gpus}
+    placed = dict.fromkeys(room, 0)  # replicas placed on each GPU so far
+    placed_score = dict.fromkeys(room, 0.0)  # and the sum of their scores
     placements: list[Placement] = []
     cursor = 0
     order = sorted(requests, key=lambda r: -r.score)
     for req in order:
-        groups = [grp for grp in aligned_groups(gpus_per_node, num_nodes, req.tp)
-                  if all(gpu in room and room[gpu] >= req.bytes_per_gpu
-                         and req.model not in models[gpu] for gpu in grp)]
-        if not groups:
-            continue
+        def fits(grp: tuple[int, ...], req: ReplicaRequest = req) -> bool:
+            return all(gpu in room and room[gpu] >= req.bytes_per_gpu
+                       and req.model not in models[gpu] for gpu in grp)
+
+        groups = aligned_groups(gpus_per_node, num_nodes, req.tp)
         if round_robin:
-            choice = groups[cursor % len(groups)]
-            cursor += 1
+            fitting = [grp for grp in groups if fits(grp)]
+            choice = fitting[cursor % len(fitting)] if fitting else None
+            cursor += bool(fitting)
         else:
-            choice = min(groups, key=lambda grp: (
-                any(placed_scores[g] for g in grp),
-                sum(sum(placed_scores[g]) for g in grp), grp))
+            choice = _least_overlapping(groups, fits, placed, placed_score)
+        if choice is None:
+            continue
         for gpu in choice:
             room[gpu] -= req.bytes_per_gpu
             models[gpu].add(req.model)
-            placed_scores[gpu].append(req.score)
+            placed[gpu] += 1
+            placed_score[gpu] += req.score
         placements.append(Placement(req.model, choice, req.score))
     return placements
+
+
+def _least_overlapping(groups, fits, placed: dict[int, int], placed_score: dict[int, float]
+                       ) -> tuple[int, ...] | None:
+    """The fitting group that overlaps no placed replica, else the one whose overlapped
+    replicas' scores sum least (ties: the lowest GPUs). Groups come in ascending order, so the
+    first fitting group with nothing placed on it is the answer."""
+    best, best_key = None, None
+    for grp in groups:
+        if not fits(grp):
+            continue
+        if not any(placed[g] for g in grp):
+            return grp
+        key = sum(placed_score[g] for g in grp)
+        if best_key is None or key < best_key:
+            best, best_key = grp, key
+    return best
 
 
 def reserved_kv(total: int, requests: int, capacity: int) -> int:

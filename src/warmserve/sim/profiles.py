@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from importlib import resources
 from pathlib import Path
 
@@ -50,7 +51,7 @@ class ModelCost:
     def prefill_s(self, tokens: int) -> float:
         return self.prefill_base_s + tokens * self.prefill_s_per_token
 
-    @property
+    @cached_property
     def decode_s_per_context_token(self) -> float:
         """What each token of the running sequences' contexts adds to a decode step: its KV
         cache read (the model's heads are split over its GPUs, so are the reads)."""
@@ -67,17 +68,18 @@ class ModelCost:
     # cost their per-sequence work only: the weights are read once for the whole step
     # (measured with our engine: profiles/h100.yaml [mix]).
 
-    def mixed_prefill_s(self, tokens: int, running: int, context_tokens: float,
+    def mixed_prefill_s(self, alone_s: float, running: int, context_tokens: float,
                         steps: float) -> float:
-        """A prompt's prefill while `running` sequences holding `context_tokens` decode
-        beside it."""
+        """A prompt's prefill (`alone_s` = prefill_s of its tokens, on an idle engine) while
+        `running` sequences holding `context_tokens` decode beside it."""
         riding = running * self.decode_per_seq_s + context_tokens * self.decode_s_per_context_token
-        return self.prefill_s(tokens) + riding * steps
+        return alone_s + riding * steps
 
-    def decode_stall_s(self, tokens: int, steps: float) -> float:
-        """How much a prompt's prefill delays the sequences decoding beside it: its steps cost
-        its prefill instead of the decode steps' fixed part."""
-        stall = self.prefill_s(tokens) - steps * self.decode_base_s
+    def decode_stall_s(self, alone_s: float, steps: float) -> float:
+        """How much a prompt's prefill (`alone_s` on an idle engine) delays the sequences
+        decoding beside it: its steps cost its prefill instead of the decode steps' fixed
+        part."""
+        stall = alone_s - steps * self.decode_base_s
         return stall if stall > 0.0 else 0.0
 
     def tpot_s(self, batch: int, context_tokens: float, stall_rate: float, step_tokens: int
@@ -86,7 +88,9 @@ class ModelCost:
         `stall_rate` of the engine's time (seconds of stall per second); at most a decode step
         plus a full prefill chunk, what every step costs while prompts queue."""
         step = self.decode_step_s(batch, context_tokens)
-        worst = step + self.decode_stall_s(step_tokens, 1)
+        if stall_rate <= 0.0:
+            return step
+        worst = step + self.decode_stall_s(self.prefill_s(step_tokens), 1)
         return worst if stall_rate >= 1.0 else min(step / (1.0 - stall_rate), worst)
 
     def on_gpus(self, tp: int) -> ModelCost:

@@ -10,6 +10,7 @@ the system's policy set (systems.py).
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections import deque
 from collections.abc import Callable
@@ -97,6 +98,7 @@ class Simulator:
         self.model_of = workload.model_index.tolist()
         self.input_tokens = workload.input_tokens.tolist()
         self.output_tokens = workload.output_tokens.tolist()
+        self._neighbours: dict[int, tuple[Instance, ...]] = {}  # MuxServe: see _slowdown
         self.need_tokens = (workload.input_tokens.astype(np.int64)
                             + workload.output_tokens).tolist()
         self.timeline: dict[str, dict[str, list]] = {
@@ -119,19 +121,24 @@ class Simulator:
             end = min(end, stop_at_s)
             arrivals = [t for t in arrivals if t < stop_at_s]
         i, n = 0, len(arrivals)
-        next_progress = 0.0
-        events = self.events
-        while True:
-            next_event = events.next_time()
+        next_progress = 0.0 if progress else math.inf
+        events, heap, arrive, finish = self.events, self.events.heap, self._arrive, self._finish
+        while True:  # the hot loop: the event heap and the handlers read directly
+            next_event = heap[0][0] if heap else math.inf
             if i < n and arrivals[i] <= next_event:
                 events.now = arrivals[i]
-                self._arrive(i)
+                arrive(i)
                 i += 1
             elif next_event <= end and (i < n or self._busy()):
-                self._handle(*events.pop())
+                t, _, kind, obj = heapq.heappop(heap)
+                events.now = t
+                if kind == FINISH:
+                    finish(*obj)
+                else:
+                    self._handle(kind, obj)
             else:
                 break
-            if progress and events.now >= next_progress:
+            if events.now >= next_progress:
                 progress(min(events.now, self.w.spec.duration_s))
                 next_progress = events.now + 10.0
         return self._result()
@@ -248,10 +255,11 @@ class Simulator:
         start = now if now > inst.prefill_free_at else inst.prefill_free_at
         tokens, out, step_tokens = self.input_tokens[i], self.output_tokens[i], self.cfg.step_tokens
         steps = prefill_steps(tokens, step_tokens, packed=start > now)
-        first = start + cost.mixed_prefill_s(tokens, inst.running, inst.context_tokens,
+        alone = cost.prefill_s(tokens)
+        first = start + cost.mixed_prefill_s(alone, inst.running, inst.context_tokens,
                                              steps) * slowdown
         inst.prefill_free_at = first
-        stall_rate = inst.note_stall(now, cost.decode_stall_s(tokens, steps),
+        stall_rate = inst.note_stall(now, cost.decode_stall_s(alone, steps),
                                      self.cfg.policy.load_window_s)
         inst.running += 1
         inst.context_tokens += tokens + out // 2
@@ -262,15 +270,18 @@ class Simulator:
         self.events.push(first + (out - 1 if out > 1 else 0) * tpot, FINISH, (state, inst, i, need))
 
     def _slowdown(self, inst: Instance) -> float:
+        """MuxServe: co-located engines running requests slow this one's steps. Its placement
+        is static, so each instance's neighbours are found once."""
         if not self.sys.colocate:
             return 1.0
-        gpus = self.cluster.gpus
-        if len(inst.gpus) == 1:
-            busy = sum(1 for o in gpus[inst.gpus[0]].instances if o.running and o is not inst)
-        else:
-            busy = len({o for g in inst.gpus for o in gpus[g].instances
-                        if o is not inst and o.running})
-        return 1.0 + COLOCATION_SLOWDOWN * busy
+        others = self._neighbours.get(inst.id)
+        if others is None:
+            gpus = self.cluster.gpus
+            others = self._neighbours[inst.id] = tuple(
+                {o.id: o for g in inst.gpus for o in gpus[g].instances if o is not inst}.values())
+        if not others:
+            return 1.0
+        return 1.0 + COLOCATION_SLOWDOWN * sum(1 for o in others if o.running)
 
     def _finish(self, state: ModelState, inst: Instance, i: int, need: int) -> None:
         inst.running -= 1

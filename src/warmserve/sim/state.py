@@ -46,6 +46,7 @@ class Instance:
     released_at: float | None = None
     accepting: bool = True  # live: not draining, not kept idle, not released (see refresh)
     active_since: float = -1.0  # last (re)start as a serving instance: scale-down protection
+    on: tuple = ()  # its Gpu objects, set when placed (the request path reads them directly)
 
     def __post_init__(self) -> None:
         if self.active_since < 0:
@@ -119,19 +120,20 @@ class Cluster:
         gpus = self.gpus
         if reclaim:
             room = min(gpus[g].free_bytes() + gpus[g].prewarmed_bytes() for g in inst.gpus)
-        elif len(inst.gpus) == 1:  # the common case, on every request: no generator
-            gpu = gpus[inst.gpus[0]]
+        elif len(inst.on) == 1:  # the common case, on every request: no generator
+            gpu = inst.on[0]
             room = gpu.pool_bytes - gpu.used
         else:
-            room = min(gpus[g].pool_bytes - gpus[g].used for g in inst.gpus)
+            room = min(gpu.pool_bytes - gpu.used for gpu in inst.on)
         return max(0, room // inst.kv_bytes_per_token)
 
     # Every change of GPU memory goes through these, which keep `Gpu.used` exact.
 
     def place_instance(self, inst: Instance) -> None:
-        for g in inst.gpus:
-            self.gpus[g].instances.append(inst)
-            self.gpus[g].used += inst.cost.weight_bytes_per_gpu
+        inst.on = tuple(self.gpus[g] for g in inst.gpus)
+        for gpu in inst.on:
+            gpu.instances.append(inst)
+            gpu.used += inst.cost.weight_bytes_per_gpu
 
     def remove_instance(self, inst: Instance) -> None:
         per_token = inst.kv_bytes_per_token
@@ -142,9 +144,8 @@ class Cluster:
     def change_kv(self, inst: Instance, tokens: int) -> None:
         inst.kv_tokens += tokens
         delta = tokens * inst.kv_bytes_per_token
-        gpus = self.gpus
-        for g in inst.gpus:
-            gpus[g].used += delta
+        for gpu in inst.on:
+            gpu.used += delta
 
     def place_prewarm(self, prewarm: Prewarm) -> None:
         for g in prewarm.gpus:
