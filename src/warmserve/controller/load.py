@@ -54,8 +54,8 @@ class ModelLoad:
 
     samples: deque = field(default_factory=deque)  # (time, concurrency), load_window_s long
     window_samples: list = field(default_factory=list)  # (time, concurrency), this window
-    arrivals: int = 0  # this forecast window
-    arrived: int = 0  # since the controller started
+    arrived: int = 0  # requests routed to the model since the controller started
+    window_start_arrived: int = 0  # `arrived` when this forecast window opened
     activated_at: dict[str, float] = field(default_factory=dict)  # worker name -> time
     busy_at: dict[str, float] = field(default_factory=dict)  # worker name -> last time busy
     load: float = 0.0  # the autoscaler's load of the last tick
@@ -77,6 +77,15 @@ class ModelLoad:
         self.window_samples.append((now, concurrency))
         _trim(self.samples, now, window_s)
         return sum(c for _, c in self.samples) / len(self.samples)
+
+    @property
+    def arrivals(self) -> int:
+        """Requests that arrived in this forecast window."""
+        return self.arrived - self.window_start_arrived
+
+    def close_window(self) -> None:
+        self.window_samples = []
+        self.window_start_arrived = self.arrived
 
     def sample_arrivals(self, now: float, window_s: float) -> float:
         """Requests per second that arrived over the last `window_s` (at the start, as if

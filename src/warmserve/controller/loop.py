@@ -116,9 +116,7 @@ class Controller:
 
     def record_arrival(self, model: str) -> None:
         if model in self._load:
-            state = self._load[model]
-            state.arrivals += 1
-            state.arrived += 1
+            self._load[model].arrived += 1
 
     # --- the loop -------------------------------------------------------------------------
 
@@ -187,7 +185,7 @@ class Controller:
             values = [c for _, c in samples]
             self.forecasters[model].observe(sum(values) / len(values), max(values),
                                             state.arrivals / window)
-            state.window_samples, state.arrivals = [], 0
+            state.close_window()
         requests = self._prewarm_requests()
         if self.system.kv_lending and requests:
             self.kv.lend(now, self._short_of_room(requests))

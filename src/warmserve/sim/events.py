@@ -14,18 +14,18 @@ class EventQueue:
 
     def __init__(self) -> None:
         self.now = 0.0
-        self.heap: list[tuple[float, int, int, object]] = []  # (time, seq, kind, payload)
+        self._heap: list[tuple[float, int, int, object]] = []  # (time, seq, kind, payload)
         self._seq = 0
 
     def push(self, t: float, kind: int, obj: object = None) -> None:
         self._seq += 1
-        heapq.heappush(self.heap, (t, self._seq, kind, obj))
+        heapq.heappush(self._heap, (t, self._seq, kind, obj))
 
     def next_time(self) -> float:
-        return self.heap[0][0] if self.heap else math.inf
+        return self._heap[0][0] if self._heap else math.inf
 
     def pop(self) -> tuple[int, object]:
         """The next event's kind and payload; the clock moves to its time."""
-        t, _, kind, obj = heapq.heappop(self.heap)
+        t, _, kind, obj = heapq.heappop(self._heap)
         self.now = t
         return kind, obj

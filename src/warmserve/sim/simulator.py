@@ -10,7 +10,6 @@ the system's policy set (systems.py).
 
 from __future__ import annotations
 
-import heapq
 import math
 from collections import deque
 from collections.abc import Callable
@@ -122,20 +121,15 @@ class Simulator:
             arrivals = [t for t in arrivals if t < stop_at_s]
         i, n = 0, len(arrivals)
         next_progress = 0.0 if progress else math.inf
-        events, heap, arrive, finish = self.events, self.events.heap, self._arrive, self._finish
-        while True:  # the hot loop: the event heap and the handlers read directly
-            next_event = heap[0][0] if heap else math.inf
+        events = self.events
+        while True:
+            next_event = events.next_time()
             if i < n and arrivals[i] <= next_event:
                 events.now = arrivals[i]
-                arrive(i)
+                self._arrive(i)
                 i += 1
             elif next_event <= end and (i < n or self._busy()):
-                t, _, kind, obj = heapq.heappop(heap)
-                events.now = t
-                if kind == FINISH:
-                    finish(*obj)
-                else:
-                    self._handle(kind, obj)
+                self._handle(*events.pop())
             else:
                 break
             if events.now >= next_progress:
@@ -190,7 +184,6 @@ class Simulator:
     def _arrive(self, i: int) -> None:
         state = self.models[self.model_of[i]]
         self._change_concurrency(state, +1)
-        state.window_arrivals += 1
         state.prefill_work += state.cost.prefill_s(self.input_tokens[i])
         state.arrived += 1
         state.output_tokens += self.output_tokens[i]
@@ -358,13 +351,14 @@ class Simulator:
             if index > 0:
                 self._change_concurrency(state, 0)
                 avg = (state.integral - state.window_start_integral) / window_s
-                state.forecaster.observe(avg, state.window_peak, state.window_arrivals / window_s)
-                observed = Forecast(avg, state.window_peak, state.window_arrivals / window_s)
+                rate = (state.arrived - state.window_start_arrived) / window_s
+                state.forecaster.observe(avg, state.window_peak, rate)
+                observed = Forecast(avg, state.window_peak, rate)
             else:
                 observed = None
             state.window_start_integral = state.integral
             state.window_peak = state.concurrency
-            state.window_arrivals = 0
+            state.window_start_arrived = state.arrived
             if self.sys.forecast or observed is None:
                 state.forecast = state.forecaster.forecast()
             else:

@@ -117,9 +117,8 @@ class Cluster:
 
     def kv_room_tokens(self, inst: Instance, reclaim: bool) -> int:
         """Tokens the instance can still take: free memory, plus prewarmed bytes if reclaim."""
-        gpus = self.gpus
         if reclaim:
-            room = min(gpus[g].free_bytes() + gpus[g].prewarmed_bytes() for g in inst.gpus)
+            room = min(gpu.free_bytes() + gpu.prewarmed_bytes() for gpu in inst.on)
         elif len(inst.on) == 1:  # the common case, on every request: no generator
             gpu = inst.on[0]
             room = gpu.pool_bytes - gpu.used
@@ -137,9 +136,9 @@ class Cluster:
 
     def remove_instance(self, inst: Instance) -> None:
         per_token = inst.kv_bytes_per_token
-        for g in inst.gpus:
-            self.gpus[g].instances.remove(inst)
-            self.gpus[g].used -= inst.cost.weight_bytes_per_gpu + inst.kv_tokens * per_token
+        for gpu in inst.on:
+            gpu.instances.remove(inst)
+            gpu.used -= inst.cost.weight_bytes_per_gpu + inst.kv_tokens * per_token
 
     def change_kv(self, inst: Instance, tokens: int) -> None:
         inst.kv_tokens += tokens
@@ -185,7 +184,7 @@ class ModelState:
     peak_rate: float = 0.0
     window_start_integral: float = 0.0
     window_peak: int = 0
-    window_arrivals: int = 0
+    window_start_arrived: int = 0  # `arrived` when the forecast window opened
     forecast: Forecast | None = None
     load: float = 0.0  # the autoscaler's last 5-s mean concurrency
     recent_loads: deque = field(default_factory=deque)  # for policies.peak_recent_load
