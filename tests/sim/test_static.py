@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from warmserve.sim.profiles import load_profile
-from warmserve.sim.state import Cluster
+from warmserve.sim.state import Cluster, Instance
 from warmserve.sim.static import (
     COLOCATED_WEIGHT_SHARE,
     PlannedModel,
@@ -124,3 +124,16 @@ def test_a_partial_last_node_has_only_the_groups_it_holds():
     assert (8, 9, 10, 11, 12, 13, 14, 15) not in cluster.groups(8)
     meshes = {mesh for _, mesh, _ in plan_muxserve(cluster, _planned([5.0] * 4), 256)}
     assert all(g < 12 for mesh in meshes for g in mesh)
+
+
+def test_free_groups_follow_instances_placed_and_removed():
+    cluster = Cluster(12, 8, PROFILE.pool_bytes)  # a full node and a half one
+    cost = PROFILE.model("llama-2-13b")
+    inst = Instance(0, 0, (2, 3), cost, created_at=0.0, ready_at=0.0, max_batch=32)
+    cluster.place_instance(inst)
+    assert cluster.free_groups(4) == [(4, 5, 6, 7), (8, 9, 10, 11)]
+    assert cluster.free_groups(8) == []  # node 0 is busy, node 1 holds no group of 8
+    assert (2, 3) not in cluster.free_groups(2)
+    cluster.remove_instance(inst)
+    assert cluster.free_groups(8) == [(0, 1, 2, 3, 4, 5, 6, 7)]
+    assert cluster.free_groups(2) == list(cluster.groups(2))

@@ -146,7 +146,7 @@ class CapacityManager:
 
     def cold_group(self, state: ModelState) -> tuple[int, ...] | None:
         tp = state.cost.tp
-        groups = [grp for grp in self.cluster.groups(tp)
+        groups = [grp for grp in self.cluster.free_groups(tp)
                   if all(self._usable(g, state.index) for g in grp)]
         if not groups and self.sys.keep_alive:
             groups = self._evict_kept_for(tp)
@@ -197,7 +197,7 @@ class CapacityManager:
         if entitled is not None and (live + 1) * state.cost.tp > entitled[state.index]:
             return  # the cluster is overloaded and this model's GPUs serve fewer requests
         holdings, surplus, by_id = self._donors(state, per_instance, entitled)
-        free = {tp: [grp for grp in self.cluster.groups(tp)
+        free = {tp: [grp for grp in self.cluster.free_groups(tp)
                      if all(self._usable(g, -1) for g in grp)]
                 for tp in {len(h.gpus) for h in holdings}}
         plan = drain_for(groups, holdings, surplus, free)
@@ -278,8 +278,7 @@ class CapacityManager:
                       key=lambda i: i.kept_since)
         for inst in kept:  # least recently used first
             self.remove_instance(inst)
-            groups = [grp for grp in self.cluster.groups(tp)
-                      if all(self.cluster.gpus[g].is_free for g in grp)]
+            groups = self.cluster.free_groups(tp)
             if groups:
                 return groups
         return []

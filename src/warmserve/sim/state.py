@@ -97,6 +97,14 @@ class Cluster:
     def __init__(self, num_gpus: int, gpus_per_node: int, pool_bytes: int) -> None:
         self.gpus_per_node = gpus_per_node
         self.gpus = [Gpu(i, i // gpus_per_node, pool_bytes) for i in range(num_gpus)]
+        self._groups: dict[int, tuple[tuple[int, ...], ...]] = {}  # by tp; see groups
+        self._free_in_node = self._count_free()  # GPUs without instances, per node
+
+    def _count_free(self) -> list[int]:
+        free = [0] * self.num_nodes
+        for gpu in self.gpus:
+            free[gpu.node] += gpu.is_free
+        return free
 
     @property
     def num_nodes(self) -> int:
@@ -105,15 +113,30 @@ class Cluster:
     def groups(self, tp: int) -> tuple[tuple[int, ...], ...]:
         """Every aligned group of `tp` GPUs within a node (see policies.aligned_groups); a
         last node with fewer GPUs has only the groups it holds."""
-        groups = aligned_groups(self.gpus_per_node, self.num_nodes, tp)
-        if len(self.gpus) % self.gpus_per_node:
-            groups = tuple(grp for grp in groups if grp[-1] < len(self.gpus))
+        groups = self._groups.get(tp)
+        if groups is None:
+            groups = aligned_groups(self.gpus_per_node, self.num_nodes, tp)
+            if len(self.gpus) % self.gpus_per_node:
+                groups = tuple(grp for grp in groups if grp[-1] < len(self.gpus))
+            self._groups[tp] = groups
         return groups
+
+    def free_groups(self, tp: int) -> list[tuple[int, ...]]:
+        """The aligned groups of `tp` GPUs that hold no instance (prewarms they may hold).
+        Nodes with fewer than `tp` free GPUs are skipped whole: a full cluster answers fast."""
+        per_node = self.gpus_per_node // tp
+        free, gpus = self._free_in_node, self.gpus
+        groups = self.groups(tp)
+        return [grp for node in range(len(free)) if free[node] >= tp
+                for grp in groups[node * per_node:(node + 1) * per_node]
+                if all(gpus[g].is_free for g in grp)]
 
     def add_gpus(self, count: int, pool_bytes: int) -> None:
         start = len(self.gpus)
         self.gpus += [Gpu(i, i // self.gpus_per_node, pool_bytes)
                       for i in range(start, start + count)]
+        self._groups.clear()
+        self._free_in_node = self._count_free()
 
     def kv_room_tokens(self, inst: Instance, reclaim: bool) -> int:
         """Tokens the instance can still take: free memory, plus prewarmed bytes if reclaim."""
@@ -131,6 +154,7 @@ class Cluster:
     def place_instance(self, inst: Instance) -> None:
         inst.on = tuple(self.gpus[g] for g in inst.gpus)
         for gpu in inst.on:
+            self._free_in_node[gpu.node] -= gpu.is_free
             gpu.instances.append(inst)
             gpu.used += inst.cost.weight_bytes_per_gpu
 
@@ -138,6 +162,7 @@ class Cluster:
         per_token = inst.kv_bytes_per_token
         for gpu in inst.on:
             gpu.instances.remove(inst)
+            self._free_in_node[gpu.node] += gpu.is_free
             gpu.used -= inst.cost.weight_bytes_per_gpu + inst.kv_tokens * per_token
 
     def change_kv(self, inst: Instance, tokens: int) -> None:

@@ -153,8 +153,8 @@ def _greedy(order: Sequence[PlannedModel], meshes: list[tuple[int, ...]], throug
 
 def free_group(cluster: Cluster, tp: int) -> tuple[int, ...] | None:
     """The first aligned group of `tp` GPUs without instances."""
-    return next((grp for grp in cluster.groups(tp)
-                 if all(cluster.gpus[g].is_free for g in grp)), None)
+    groups = cluster.free_groups(tp)
+    return groups[0] if groups else None
 
 
 def grow_cluster(cluster: Cluster, tp: int, pool_bytes: int) -> tuple[int, ...]:
