@@ -63,6 +63,11 @@ class ModelCost:
         return (self.decode_base_s + (batch - 1 if batch > 1 else 0) * self.decode_per_seq_s
                 + context_tokens * self.decode_s_per_context_token)
 
+    def batch_step_s(self, batch: int, prompt_tokens, output_tokens):
+        """One decode step of `batch` requests like this one (scalars or arrays of lengths),
+        each holding its prompt and, on average over its decode, half its output."""
+        return self.decode_step_s(batch, batch * (prompt_tokens + output_tokens / 2))
+
     # Prefill and decode share an engine's steps (chunked prefill, decodes first). A step that
     # carries a prompt's chunk also carries one token of every running sequence, and those
     # cost their per-sequence work only: the weights are read once for the whole step
@@ -141,9 +146,8 @@ def service_time_fn(costs: list[ModelCost], batch: int):
 
     def service_time(model, input_tokens, output_tokens):
         cost = costs[model]
-        context = batch * (input_tokens + output_tokens / 2)
-        return cost.prefill_s(0) + input_tokens * cost.prefill_s_per_token + (
-            output_tokens * cost.decode_step_s(batch, context))
+        return (cost.prefill_s(input_tokens)
+                + output_tokens * cost.batch_step_s(batch, input_tokens, output_tokens))
 
     return service_time
 

@@ -224,9 +224,8 @@ class ModelState:
         mean output decoded in a batch of `batch`, times the GPUs an instance takes."""
         if not self.arrived:
             return 0.0
-        output = self.output_tokens / self.arrived
-        context = batch * (self.prompt_tokens / self.arrived + output / 2)
-        step = self.cost.decode_step_s(batch, context)
+        prompt, output = self.prompt_tokens / self.arrived, self.output_tokens / self.arrived
+        step = self.cost.batch_step_s(batch, prompt, output)
         return self.cost.tp * (self.prefill_work / self.arrived + output * step / batch)
 
     def live(self) -> list[Instance]:

@@ -78,7 +78,7 @@ def mesh_throughput(models: tuple[PlannedModel, ...], size: int, pool_bytes: int
         if batch < 1:
             out[m.index] = 0.0
             continue
-        step = c.decode_step_s(batch, batch * (m.prompt_tokens + m.output_tokens / 2))
+        step = c.batch_step_s(batch, m.prompt_tokens, m.output_tokens)
         out[m.index] = batch / (prefills + m.output_tokens * step * slowdown)
     return out
 
