@@ -146,18 +146,20 @@ class CapacityManager:
 
     def cold_group(self, state: ModelState) -> tuple[int, ...] | None:
         tp = state.cost.tp
-        groups = [grp for grp in self.cluster.free_groups(tp)
-                  if all(self._usable(g, state.index) for g in grp)]
+        groups = self.cluster.free_groups(tp)
+        if self.reserved:
+            groups = [grp for grp in groups if all(self._usable(g, state.index) for g in grp)]
         if not groups and self.sys.keep_alive:
             groups = self._evict_kept_for(tp)
         if not groups:
             return None
+        gpus = self.cluster.gpus
+        busy = [not gpu.is_free for gpu in gpus]
 
         def cost(grp: tuple[int, ...]) -> tuple:
-            node = self.cluster.gpus[grp[0]].node
-            cached = state.index in self.node_cache[node]  # locality: DRAM-cached first
-            prewarmed = sum(p.score for g in grp for p in self.cluster.gpus[g].prewarms)
-            return (not cached, prewarmed, -self._packing(grp), grp)
+            cached = state.index in self.node_cache[gpus[grp[0]].node]  # locality: cached first
+            prewarmed = sum(p.score for g in grp for p in gpus[g].prewarms)
+            return (not cached, prewarmed, -self._packing(grp, busy), grp)
 
         return min(groups, key=cost)
 
@@ -262,16 +264,17 @@ class CapacityManager:
         entitled = gpu_entitlement(demands, len(self.cluster.gpus))
         return [entitled[self.names[m.index]] for m in self.models]
 
-    def _packing(self, group: tuple[int, ...]) -> int:
-        """Busy GPUs in the aligned blocks around a group: packing small instances next to
-        busy GPUs keeps large aligned groups free for large models (best fit)."""
-        busy = 0
+    def _packing(self, group: tuple[int, ...], busy: list[bool]) -> int:
+        """Busy GPUs (`busy`, by GPU) in the aligned blocks around a group: packing small
+        instances next to busy GPUs keeps large aligned groups free for large models (best
+        fit)."""
+        near = 0
         size = len(group) * 2
         while size <= self.cluster.gpus_per_node:
             start = group[0] - group[0] % size
-            busy += sum(1 for g in range(start, start + size) if not self.cluster.gpus[g].is_free)
+            near += sum(busy[start:start + size])
             size *= 2
-        return busy
+        return near
 
     def _evict_kept_for(self, tp: int) -> list[tuple[int, ...]]:
         kept = sorted((i for s in self.models for i in s.instances if i.kept_since is not None),

@@ -95,8 +95,17 @@ class ModelCost:
         step = self.decode_step_s(batch, context_tokens)
         if stall_rate <= 0.0:
             return step
-        worst = step + self.decode_stall_s(self.prefill_s(step_tokens), 1)
+        chunk = self._chunk_stall_s.get(step_tokens)
+        if chunk is None:  # asked on every request, for one or two chunk sizes
+            chunk = self._chunk_stall_s[step_tokens] = self.decode_stall_s(
+                self.prefill_s(step_tokens), 1)
+        worst = step + chunk
         return worst if stall_rate >= 1.0 else min(step / (1.0 - stall_rate), worst)
+
+    @cached_property
+    def _chunk_stall_s(self) -> dict[int, float]:
+        """decode_stall_s of one step carrying a full prefill chunk, by chunk size."""
+        return {}
 
     def on_gpus(self, tp: int) -> ModelCost:
         """The same model over another number of GPUs (see TpScaling)."""

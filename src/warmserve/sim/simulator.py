@@ -98,8 +98,10 @@ class Simulator:
         self.input_tokens = workload.input_tokens.tolist()
         self.output_tokens = workload.output_tokens.tolist()
         self._neighbours: dict[int, tuple[Instance, ...]] = {}  # MuxServe: see _slowdown
-        self.need_tokens = (workload.input_tokens.astype(np.int64)
-                            + workload.output_tokens).tolist()
+        tokens, out = workload.input_tokens.astype(np.int64), workload.output_tokens
+        self.need_tokens = (tokens + out).tolist()  # KV a request reserves
+        self.context = (tokens + out // 2).tolist()  # what decode steps read of it, on average
+        self.prefill_alone = [0.0] * n  # on an idle instance of its model's shape: at arrival
         self.timeline: dict[str, dict[str, list]] = {
             name: {"t": [], "load": [], "forecast_peak": [], "instances": [], "prewarms": []}
             for name in workload.models}
@@ -119,22 +121,20 @@ class Simulator:
         if stop_at_s is not None:
             end = min(end, stop_at_s)
             arrivals = [t for t in arrivals if t < stop_at_s]
-        i, n = 0, len(arrivals)
         next_progress = 0.0 if progress else math.inf
-        events = self.events
-        while True:
-            next_event = events.next_time()
-            if i < n and arrivals[i] <= next_event:
-                events.now = arrivals[i]
-                self._arrive(i)
-                i += 1
-            elif next_event <= end and (i < n or self._busy()):
-                self._handle(*events.pop())
-            else:
-                break
-            if events.now >= next_progress:
-                progress(min(events.now, self.w.spec.duration_s))
-                next_progress = events.now + 10.0
+        events, handle = self.events, self._handle
+        for i, t in enumerate(arrivals):  # events due before an arrival first; ties: arrival
+            while events.next_time() < t:
+                handle(*events.pop())
+            events.now = t
+            self._arrive(i)
+            if t >= next_progress:
+                progress(min(t, self.w.spec.duration_s))
+                next_progress = t + 10.0
+        while events.next_time() <= end and self._busy():  # the requests still in the system
+            handle(*events.pop())
+        if progress:
+            progress(self.w.spec.duration_s)
         return self._result()
 
     def _busy(self) -> bool:
@@ -184,7 +184,8 @@ class Simulator:
     def _arrive(self, i: int) -> None:
         state = self.models[self.model_of[i]]
         self._change_concurrency(state, +1)
-        state.prefill_work += state.cost.prefill_s(self.input_tokens[i])
+        alone = self.prefill_alone[i] = state.cost.prefill_s(self.input_tokens[i])
+        state.prefill_work += alone
         state.arrived += 1
         state.output_tokens += self.output_tokens[i]
         state.prompt_tokens += self.input_tokens[i]
@@ -248,14 +249,15 @@ class Simulator:
         start = now if now > inst.prefill_free_at else inst.prefill_free_at
         tokens, out, step_tokens = self.input_tokens[i], self.output_tokens[i], self.cfg.step_tokens
         steps = prefill_steps(tokens, step_tokens, packed=start > now)
-        alone = cost.prefill_s(tokens)
+        # MuxServe may run a model over other GPUs than its own shape's
+        alone = self.prefill_alone[i] if cost is state.cost else cost.prefill_s(tokens)
         first = start + cost.mixed_prefill_s(alone, inst.running, inst.context_tokens,
                                              steps) * slowdown
         inst.prefill_free_at = first
         stall_rate = inst.note_stall(now, cost.decode_stall_s(alone, steps),
                                      self.cfg.policy.load_window_s)
         inst.running += 1
-        inst.context_tokens += tokens + out // 2
+        inst.context_tokens += self.context[i]
         self.cluster.change_kv(inst, need)
         tpot = cost.tpot_s(inst.running, inst.context_tokens, stall_rate, step_tokens) * slowdown
         self.ttft[i] = first - self.arrival[i]
@@ -278,10 +280,11 @@ class Simulator:
 
     def _finish(self, state: ModelState, inst: Instance, i: int, need: int) -> None:
         inst.running -= 1
-        inst.context_tokens -= self.input_tokens[i] + self.output_tokens[i] // 2
+        inst.context_tokens -= self.context[i]
         self.cluster.change_kv(inst, -need)
         self._change_concurrency(state, -1)
-        self._drain_queue(state)
+        if state.queue:
+            self._drain_queue(state)
         if inst.draining and inst.running == 0:
             self.cap.release(inst)
 

@@ -142,11 +142,12 @@ class Cluster:
         """Tokens the instance can still take: free memory, plus prewarmed bytes if reclaim."""
         if reclaim:
             room = min(gpu.free_bytes() + gpu.prewarmed_bytes() for gpu in inst.on)
-        elif len(inst.on) == 1:  # the common case, on every request: no generator
-            gpu = inst.on[0]
-            room = gpu.pool_bytes - gpu.used
-        else:
-            room = min(gpu.pool_bytes - gpu.used for gpu in inst.on)
+        else:  # asked on every request: a plain loop is twice as fast as min() over a generator
+            room = math.inf
+            for gpu in inst.on:
+                free = gpu.pool_bytes - gpu.used
+                if free < room:
+                    room = free
         return max(0, room // inst.kv_bytes_per_token)
 
     # Every change of GPU memory goes through these, which keep `Gpu.used` exact.

@@ -333,9 +333,9 @@ def concurrency_by_window(start: np.ndarray, end: np.ndarray, window_s: float, n
     """Time-weighted mean and peak number of intervals [start, end) open, and arrival rate,
     per window."""
     horizon = window_s * num_windows
-    times = np.concatenate([start, end, np.arange(num_windows + 1) * window_s])
-    deltas = np.concatenate([np.ones(len(start)), -np.ones(len(end)), np.zeros(num_windows + 1)])
-    order = np.lexsort((-deltas, times))  # at equal times, arrivals before departures
+    times = np.concatenate([start, np.arange(num_windows + 1) * window_s, end])
+    deltas = np.concatenate([np.ones(len(start)), np.zeros(num_windows + 1), -np.ones(len(end))])
+    order = np.argsort(times, kind="stable")  # at equal times, arrivals before departures
     times, level = times[order], np.cumsum(deltas[order])
     keep = times <= horizon
     times, level = times[keep], level[keep]
