@@ -56,3 +56,20 @@ def test_predict_scores_an_oracle_over_replays_and_refuses_it_for_a_request_file
                     + "".join(f"{i * 0.1:.1f},llama-2-7b-a,100,50\n" for i in range(50)))
     result = runner.invoke(app, ["predict", "--workload", str(path), "--oracle-replays", "2"])
     assert result.exit_code != 0 and "--oracle-replays needs a preset" in result.output
+
+
+def test_predict_in_real_time_uses_the_given_time_scale_and_refuses_it_for_a_request_file(
+        tmp_path):
+    """--time-scale 1 replays the traces' days in real time: an hour in 5-minute windows is 12
+    windows of the forecast, each as long as the paper's. A request file keeps its own time."""
+    result = runner.invoke(app, ["predict", "--workload", "paper", "--time-scale", "1",
+                                 "--duration", "3600", "--window", "300", "--json"])
+    assert result.exit_code == 0, result.output
+    models = json.loads(result.stdout)["models"]
+    assert {m["windows"] for m in models.values()} == {12}
+    path = tmp_path / "req.csv"
+    path.write_text("arrival_s,model,input_tokens,output_tokens\n0.5,llama-2-7b-a,100,50\n")
+    result = runner.invoke(app, ["predict", "--workload", str(path), "--time-scale", "1"])
+    assert result.exit_code == 2 and "given: time scale" in result.output
+    result = runner.invoke(app, ["simulate", "--workload", str(path), "--rate", "5"])
+    assert result.exit_code == 2 and "(given: rate)" in result.output

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from warmserve.cli.common import (
+    TimeScaleOpt,
     VerbLogLevel,
     WorkloadOpt,
     app,
@@ -35,6 +36,7 @@ def simulate(
              "ablations.")] = "warmserve,serverlessllm,muxserve,dedicated",
     duration: Annotated[float | None, typer.Option(help="Simulated seconds.")] = None,
     rate: Annotated[float | None, typer.Option(help="Total request rate (preset only).")] = None,
+    time_scale: TimeScaleOpt = None,
     seed: Annotated[int | None, typer.Option(help="Workload seed.")] = None,
     slo: Annotated[float | None, typer.Option(help="TTFT SLO in seconds.")] = None,
     profile: Annotated[str, typer.Option(help="Cost profile name or YAML file.")] = "h100",
@@ -61,7 +63,7 @@ def simulate(
         cfg = load_config(config)
         prof = load_profile(profile)
         scenario = build_scenario(workload, cfg, prof, duration, seed, None, rate, gpus,
-                                  gpus_per_node)
+                                  gpus_per_node, time_scale)
         with Progress(console=console, transient=True, disable=as_json) as progress:
             task = progress.add_task(f"simulating {len(names)} policies", total=len(names))
             results = run_sim(scenario, names, cfg, prof, jobs,
@@ -81,6 +83,8 @@ def simulate(
 def predict(
     workload: WorkloadOpt = "paper",
     window: Annotated[float | None, typer.Option(help="Forecast window (simulated s).")] = None,
+    duration: Annotated[float | None, typer.Option(help="Simulated seconds.")] = None,
+    time_scale: TimeScaleOpt = None,
     config: Annotated[str, typer.Option("--config", "-c")] = "h100-node",
     profile: Annotated[str, typer.Option(help="Cost profile name or YAML file.")] = "h100",
     seed: Annotated[int | None, typer.Option()] = None,
@@ -101,12 +105,14 @@ def predict(
     try:
         cfg = load_config(config)
         prof = load_profile(profile)
-        scenario = build_scenario(workload, cfg, prof, seed=seed, window_s=window)
+        scenario = build_scenario(workload, cfg, prof, duration, seed, window,
+                                  time_scale=time_scale)
         if oracle_replays and workload not in PRESETS:
             raise WorkloadError(f"--oracle-replays needs a preset: a request file such as "
                                 f"{workload!r} is one replay only")
         base = scenario.workload.spec.seed
-        replays = [build_scenario(workload, cfg, prof, seed=base + k, window_s=window).workload
+        replays = [build_scenario(workload, cfg, prof, duration, base + k, window,
+                                  time_scale=time_scale).workload
                    for k in range(1, oracle_replays + 1)]
     except (ConfigError, WorkloadError, TraceError, ValueError, KeyError, OSError) as exc:
         raise fail(str(exc).strip("'\"")) from None

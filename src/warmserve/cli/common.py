@@ -75,6 +75,9 @@ def _main(
 WorkloadOpt = Annotated[str, typer.Option(
     "--workload", "-w", help="A preset (paper, scale, scale-clients, azure-conv, azure-code, "
     "servegen, azure-functions) or a request CSV (arrival_s,model,input_tokens,output_tokens).")]
+TimeScaleOpt = Annotated[float | None, typer.Option(
+    min=0.001, help="Trace seconds per simulated second (preset only; 1 replays the traces' "
+    "days in real time).")]
 
 
 def print_summary(summary: dict[str, dict], scenario) -> None:

@@ -42,10 +42,13 @@ class Scenario:
 def build_scenario(spec: str, config: WarmServeConfig, profile: DeviceProfile,
                    duration_s: float | None = None, seed: int | None = None,
                    window_s: float | None = None, rate_rps: float | None = None,
-                   num_gpus: int | None = None, gpus_per_node: int | None = None) -> Scenario:
+                   num_gpus: int | None = None, gpus_per_node: int | None = None,
+                   time_scale: float | None = None) -> Scenario:
+    """A preset, or a request file (CSV) whose models come from `config`. `rate_rps` and
+    `time_scale` (trace seconds per simulated second) change a preset's workload only."""
     if spec in PRESETS:
         preset = get_preset(spec).with_overrides(duration_s, seed, window_s, num_gpus,
-                                                 gpus_per_node)
+                                                 gpus_per_node, time_scale)
         wspec = preset.workload
         if rate_rps:
             wspec = replace(wspec, total_rate_rps=rate_rps)
@@ -56,6 +59,10 @@ def build_scenario(spec: str, config: WarmServeConfig, profile: DeviceProfile,
     if not path.is_file():
         raise WorkloadError(f"workload {spec!r} is neither a preset ({', '.join(PRESETS)}) "
                             f"nor a request file")
+    given = [name for name, value in (("rate", rate_rps), ("time scale", time_scale)) if value]
+    if given:
+        raise WorkloadError(f"{spec}: a request file replays its own arrivals; a rate or a "
+                            f"time scale applies to presets only (given: {', '.join(given)})")
     return _csv_scenario(path, config, profile, duration_s, window_s, num_gpus, gpus_per_node)
 
 

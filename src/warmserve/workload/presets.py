@@ -18,11 +18,13 @@ class Preset:
 
     def with_overrides(self, duration_s: float | None = None, seed: int | None = None,
                        window_s: float | None = None, num_gpus: int | None = None,
-                       gpus_per_node: int | None = None) -> Preset:
+                       gpus_per_node: int | None = None, time_scale: float | None = None
+                       ) -> Preset:
         spec = self.workload
         spec = replace(spec, duration_s=duration_s or spec.duration_s,
                        seed=spec.seed if seed is None else seed,
-                       window_s=window_s or spec.window_s)
+                       window_s=window_s or spec.window_s,
+                       time_scale=time_scale or spec.time_scale)
         return replace(self, workload=spec, num_gpus=num_gpus or self.num_gpus,
                        gpus_per_node=gpus_per_node or self.gpus_per_node)
 
