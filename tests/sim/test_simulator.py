@@ -37,6 +37,23 @@ def test_deterministic(paper_short):
     assert np.array_equal(a.ttft_s, b.ttft_s, equal_nan=True)
 
 
+def test_progress_moves_forward_to_the_end_and_a_partial_run_stops_where_asked(paper_short):
+    seen = []
+    sim = Simulator(paper_short.workload, paper_short.costs, get_system("warmserve"),
+                    SimConfig(16, 8, CONFIG.policy, PROFILE))
+    result = sim.run(progress=seen.append)
+    assert seen == sorted(seen) and seen[0] == 0.0 and seen[-1] == 240.0
+    assert len(seen) >= 240 / 10  # about every 10 simulated seconds
+    assert np.isfinite(result.ttft_s[~result.dropped]).all()
+    seen.clear()
+    partial = Simulator(paper_short.workload, paper_short.costs, get_system("warmserve"),
+                        SimConfig(16, 8, CONFIG.policy, PROFILE))
+    partial.run(progress=seen.append, stop_at_s=100.0)
+    assert partial.now <= 100.0 and seen[-1] <= 100.0
+    arrived = paper_short.workload.arrival_s < 100.0
+    assert sum(m.arrived for m in partial.models) == arrived.sum()
+
+
 @pytest.mark.parametrize("name", sorted(SYSTEMS))
 def test_every_request_is_accounted_and_memory_is_exact(paper_short, name):
     sim = Simulator(paper_short.workload, paper_short.costs, get_system(name),

@@ -134,7 +134,7 @@ class Simulator:
         while events.next_time() <= end and self._busy():  # the requests still in the system
             handle(*events.pop())
         if progress:
-            progress(self.w.spec.duration_s)
+            progress(min(events.now, self.w.spec.duration_s))
         return self._result()
 
     def _busy(self) -> bool:
