@@ -146,9 +146,7 @@ class CapacityManager:
 
     def cold_group(self, state: ModelState) -> tuple[int, ...] | None:
         tp = state.cost.tp
-        groups = self.cluster.free_groups(tp)
-        if self.reserved:
-            groups = [grp for grp in groups if all(self._usable(g, state.index) for g in grp)]
+        groups = self._open_groups(tp, state.index)
         if not groups and self.sys.keep_alive:
             groups = self._evict_kept_for(tp)
         if not groups:
@@ -162,6 +160,14 @@ class CapacityManager:
             return (not cached, prewarmed, -self._packing(grp, busy), grp)
 
         return min(groups, key=cost)
+
+    def _open_groups(self, tp: int, model: int) -> list[tuple[int, ...]]:
+        """The free aligned groups of `tp` GPUs that `model` may take: none of their GPUs
+        reserved for another model's rebalancing (model -1: reserved for none)."""
+        groups = self.cluster.free_groups(tp)
+        if not self.reserved:
+            return groups
+        return [grp for grp in groups if all(self._usable(g, model) for g in grp)]
 
     def _usable(self, gpu: int, model: int) -> bool:
         """Free, and not reserved for another model's rebalancing."""
@@ -199,9 +205,7 @@ class CapacityManager:
         if entitled is not None and (live + 1) * state.cost.tp > entitled[state.index]:
             return  # the cluster is overloaded and this model's GPUs serve fewer requests
         holdings, surplus, by_id = self._donors(state, per_instance, entitled)
-        free = {tp: [grp for grp in self.cluster.free_groups(tp)
-                     if all(self._usable(g, -1) for g in grp)]
-                for tp in {len(h.gpus) for h in holdings}}
+        free = {tp: self._open_groups(tp, -1) for tp in {len(h.gpus) for h in holdings}}
         plan = drain_for(groups, holdings, surplus, free)
         if plan is None:
             return
