@@ -26,6 +26,7 @@ from warmserve.control.policies import (
     place_prewarms,
     prefill_aware_load,
     replica_plan,
+    requests_held,
     route,
     should_reclaim_kv,
     surplus_instances,
@@ -160,6 +161,13 @@ def test_surplus_stays_under_the_up_threshold(load, instances, surplus):
     assert surplus_instances(load, instances, 32, 0.8) == surplus
     kept = instances - surplus
     assert load <= 0.8 * 32 * kept or kept == instances  # never pushed over the threshold
+
+
+def test_an_instance_holds_what_its_kv_cache_takes_up_to_the_engines_bound():
+    assert requests_held(256, 111_579, 1_200.0) == 92  # a 7B's GPU, 1,200-token requests
+    assert requests_held(256, 457_763, 1_200.0) == 256  # a 70B's four GPUs: the bound
+    assert requests_held(256, 111_579, 0.0) == 256  # nothing seen yet: the bound
+    assert requests_held(256, 1_000, 4_000.0) == 1  # one request, even if larger than the KV
 
 
 def test_prefill_work_counts_as_load():

@@ -183,6 +183,16 @@ def instances_needed(load: float, capacity: int, up_ratio: float,
     return needed
 
 
+def requests_held(bound: int, kv_tokens: int, mean_tokens: float) -> int:
+    """Requests one instance holds at once: the engine's `bound`, unless its KV cache
+    (`kv_tokens`) fills first with requests of `mean_tokens` each. What another model could
+    give up, or a starving model needs, is counted at this, not at the bound alone: a 7B's
+    80-GB GPU holds about 110 requests of 1,000 tokens, not an engine's 256."""
+    if mean_tokens <= 0:
+        return bound
+    return max(1, min(bound, int(kv_tokens // mean_tokens)))
+
+
 def surplus_instances(load: float, instances: int, capacity: int, up_ratio: float,
                       forecast_avg: float = 0.0, prefill_load: float = 0.0) -> int:
     """Instances a model could give up and still stay under the autoscaler's up-threshold,

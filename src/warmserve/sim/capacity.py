@@ -20,6 +20,7 @@ from warmserve.control.policies import (
     lendable_kv_tokens,
     place_prewarms,
     replica_plan,
+    requests_held,
     surplus_instances,
 )
 from warmserve.sim.events import EXPIRE, READY, EventQueue
@@ -200,11 +201,11 @@ class CapacityManager:
         # (the autoscaler's target); at the engine's bound instead where the router fills
         # instances that far (overflow) or the model has nothing serving at all.
         starved = not any(i.accepting for i in state.instances)
-        per_instance = self.cfg.max_batch if self.sys.overflow or starved else self.B
-        entitled = self._entitlement(per_instance) if self.sys.overload_control else None
+        bound = self.cfg.max_batch if self.sys.overflow or starved else self.B
+        entitled = self._entitlement(bound) if self.sys.overload_control else None
         if entitled is not None and (live + 1) * state.cost.tp > entitled[state.index]:
             return  # the cluster is overloaded and this model's GPUs serve fewer requests
-        holdings, surplus, by_id = self._donors(state, per_instance, entitled)
+        holdings, surplus, by_id = self._donors(state, bound, entitled)
         free = {tp: self._open_groups(tp, -1) for tp in {len(h.gpus) for h in holdings}}
         plan = drain_for(groups, holdings, surplus, free)
         if plan is None:
@@ -222,7 +223,7 @@ class CapacityManager:
                 self._drain(old)
         self.counts["rebalance"] += 1
 
-    def _donors(self, starving: ModelState, per_instance: int, entitled: list[int] | None
+    def _donors(self, starving: ModelState, bound: int, entitled: list[int] | None
                 ) -> tuple[list[Holding], dict[str, int], dict[int, Instance]]:
         """The other models' serving instances that rebalancing may touch (past their
         scale-down protection), each model's surplus, and the instances by id."""
@@ -234,7 +235,7 @@ class CapacityManager:
             serving = [i for i in other.instances if i.accepting and i.ready_at <= self.now]
             load, prefill = self._judged_load(other)
             spare = surplus_instances(
-                load, len(serving), per_instance, self.cfg.policy.scale_up_ratio,
+                load, len(serving), self._holds(other, bound), self.cfg.policy.scale_up_ratio,
                 other.forecast.avg_concurrency if other.forecast else 0.0, prefill)
             if entitled is not None:  # beyond its entitlement counts as surplus too
                 spare = max(spare, len(serving) - entitled[other.index] // other.cost.tp)
@@ -253,7 +254,19 @@ class CapacityManager:
             return max(state.peak_load, state.load), max(state.peak_prefill, state.prefill_load)
         return state.load, state.prefill_load
 
-    def _entitlement(self, per_instance: int) -> list[int]:
+    def _holds(self, state: ModelState, bound: int) -> int:
+        """Requests one instance of the model holds (policies.requests_held): its KV cache, on
+        GPUs holding nothing else, against the model's mean request so far, prompt and output
+        (admission reserves both)."""
+        if not state.arrived:
+            return bound
+        cost = state.cost
+        kv_tokens = (self.cfg.profile.pool_bytes - cost.weight_bytes_per_gpu) // (
+            cost.kv_bytes_per_token // cost.tp)
+        return requests_held(bound, kv_tokens,
+                             (state.prompt_tokens + state.output_tokens) / state.arrived)
+
+    def _entitlement(self, bound: int) -> list[int]:
         """GPUs each model may hold (policies.gpu_entitlement), by model index."""
         demands, up = [], self.cfg.policy.scale_up_ratio
         for m in self.models:
@@ -264,7 +277,7 @@ class CapacityManager:
             load, prefill = self._judged_load(m)
             demands.append(demand_of(name, m.cost.tp, load,
                                      m.forecast.avg_concurrency if m.forecast else 0.0,
-                                     prefill, per_instance, up, cost))
+                                     prefill, self._holds(m, bound), up, cost))
         entitled = gpu_entitlement(demands, len(self.cluster.gpus))
         return [entitled[self.names[m.index]] for m in self.models]
 
