@@ -428,6 +428,28 @@ def test_surplus_is_counted_at_the_engines_bound_the_router_fills_to():
     assert any(entry[0] == "drain" and entry[1] == "a" for entry in cluster.log)
 
 
+@pytest.mark.parametrize(("free_blocks", "drains"), [(94, True), (0, False)])
+def test_an_instance_full_at_its_kv_cache_counts_as_holding_no_more(free_blocks, drains):
+    """As above, but the engines report their KV blocks: 100 in service, 3 requests holding 2
+    each. With 94 free an instance holds the engine's 32 and one carries "a"; with none free
+    it holds the 3 it runs, "a" needs both, and "b" gets nothing. (Overload control off: the
+    needs of "a" and "b" do not fit two workers.)"""
+    from warmserve.sim.systems import get_system
+
+    cluster = FullCluster()
+    for w in cluster.workers:
+        w.inflight["a"] = 3
+        w.stats["models"] = {"a": {"state": "active", "running": 3, "blocks_usable": 100,
+                                   "blocks_lent": 0, "blocks_free": free_blocks}}
+    cluster.load["a"] = 6
+    system = replace(get_system("warmserve"), overload_control=False)
+    ctl = Controller(cluster, TWO, min_instances=1, system=system)
+    _run(ctl, cluster, 0.0, 4.0)
+    cluster.load["b"] = 6
+    _run(ctl, cluster, 4.0, 5.0)
+    assert any(entry[0] == "drain" and entry[1] == "a" for entry in cluster.log) is drains
+
+
 def _engine_entry(prompt_tokens, prefill_tokens, prefill_s, busy_s, finished):
     return {"state": "active", "running": 0, "waiting": 0, "prompt_tokens": prompt_tokens,
             "prefill_tokens": prefill_tokens, "prefill_s": prefill_s, "busy_s": busy_s,

@@ -41,6 +41,7 @@ from warmserve.control.policies import (
     place_prewarms,
     prefill_aware_load,
     replica_plan,
+    requests_held,
     surplus_instances,
 )
 from warmserve.control.predictor import ModelForecaster
@@ -269,7 +270,7 @@ class Controller:
             seen = self._load[other]
             load, prefill = self._judged_load(other)
             surplus[other] = surplus_instances(
-                load, len(serving), self.engine_bound, self.policy.scale_up_ratio,
+                load, len(serving), self._held(other, workers), self.policy.scale_up_ratio,
                 self.forecasters[other].forecast().avg_concurrency, prefill)
             if entitled is not None:
                 surplus[other] = max(surplus[other], len(serving) - entitled[other])
@@ -290,6 +291,24 @@ class Controller:
             self.cluster.drain(worker, other)
         self._drains[model] = _Drain(worker, drained, now + self.policy.rebalance_reserve_s)
         self.actions.append((now, "rebalance", model, worker.name))
+
+    def _held(self, model: str, workers: list) -> int:
+        """Requests one of the model's instances holds (policies.requests_held): the engine's
+        bound, unless its KV blocks (those lent to prewarms too: they come back when needed)
+        fill first with requests holding as many blocks as its running ones do now, on
+        average over its engines."""
+        instances = total = used = running = 0
+        for w in workers:
+            entry = w.stats.get("models", {}).get(model, {})
+            if entry.get("state") != "active" or "blocks_usable" not in entry:
+                continue
+            instances += 1
+            total += entry["blocks_usable"] + entry["blocks_lent"]
+            used += entry["blocks_usable"] - entry["blocks_free"]
+            running += entry["running"]
+        if not running:
+            return self.engine_bound
+        return requests_held(self.engine_bound, total // instances, used / running)
 
     def _judged_load(self, model: str) -> tuple[float, float]:
         return self._load[model].judged(self.system.rebalance_lookback)
@@ -312,7 +331,7 @@ class Controller:
             load, prefill = self._judged_load(model)
             demands.append(demand_of(
                 model, 1, load, self.forecasters[model].forecast().avg_concurrency, prefill,
-                self.engine_bound, up, state.work.gpu_s_per_request))
+                self._held(model, workers), up, state.work.gpu_s_per_request))
         return gpu_entitlement(demands, capacity)
 
     def _finish_drains(self, now: float) -> None:
