@@ -100,7 +100,7 @@ def test_rebalancing_leaves_models_without_surplus_alone():
 def _costs(sim: Simulator) -> None:
     """Both models' requests so far: 1,000-token prompts and 200-token answers."""
     for state in sim.models:
-        state.arrived, state.prompt_tokens, state.output_tokens = 100, 100 * 1000, 100 * 200
+        state.arrived, state.output_tokens = 100, 100 * 200
         state.prefill_work = 100 * state.cost.prefill_s(1000)
 
 
@@ -119,19 +119,22 @@ def test_under_overload_every_model_gets_one_instance_first():
                                                     ("warmserve-no-overload-control", True),
                                                     ("warmserve-no-rebalance", False)])
 def test_an_instance_counts_as_holding_what_its_kv_cache_takes(system, rebalanced):
-    """"s" holds GPUs 0..3, each full at 90 requests of 1,200 tokens (its KV cache takes
-    92, not the engine's 256), with 400 in flight and requests waiting; the 7B "t" holds
-    4..7 and needs one. Counted at 256 a request, "s" would need two instances and be
-    entitled to no more than it has; counted at what its KV cache takes it needs six, the
+    """"s" holds GPUs 0..3, each full at 90 requests that reserve 1,200 tokens each (its KV
+    cache takes 92, not the engine's 256), with 400 in flight and requests waiting; the 7B
+    "t" holds 4..7 and needs one. Counted at 256 a request, "s" would need two instances and
+    be entitled to no more than it has; counted at what its KV cache takes it needs six, the
     two needs fit the node, and "t" gives up a GPU."""
     sim = two_model_sim(system, shapes={"s": "llama-2-7b", "t": "llama-2-7b"})
     small, other = sim.models
     for g in range(8):
-        sim.cap.new_instance(small if g < 4 else other, (g,), ready_at=0.0)
-        (small if g < 4 else other).instances[-1].running = 90 if g < 4 else 15
+        state, running = (small, 90) if g < 4 else (other, 15)
+        inst = sim.cap.new_instance(state, (g,), ready_at=0.0)
+        inst.running = running
+        sim.cluster.change_kv(inst, running * 1_200)
     sim.events.now = 100.0
     _costs(sim)
     assert sim.cap._holds(small, 256) == 111_579 // 1_200
+    assert sim.cap._holds(other, 256) == 92  # the size of its requests, not how many
     set_load(small, 400.0)
     small.queue.append(0)
     set_load(other, 60.0)

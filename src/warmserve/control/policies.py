@@ -183,14 +183,15 @@ def instances_needed(load: float, capacity: int, up_ratio: float,
     return needed
 
 
-def requests_held(bound: int, kv_tokens: int, mean_tokens: float) -> int:
+def requests_held(bound: int, kv_capacity: int, per_request: float) -> int:
     """Requests one instance holds at once: the engine's `bound`, unless its KV cache
-    (`kv_tokens`) fills first with requests of `mean_tokens` each. What another model could
-    give up, or a starving model needs, is counted at this, not at the bound alone: a 7B's
-    80-GB GPU holds about 110 requests of 1,000 tokens, not an engine's 256."""
-    if mean_tokens <= 0:
+    (`kv_capacity`) fills first with requests that take `per_request` of it each (tokens or
+    blocks, the same unit for both). What another model could give up, or a starving model
+    needs, is counted at this, not at the bound alone: a 7B's 80-GB GPU holds about 110
+    requests of 1,000 tokens, not an engine's 256."""
+    if per_request <= 0:
         return bound
-    return max(1, min(bound, int(kv_tokens // mean_tokens)))
+    return max(1, min(bound, int(kv_capacity // per_request)))
 
 
 def surplus_instances(load: float, instances: int, capacity: int, up_ratio: float,

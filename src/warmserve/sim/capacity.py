@@ -256,15 +256,19 @@ class CapacityManager:
 
     def _holds(self, state: ModelState, bound: int) -> int:
         """Requests one instance of the model holds (policies.requests_held): its KV cache, on
-        GPUs holding nothing else, against the model's mean request so far, prompt and output
-        (admission reserves both)."""
-        if not state.arrived:
+        GPUs holding nothing else, against the KV its running requests reserve each, on
+        average (as the live controller measures it)."""
+        running = tokens = 0
+        for inst in state.instances:
+            if inst.accepting:
+                running += inst.running
+                tokens += inst.kv_tokens
+        if not running:
             return bound
         cost = state.cost
         kv_tokens = (self.cfg.profile.pool_bytes - cost.weight_bytes_per_gpu) // (
             cost.kv_bytes_per_token // cost.tp)
-        return requests_held(bound, kv_tokens,
-                             (state.prompt_tokens + state.output_tokens) / state.arrived)
+        return requests_held(bound, kv_tokens, tokens / running)
 
     def _entitlement(self, bound: int) -> list[int]:
         """GPUs each model may hold (policies.gpu_entitlement), by model index."""
