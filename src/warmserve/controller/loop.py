@@ -77,7 +77,8 @@ class Controller:
         self.system = system or get_system("warmserve")
         self.policy = config.policy
         # the router sends an instance requests past B, up to its engine's bound (overflow):
-        # what another model could give up is counted at that bound (as in the simulator)
+        # what another model could give up is counted at that bound, or at less where the
+        # engine's KV cache fills first (_held, as in the simulator)
         self.engine_bound = max(config.engine.max_num_seqs, config.policy.instance_capacity)
         self.models = [m.name for m in config.models]
         self.weight_bytes = {m.name: model_weight_bytes(m, cluster.cache_dir)

@@ -198,8 +198,9 @@ class CapacityManager:
                   if not any(g in self.reserved and self.reserved[g][1] > self.now
                              for g in grp)]
         # What the others can give: their instances beyond what carries their load at B each
-        # (the autoscaler's target); at the engine's bound instead where the router fills
-        # instances that far (overflow) or the model has nothing serving at all.
+        # (the autoscaler's target); at what an instance holds instead (the engine's bound, or
+        # less where its KV cache fills first: _holds) where the router fills instances that
+        # far (overflow) or the model has nothing serving at all.
         starved = not any(i.accepting for i in state.instances)
         bound = self.cfg.max_batch if self.sys.overflow or starved else self.B
         entitled = self._entitlement(bound) if self.sys.overload_control else None
