@@ -9,6 +9,7 @@ import pytest
 
 from warmserve.config import PolicyConfig
 from warmserve.control.policies import peak_recent_load
+from warmserve.sim.metrics import summarize
 from warmserve.sim.profiles import load_profile
 from warmserve.sim.simulator import SimConfig, Simulator
 from warmserve.sim.systems import SystemSpec, get_system
@@ -77,6 +78,47 @@ def test_a_group_being_drained_is_reserved_for_the_starving_model():
         sim.cap.release(inst)
     assert [i.gpus for i in big.instances] == [(4, 5, 6, 7)]
     assert not sim.cap.reserved
+
+
+@pytest.mark.parametrize("system", ["warmserve", "warmserve-migrate"])
+def test_a_drain_for_rebalancing_hands_running_requests_over(system):
+    """As above, with three requests of "s" running on GPU 6 (admitted at t = 1..3). WarmServe
+    lets them finish before "big" gets 4..7; `warmserve-migrate` hands them back to "s"'s
+    queue, and they run again at once on its instances left, keeping their first token's
+    time: "big" starts loading at once, and each request finishes exactly once."""
+    names = ("s", "big")
+    spec = WorkloadSpec(names, total_rate_rps=1.0, duration_s=60.0, window_s=30.0,
+                        shape="flat", history_periods=0)
+    workload = Workload(spec, names, np.array([1.0, 2.0, 3.0]), np.zeros(3, np.int32),
+                        np.full(3, 500, np.int32), np.full(3, 400, np.int32))
+    costs = [PROFILE.model("llama-2-7b"), PROFILE.model("llama-2-70b")]
+    sim = Simulator(workload, costs, get_system(system), SimConfig(8, 8, PolicyConfig(), PROFILE))
+    small, big = sim.models
+    for g in range(7):
+        sim.cap.new_instance(small, (g,), ready_at=0.0)
+    on_6 = small.instances[6]
+    for i in range(3):
+        sim.events.now = 1.0 + i
+        sim._change_concurrency(small, +1)
+        sim._admit(small, on_6, i, sim.need_tokens[i])
+    first_ttft = list(sim.ttft)
+    sim.events.now = 10.0
+    set_load(small, 60.0)
+    big.queue.append(0)
+    big.load = 40.0
+    assert not sim.cap.acquire(big)
+    migrated = system == "warmserve-migrate"
+    assert sim.cap.counts["handed_over"] == (3 if migrated else 0)
+    assert [i.gpus for i in big.instances] == ([(4, 5, 6, 7)] if migrated else [])
+    assert on_6.running == (0 if migrated else 3)
+    assert sum(i.running for i in small.instances if i is not on_6) == (3 if migrated else 0)
+    assert sim.ttft == first_ttft  # the first token was sent before the hand-over
+    while sim.events.next_time() < 1e9 and small.concurrency:
+        sim._handle(*sim.events.pop())
+    assert small.concurrency == 0 and all(i.running == 0 for i in small.instances)
+    assert len(sim._stalls) == (3 if migrated else 0) and min(sim._stalls, default=0.0) >= 0.0
+    summary = summarize(sim._result(), 1.0)
+    assert summary.get("handed_over") == (3 if migrated else None)
 
 
 def test_without_rebalancing_a_starving_model_waits():

@@ -47,11 +47,13 @@ class CapacityManager:
         self.B = config.policy.instance_capacity
         self.events = events
         self.ids = 0
-        self.counts = {"cold": 0, "prewarm": 0, "keep": 0, "reclaim": 0, "rebalance": 0}
+        self.counts = {"cold": 0, "prewarm": 0, "keep": 0, "reclaim": 0, "rebalance": 0,
+                       "handed_over": 0}
         self.node_cache: list[list[int]] = [[] for _ in range(cluster.num_nodes)]
         self.released: list[Instance] = []
         self.reserved: dict[int, tuple[int, float]] = {}  # gpu -> (model, until): rebalancing
         self.handovers: dict[int, Instance] = {}  # new instance id -> the instance it replaces
+        self.hand_over = None  # the simulator's: (instance) -> its running requests requeued
 
     @property
     def now(self) -> float:
@@ -221,7 +223,7 @@ class CapacityManager:
                 new = self._load_on(self.models[old.model], moved[inst_id])
                 self.handovers[new.id] = old
             else:
-                self._drain(old)
+                self._drain(old, hand_over=True)
         self.counts["rebalance"] += 1
 
     def _donors(self, starving: ModelState, bound: int, entitled: list[int] | None
@@ -335,11 +337,15 @@ class CapacityManager:
         """An instance finished loading: the one it replaces (a rebalancing move) drains."""
         old = self.handovers.pop(inst.id, None)
         if old is not None and old.accepting:
-            self._drain(old)
+            self._drain(old, hand_over=True)
 
-    def _drain(self, inst: Instance) -> None:
+    def _drain(self, inst: Instance, hand_over: bool = False) -> None:
+        """Stop routing to an instance; release it once its requests are done, or at once
+        where rebalancing drains it and the system hands them over (migrate_on_drain)."""
         inst.draining = True
         inst.refresh()
+        if hand_over and self.sys.migrate_on_drain and inst.running:
+            self.hand_over(inst)
         if inst.running == 0:
             self.release(inst)
 

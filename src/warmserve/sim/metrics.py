@@ -33,7 +33,17 @@ def summarize(result: SimResult, ttft_slo_s: float) -> dict:
         "prewarm_hits": result.prewarm_hits,
         "keep_alive_hits": result.keep_alive_hits,
         "kv_reclaims": result.kv_reclaims,
-    } | ({"models": _per_model(result, ttft_slo_s)} if result.models else {})
+    } | ({"models": _per_model(result, ttft_slo_s)} if result.models else {}) | _hand_overs(result)
+
+
+def _hand_overs(result: SimResult) -> dict:
+    """Where drains hand running requests over: how many, and the P99 of their stall (from
+    the hand-over to their next token on the new instance)."""
+    stalls = result.handover_stall_s
+    if stalls is None:
+        return {}
+    return {"handed_over": len(stalls),
+            "handover_stall_p99_s": float(np.percentile(stalls, 99)) if len(stalls) else None}
 
 
 def _per_model(result: SimResult, ttft_slo_s: float) -> dict[str, dict]:

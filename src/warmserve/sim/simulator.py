@@ -63,6 +63,9 @@ class SimResult:
     timeline: dict = field(default_factory=dict)  # model -> {"t", "load", "forecast", ...}
     models: tuple[str, ...] = ()  # names, by model index
     gpu_seconds_by_model: tuple[float, ...] = ()  # what each model's instances held
+    # where a drain hands running requests over (migrate_on_drain): for each hand-over, the
+    # time from it to the request's next token on its new instance; None otherwise
+    handover_stall_s: np.ndarray | None = None
 
 
 class Simulator:
@@ -102,6 +105,14 @@ class Simulator:
         self.need_tokens = (tokens + out).tolist()  # KV a request reserves
         self.context = (tokens + out // 2).tolist()  # what decode steps read of it, on average
         self.prefill_alone = [0.0] * n  # on an idle instance of its model's shape: at arrival
+        # hand-overs (migrate_on_drain): the (instance id, request) finishes to ignore, each
+        # handed-over request's first TTFT and when it was handed over, and the stalls
+        self._hand_overs = system.migrate_on_drain
+        self._moved: set[tuple[int, int]] = set()
+        self._first_ttft: dict[int, float] = {}
+        self._moved_at: dict[int, float] = {}
+        self._stalls: list[float] = []
+        self.cap.hand_over = self._hand_over
         self.timeline: dict[str, dict[str, list]] = {
             name: {"t": [], "load": [], "forecast_peak": [], "instances": [], "prewarms": []}
             for name in workload.models}
@@ -263,6 +274,11 @@ class Simulator:
         self.ttft[i] = first - self.arrival[i]
         self.tpot[i] = tpot
         self.events.push(first + (out - 1 if out > 1 else 0) * tpot, FINISH, (state, inst, i, need))
+        if self._hand_overs:
+            inst.requests[i] = need
+            if i in self._first_ttft:  # handed over: its first token was sent long ago
+                self.ttft[i] = self._first_ttft.pop(i)
+                self._stalls.append(first - self._moved_at.pop(i))
 
     def _slowdown(self, inst: Instance) -> float:
         """MuxServe: co-located engines running requests slow this one's steps. Its placement
@@ -279,6 +295,11 @@ class Simulator:
         return 1.0 + COLOCATION_SLOWDOWN * sum(1 for o in others if o.running)
 
     def _finish(self, state: ModelState, inst: Instance, i: int, need: int) -> None:
+        if self._hand_overs:
+            if (inst.id, i) in self._moved:  # it was handed over: it finishes elsewhere
+                self._moved.discard((inst.id, i))
+                return
+            del inst.requests[i]
         inst.running -= 1
         inst.context_tokens -= self.context[i]
         self.cluster.change_kv(inst, -need)
@@ -288,11 +309,30 @@ class Simulator:
         if inst.draining and inst.running == 0:
             self.cap.release(inst)
 
+    def _hand_over(self, inst: Instance) -> None:
+        """A drained instance's running requests go back to the front of their model's queue,
+        oldest first, and run again on its other instances: the prompt is prefilled again and
+        the output decoded again (the tokens already sent are not counted as saved); the
+        first token's time stays the one already sent."""
+        state, now = self.models[inst.model], self.events.now
+        for i in sorted(inst.requests, reverse=True):
+            need = inst.requests[i]
+            self.cluster.change_kv(inst, -need)
+            inst.context_tokens -= self.context[i]
+            self._moved.add((inst.id, i))
+            self._first_ttft[i] = self.ttft[i]
+            self._moved_at[i] = now
+            state.queue.appendleft(i)
+        self.cap.counts["handed_over"] += inst.running
+        inst.running = 0
+        inst.requests.clear()
+        self._drain_queue(state)
+
     def _drain_queue(self, state: ModelState) -> None:
         now, timeout = self.events.now, self.cfg.queue_timeout_s
         while state.queue:
             i = state.queue[0]
-            if now - self.arrival[i] > timeout:
+            if now - self.arrival[i] > timeout and i not in self._first_ttft:
                 state.queue.popleft()
                 self.dropped[i] = True
                 self._change_concurrency(state, -1)
@@ -403,4 +443,5 @@ class Simulator:
         return SimResult(self.sys.name, self.w.spec.duration_s, ttft, tpot,
                          self.dropped, self.w.model_index, busy, counts["cold"],
                          counts["prewarm"], counts["keep"], counts["reclaim"],
-                         used, self.timeline, tuple(self.w.models), tuple(by_model))
+                         used, self.timeline, tuple(self.w.models), tuple(by_model),
+                         np.asarray(self._stalls) if self._hand_overs else None)

@@ -21,9 +21,11 @@ whose prompts outrun its instances' prefills is starving, whatever its queue), a
 cluster cannot carry every model's load, rebalancing gives GPUs to the models whose requests
 cost the fewest GPU-seconds first (policies.gpu_entitlement); `warmserve-goodput` judges
 those needs from the work arriving rather than from concurrency. `warmserve-published` is the
-published algorithm alone. Ablations of warmserve: each of those off, surplus judged on the
-latest load only, no prewarming at all, no forecast (prewarm for the last window's load), no
-KV reservation (prewarm on free GPUs only), round-robin placement.
+published algorithm alone. `warmserve-migrate` hands a drained instance's running requests
+to its model's other instances instead of letting them finish first (simulated only: the live
+router and engines cannot hand a request over yet). Ablations of warmserve: each of those off,
+surplus judged on the latest load only, no prewarming at all, no forecast (prewarm for the
+last window's load), no KV reservation (prewarm on free GPUs only), round-robin placement.
 """
 
 from __future__ import annotations
@@ -58,6 +60,10 @@ class SystemSpec:
     # the look-back times its cost per request), not from its concurrency, which counts its
     # backlog (policies.demand_from_arrivals)
     need_from_arrivals: bool = False
+    # an instance that rebalancing drains hands its running requests back to its model's queue
+    # at once, to run again on the model's other instances (their prompts prefilled again,
+    # their first token already sent), instead of finishing them before its GPUs change hands
+    migrate_on_drain: bool = False
     description: str = ""
 
 
@@ -99,6 +105,10 @@ SYSTEMS: dict[str, SystemSpec] = {
                    description="warmserve whose overload control judges needs from arriving "
                    "work: beyond capacity it serves more requests within the SLO and leaves "
                    "the dearest model's users waiting"),
+        SystemSpec("warmserve-migrate", **_WARMSERVE, migrate_on_drain=True,
+                   description="warmserve whose rebalancing hands a drained instance's running "
+                   "requests to its model's other instances at once (the live system cannot "
+                   "yet)"),
         SystemSpec("serverlessllm", engine_init=True, keep_alive=True,
                    description="reactive autoscaling, DRAM/SSD loading, keep-alive"),
         SystemSpec("serverlessllm-overflow", engine_init=True, keep_alive=True, overflow=True,
@@ -113,7 +123,8 @@ SYSTEMS: dict[str, SystemSpec] = {
 }
 DEFAULT_SYSTEMS = ("warmserve", "serverlessllm", "muxserve", "dedicated")
 VARIANTS = ("serverlessllm-overflow",  # a baseline made stronger than published
-            "warmserve-goodput")  # warmserve with another trade under overload
+            "warmserve-goodput",  # warmserve with another trade under overload
+            "warmserve-migrate")  # warmserve with a mechanism the live system lacks yet
 ABLATIONS = ("warmserve-published", "warmserve-no-rebalance", "warmserve-no-lookback",
              "warmserve-no-prefill-signal", "warmserve-no-overload-control",
              "warmserve-no-overflow", "warmserve-no-prewarm", "warmserve-no-forecast",
