@@ -28,8 +28,8 @@ def serve(
     host: Annotated[str | None, typer.Option(help="Address (default: the config's).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (default: the config's).")] = None,
     policy: Annotated[str, typer.Option(
-        help="warmserve, serverlessllm, muxserve or dedicated: the same policy sets as the "
-             "simulator, live.")] = "warmserve",
+        help="warmserve, warmserve-goodput, serverlessllm, muxserve or dedicated: the same "
+             "policy sets as the simulator, live.")] = "warmserve",
     history: Annotated[Path | None, typer.Option(
         help="CSV of earlier windows to seed the forecaster: model,avg_concurrency,"
              "peak_concurrency,rate_rps (oldest first).")] = None,
@@ -42,15 +42,12 @@ def serve(
     from warmserve.cluster.manager import LocalCluster, NoCapacity
     from warmserve.controller.loop import Controller
     from warmserve.server.app import create_app
-    from warmserve.sim.systems import get_system
+    from warmserve.sim.systems import get_live_system
 
     source = config or "cpu-local"
     try:
         cfg = load_config(source)
-        if policy not in ("warmserve", "serverlessllm", "muxserve", "dedicated"):
-            raise ValueError(f"--policy {policy!r}: one of warmserve, serverlessllm, muxserve, "
-                             f"dedicated")
-        system = get_system(policy)
+        system = get_live_system(policy)
     except (ConfigError, ValueError) as exc:
         raise fail(str(exc)) from None
     cluster = LocalCluster(source, cfg, checkpoint_cache())

@@ -131,6 +131,18 @@ ABLATIONS = ("warmserve-published", "warmserve-no-rebalance", "warmserve-no-look
              "warmserve-no-kv-reservation", "warmserve-round-robin")
 
 
+# the policy sets the live controller runs (`warmserve serve --policy`); the ablations and
+# warmserve-migrate are the simulator's
+LIVE = ("warmserve", "warmserve-goodput", "serverlessllm", "muxserve", "dedicated")
+
+
+def get_live_system(name: str) -> SystemSpec:
+    if name not in LIVE:
+        raise ValueError(f"--policy {name!r}: the live system runs {', '.join(LIVE)}"
+                         + (" (this one is simulated only)" if name in SYSTEMS else ""))
+    return SYSTEMS[name]
+
+
 def get_system(name: str) -> SystemSpec:
     if name not in SYSTEMS:
         raise ValueError(f"unknown policy {name!r}; known: {', '.join(SYSTEMS)}")
