@@ -50,7 +50,7 @@ def test_errors_are_clear(tmp_path):
     assert result.exit_code == 2 and "expected gguf:FILE or package:NAME" in result.output
     result = runner.invoke(app, ["--cache-dir", str(tmp_path), "models", "synth", "gpt-9"])
     assert result.exit_code == 2 and "unknown synthetic shape" in result.output
-    result = runner.invoke(app, ["serve", "--policy", "warmserve-migrate"])
+    result = runner.invoke(app, ["serve", "--policy", "warmserve-no-prewarm"])
     output = " ".join(result.output.split())  # the console wraps long lines
     assert result.exit_code == 2 and "(this one is simulated only)" in output
     result = runner.invoke(app, ["serve", "--policy", "fastest"])

@@ -332,6 +332,11 @@ class FullCluster:
         self.draining.discard((worker.name, model))
         self.log.append(("undrain", model, worker.name))
 
+    def hand_over(self, worker, model):  # the router resumes its requests elsewhere
+        assert (worker.name, model) in self.draining
+        worker.inflight[model] = 0
+        self.log.append(("hand_over", model, worker.name))
+
     def is_draining(self, worker, model):
         return (worker.name, model) in self.draining
 
@@ -361,6 +366,24 @@ def test_rebalancing_drains_a_surplus_instance_and_activates_the_starving_model(
     assert cluster.workers[0].states["a"] == "active"
     assert cluster.workers[1].states["b"] == "active"
     assert any(action == "rebalance" for _, action, _, _ in ctl.actions)
+
+
+@pytest.mark.parametrize(("system", "handed"), [("warmserve", False),
+                                                ("warmserve-migrate", True)])
+def test_a_drained_instance_hands_its_requests_over(system, handed):
+    """As above; `warmserve-migrate` has the drained instance hand its request over at once,
+    and "b" is activated on the next tick instead of after the request finishes."""
+    from warmserve.sim.systems import get_system
+
+    cluster = FullCluster()
+    cluster.workers[0].inflight["a"] = 2
+    cluster.workers[1].inflight["a"] = 1
+    ctl = Controller(cluster, TWO, min_instances=1, system=get_system(system))
+    _run(ctl, cluster, 0.0, 4.0)
+    cluster.load["b"] = 6
+    _run(ctl, cluster, 4.0, 5.0)
+    assert (("hand_over", "a", "w1") in cluster.log) is handed
+    assert (cluster.workers[1].states.get("b") == "active") is handed
 
 
 def test_a_drain_that_does_not_finish_is_called_off():

@@ -132,6 +132,47 @@ def test_abort_frees_blocks_and_spares_others(make_engine):
     assert bm.num_free_blocks == bm.num_usable_blocks == bm.num_blocks
 
 
+def test_handed_over_requests_resume_elsewhere_as_if_never_moved(make_engine):
+    """hand_over_all stops every request with the tokens to resume from (its prompt and what
+    it sent); another engine given those, and the rest of max_tokens, produces the rest of
+    the greedy output the request would have had."""
+    alone = _alone(make_engine)
+    engine = make_engine()
+    engine.add_request("a", PROMPTS["r2"], GREEDY)
+    engine.add_request("b", PROMPTS["r3"], GREEDY)
+    sent: dict[str, list[int]] = {}
+    text = {"a": "", "b": ""}
+    for _ in range(4):
+        for out in engine.step():
+            sent.setdefault(out.request_id, []).extend(out.token_ids)
+            text[out.request_id] += out.text
+    handed = {o.request_id: o for o in engine.hand_over_all()}
+    assert all(o.text == "" for o in handed.values())  # what it held back goes on elsewhere
+    assert set(handed) == {"a", "b"} and not engine.has_work()
+    assert all(o.finished and o.finish_reason is FinishReason.HANDOVER for o in handed.values())
+    assert handed["a"].resume.token_ids == PROMPTS["r2"] + sent["a"]
+    assert handed["a"].resume.num_output_tokens == len(sent["a"])
+    bm = engine.block_manager
+    assert bm.num_free_blocks == bm.num_usable_blocks
+    other = make_engine()
+    for rid, out in handed.items():
+        other.add_request(rid, out.resume.token_ids,
+                          SamplingParams(max_tokens=20 - len(sent[rid]), temperature=0,
+                                         ignore_eos=True), out.resume)
+    rest: dict[str, list[int]] = {}
+    while other.has_work():
+        for out in other.step():
+            rest.setdefault(out.request_id, []).extend(out.token_ids)
+            text[out.request_id] += out.text
+    assert sent["a"] + rest["a"] == alone["r2"] and sent["b"] + rest["b"] == alone["r3"]
+    whole = make_engine()
+    whole.add_request("a", PROMPTS["r2"], GREEDY)
+    whole_text = ""
+    while whole.has_work():
+        whole_text += "".join(out.text for out in whole.step())
+    assert text["a"] == whole_text  # not a character lost or doubled at the hand-over
+
+
 def test_seeded_sampling_is_reproducible_and_independent_of_batch(make_engine):
     params = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=11, ignore_eos=True)
     engine = make_engine()

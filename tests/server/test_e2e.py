@@ -156,6 +156,40 @@ def test_killed_worker_fails_fast_and_is_replaced(server, client):
     assert reply.usage.completion_tokens == 3
 
 
+def test_a_request_handed_over_goes_on_from_another_worker(server, client):
+    """A drained worker hands its requests over mid-stream: the client's one stream goes on
+    from the other worker, with every token it asked for and its own token counts."""
+    cluster = server.cluster
+    if sum(w.state_of("tiny-b") == "active" for w in cluster.workers) < 2:
+        cluster.activate_elsewhere("tiny-b")
+    kwargs = {"model": "tiny-b", "messages": [{"role": "user", "content": "hand me over"}],
+              "max_tokens": 120, "temperature": 0, "extra_body": {"ignore_eos": True},
+              "stream": True, "stream_options": {"include_usage": True}}
+    stream = client.chat.completions.create(**kwargs)
+    chunks = iter(stream)
+    pieces = [next(chunks).choices[0].delta.content or ""]
+    worker = next(w for w in cluster.workers if w.inflight["tiny-b"])
+    cluster.drain(worker, "tiny-b")
+    try:
+        cluster.hand_over(worker, "tiny-b")
+        usage = None
+        for chunk in chunks:
+            if chunk.choices:
+                pieces.append(chunk.choices[0].delta.content or "")
+            usage = chunk.usage or usage
+        assert worker.inflight["tiny-b"] == 0
+        assert any(w.inflight["tiny-b"] == 0 and w is not worker for w in cluster.workers)
+    finally:
+        cluster.undrain(worker, "tiny-b")
+    assert usage.completion_tokens == 120
+    metrics = httpx.get(server.url + "/metrics").text
+    assert 'warmserve_hand_overs_total{model="tiny-b"} 1.0' in metrics
+    whole = client.chat.completions.create(**{**kwargs, "stream": False,
+                                              "stream_options": None})
+    assert whole.usage.prompt_tokens == usage.prompt_tokens
+    assert "".join(pieces) == whole.choices[0].message.content  # greedy: as if never moved
+
+
 def test_full_queue_answers_429(tmp_path, cache_dir, tiny_checkpoint):
     srv = _Server(_config(max_queued_per_model=1), tmp_path, cache_dir)
     try:

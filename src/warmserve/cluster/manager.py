@@ -188,6 +188,11 @@ class LocalCluster:
         with self._lock:
             self._draining.discard((worker.name, model))
 
+    def hand_over(self, worker: WorkerHandle, model: str) -> None:
+        """Stop `model`'s requests on `worker` to go on elsewhere: the router resumes each on
+        another instance (drain it first, so that none comes back)."""
+        worker.client.hand_over(model)
+
     def is_draining(self, worker: WorkerHandle, model: str) -> bool:
         with self._lock:
             return (worker.name, model) in self._draining

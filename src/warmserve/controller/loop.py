@@ -290,6 +290,12 @@ class Controller:
         drained = [where[h][1] for h in plan.drain]
         for other in drained:
             self.cluster.drain(worker, other)
+            if self.system.migrate_on_drain:  # its requests go on elsewhere, at once
+                try:
+                    self.cluster.hand_over(worker, other)
+                except (Refused, WorkerGone) as exc:
+                    log.info("rebalance: handing %s's requests over on %s: %s", other,
+                             worker.name, exc)
         self._drains[model] = _Drain(worker, drained, now + self.policy.rebalance_reserve_s)
         self.actions.append((now, "rebalance", model, worker.name))
 

@@ -41,6 +41,18 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     error: str | None = None
+    resume: Resume | None = None  # on a request handed over (FinishReason.HANDOVER)
+
+
+@dataclass
+class Resume:
+    """Where a handed-over request got to, for another engine to go on from (as its prompt):
+    its prompt and output tokens, how many of those are output, and how much of the output's
+    text was sent (the rest, held back by the detokenizer, is sent by the next engine)."""
+
+    token_ids: list[int]
+    num_output_tokens: int
+    text_sent: int
 
 
 @dataclass
@@ -104,6 +116,7 @@ class LLMEngine:
         self._clock = clock
         self._seqs: dict[str, Sequence] = {}
         self._text: dict[str, _TextState] = {}
+        self._prior_output: dict[str, int] = {}  # resumed requests: output in their prompt
         self._num_preemptions = 0
         self._token_times: list[tuple[float, int]] = []
         self._last_step: dict[str, float | int] = {}
@@ -129,8 +142,11 @@ class LLMEngine:
         if bad:
             raise InvalidRequestError(f"prompt holds token ids outside the vocabulary: {bad[:5]}")
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
-                    ) -> None:
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    resume: Resume | None = None) -> None:
+        """Queue a request. A `resume` (a request handed over by another engine, its
+        `prompt_token_ids` the resume's) goes on where it got to: the output it has is fed to
+        the detokenizer, and only text not sent yet is sent."""
         if request_id in self._seqs:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         self.validate(prompt_token_ids, params)
@@ -138,7 +154,12 @@ class LLMEngine:
         if params.seed is not None:
             seq.generator = torch.Generator(self.runner.device).manual_seed(params.seed)
         self._seqs[request_id] = seq
-        self._text[request_id] = _TextState(self.tokenizer, params.stop)
+        text = self._text[request_id] = _TextState(self.tokenizer, params.stop)
+        if resume is not None and resume.num_output_tokens:
+            for token_id in prompt_token_ids[-resume.num_output_tokens:]:
+                text.detok.add(token_id)
+            text.emitted = resume.text_sent
+            self._prior_output[request_id] = resume.num_output_tokens
         self._work["prompt_tokens"] += len(prompt_token_ids)
         self.scheduler.add(seq)
 
@@ -148,6 +169,21 @@ class LLMEngine:
             return None
         self.scheduler.finish(seq, FinishReason.ABORT)
         return self._final(seq, [], "")
+
+    def hand_over_all(self) -> list[RequestOutput]:
+        """Stop every request, each to go on elsewhere: its last output says where it got to
+        (FinishReason.HANDOVER, with the tokens to resume from)."""
+        outputs = []
+        for seq in list(self._seqs.values()):
+            self.scheduler.finish(seq, FinishReason.HANDOVER)
+            sent = self._text[seq.request_id].emitted  # what the detokenizer holds goes on
+            self._text[seq.request_id].stopped = True  # elsewhere: not flushed here
+            prior = self._prior_output.get(seq.request_id, 0)
+            output = self._final(seq, [], "")
+            output.resume = Resume(seq.prompt_token_ids + seq.output_token_ids,
+                                   prior + len(seq.output_token_ids), sent)
+            outputs.append(output)
+        return outputs
 
     def has_work(self) -> bool:
         return self.scheduler.has_unfinished
@@ -226,6 +262,7 @@ class LLMEngine:
                logprobs: list[SampledToken] | None = None) -> RequestOutput:
         state = self._text.pop(seq.request_id)
         self._seqs.pop(seq.request_id, None)
+        self._prior_output.pop(seq.request_id, None)
         self._work["finished"] += 1
         if not state.stopped:
             text += state.flush()

@@ -18,7 +18,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
-from warmserve.engine.engine import EngineStats, LLMEngine, RequestOutput
+from warmserve.engine.engine import EngineStats, LLMEngine, RequestOutput, Resume
 from warmserve.engine.sampling import InvalidRequestError, SamplingParams
 from warmserve.engine.sequence import FinishReason
 
@@ -103,20 +103,26 @@ class EngineLoop:
     def tokenizer(self):
         return self.engine.tokenizer
 
-    def submit(self, prompt: str | list[int] | list[dict[str, Any]], params: SamplingParams,
-               request_id: str | None = None) -> RequestStream:
-        """Queue a request; raises InvalidRequestError for bad input (nothing is queued)."""
+    def submit(self, prompt: str | list[int] | list[dict[str, Any]] | Resume,
+               params: SamplingParams, request_id: str | None = None) -> RequestStream:
+        """Queue a request (or resume one handed over by another engine); raises
+        InvalidRequestError for bad input (nothing is queued)."""
         if self._stopping.is_set():
             raise EngineShutDown(f"engine {self._name!r} is shut down")
-        token_ids = self._encode(prompt)
+        resume = prompt if isinstance(prompt, Resume) else None
+        token_ids = list(resume.token_ids) if resume else self._encode(prompt)
         self.engine.validate(token_ids, params)
         request_id = request_id or f"{self._name}-{next(self._ids)}"
         stream = RequestStream(request_id, len(token_ids), self.abort)
-        self._commands.put(("add", (request_id, token_ids, params, stream)))
+        self._commands.put(("add", (request_id, token_ids, params, stream, resume)))
         return stream
 
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
+
+    def hand_over(self) -> None:
+        """Stop every request to go on elsewhere (LLMEngine.hand_over_all)."""
+        self._commands.put(("hand_over", None))
 
     def call(self, fn: Callable[[LLMEngine], Any], timeout_s: float = 30.0) -> Any:
         """Run `fn(engine)` on the loop thread between steps and return its result. Raises
@@ -193,9 +199,9 @@ class EngineLoop:
 
     def _handle(self, kind: str, arg: Any) -> None:
         if kind == "add":
-            request_id, token_ids, params, stream = arg
+            request_id, token_ids, params, stream, resume = arg
             try:
-                self.engine.add_request(request_id, token_ids, params)
+                self.engine.add_request(request_id, token_ids, params, resume)
                 self._streams[request_id] = stream
             except InvalidRequestError as exc:
                 stream.put(RequestOutput(request_id, [], "", finished=True,
@@ -204,6 +210,9 @@ class EngineLoop:
         elif kind == "abort":
             output = self.engine.abort_request(arg)
             if output is not None:
+                self._deliver(output)
+        elif kind == "hand_over":
+            for output in self.engine.hand_over_all():
                 self._deliver(output)
         elif kind == "call":
             fn, done = arg

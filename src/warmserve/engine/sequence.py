@@ -21,6 +21,9 @@ class FinishReason(enum.Enum):
     LENGTH = "length"  # max_tokens or the context limit
     ABORT = "abort"
     ERROR = "error"
+    # handed over: stopped here to go on elsewhere (the router resumes it on another instance
+    # from RequestOutput.resume_token_ids); never reaches a client
+    HANDOVER = "handover"
 
 
 @dataclass(eq=False)

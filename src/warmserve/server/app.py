@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -31,7 +32,8 @@ from prometheus_client import (
 from warmserve.cluster.manager import LocalCluster, NoCapacity
 from warmserve.config import WarmServeConfig
 from warmserve.engine.engine import RequestOutput
-from warmserve.engine.sampling import InvalidRequestError
+from warmserve.engine.sampling import InvalidRequestError, SamplingParams
+from warmserve.engine.sequence import FinishReason
 from warmserve.server.schemas import ChatCompletionRequest, CompletionRequest
 from warmserve.worker.rpc import RemoteError, WorkerGone
 
@@ -80,6 +82,9 @@ class _Metrics:
                                  registry=self.registry)
         self.prewarm_hits = Gauge("warmserve_prewarm_hits",
                                   "Activations of prewarmed weights", registry=self.registry)
+        self.hand_overs = Counter("warmserve_hand_overs_total",
+                                  "Requests resumed on another instance after a drain",
+                                  ["model"], registry=self.registry)
 
     def refresh(self, cluster: LocalCluster, models: list[str]) -> None:
         for model in models:
@@ -185,25 +190,27 @@ def create_app(cluster: LocalCluster, config: WarmServeConfig, controller=None) 
         except NoCapacity as exc:
             raise APIError(503, str(exc), "server_error", retry_after_s=2) from None
         request_id = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}"
-        stream = _Stream(worker.client.generate(body.model, prompt, params, request_id))
+        stream = _Relay(cluster, body.model, params, request_id, worker,
+                        _Stream(worker.client.generate(body.model, prompt, params, request_id)),
+                        metrics.hand_overs.labels(body.model))
         try:
             first = await stream.next()
         except BaseException:
-            cluster.release(worker, body.model)
+            stream.release()
             raise
         start = time.perf_counter()
         if body.stream:
             return StreamingResponse(
-                _sse(stream, first, body, kind, request_id, worker, start),
+                _sse(stream, first, body, kind, request_id, start),
                 media_type="text/event-stream")
         try:
             outputs = [first] + [o async for o in stream]
         finally:
-            cluster.release(worker, body.model)
+            stream.release()
         _observe(body.model, outputs, start)
         return _full_response(outputs, body.model, kind, request_id)
 
-    async def _sse(stream, first, body, kind, request_id, worker, start) -> AsyncIterator[str]:
+    async def _sse(stream, first, body, kind, request_id, start) -> AsyncIterator[str]:
         created = int(time.time())
         outputs = [first]
         try:
@@ -219,11 +226,11 @@ def create_app(cluster: LocalCluster, config: WarmServeConfig, controller=None) 
         except APIError as err:
             yield _data({"error": {"message": err.message, "type": err.kind}})
         except asyncio.CancelledError:  # the client went away: stop generating
-            await asyncio.to_thread(_abort, worker, body.model, request_id)
+            await asyncio.to_thread(_abort, stream.worker, body.model, request_id)
             raise
         finally:
             stream.close()
-            cluster.release(worker, body.model)
+            stream.release()
 
     def _observe(model: str, outputs: list[RequestOutput], start: float) -> None:
         last = outputs[-1]
@@ -241,6 +248,68 @@ def create_app(cluster: LocalCluster, config: WarmServeConfig, controller=None) 
 def _abort(worker, model: str, request_id: str) -> None:
     with contextlib.suppress(Exception):  # the worker may be gone; nothing left to stop
         worker.client.abort(model, request_id)
+
+
+class _Relay:
+    """One request's outputs, across the instances it runs on. An instance drained for
+    rebalancing hands its requests over (FinishReason.HANDOVER): the request goes on from
+    another instance of its model, its prompt followed by the tokens it has sent and with the
+    rest of its max_tokens, under the same id; the client sees one stream. Token counts are
+    the request's own (its first prompt, all its output)."""
+
+    def __init__(self, cluster: LocalCluster, model: str, params: SamplingParams,
+                 request_id: str, worker, stream: _Stream, hand_overs: Counter) -> None:
+        self.cluster, self.model, self.params, self.request_id = cluster, model, params, request_id
+        self.worker, self.stream = worker, stream
+        self.sent = 0  # output tokens produced on the instances it left
+        self.prompt_tokens: int | None = None  # its own prompt's length
+        self.hand_overs = hand_overs  # the server's counter, this model's
+        self._finished = False
+
+    async def next(self) -> RequestOutput:
+        while True:
+            output = await self.stream.next()
+            if self.prompt_tokens is None:
+                self.prompt_tokens = output.num_prompt_tokens
+            if output.finish_reason is not FinishReason.HANDOVER:
+                output.num_prompt_tokens = self.prompt_tokens
+                output.num_output_tokens += self.sent
+                return output
+            await self._resume(output)
+
+    async def _resume(self, handed: RequestOutput) -> None:
+        self.stream.close()
+        self.release()
+        self.sent = handed.resume.num_output_tokens  # all it has produced, on every instance
+        self.hand_overs.inc()
+        params = replace(self.params, max_tokens=self.params.max_tokens - self.sent)
+        try:
+            self.worker = await asyncio.to_thread(self.cluster.acquire, self.model)
+        except NoCapacity as exc:
+            self.worker = None
+            raise APIError(503, f"handing the request over: {exc}", "server_error",
+                           retry_after_s=2) from None
+        self.stream = _Stream(self.worker.client.generate(
+            self.model, handed.resume, params, self.request_id))
+
+    def release(self) -> None:
+        if self.worker is not None:
+            self.cluster.release(self.worker, self.model)
+            self.worker = None
+
+    def close(self) -> None:
+        self.stream.close()
+
+    def __aiter__(self) -> _Relay:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._finished:
+            raise StopAsyncIteration
+        item = await self.next()
+        if item.finished:
+            self._finished = True
+        return item
 
 
 class _Stream:

@@ -22,8 +22,8 @@ cluster cannot carry every model's load, rebalancing gives GPUs to the models wh
 cost the fewest GPU-seconds first (policies.gpu_entitlement); `warmserve-goodput` judges
 those needs from the work arriving rather than from concurrency. `warmserve-published` is the
 published algorithm alone. `warmserve-migrate` hands a drained instance's running requests
-to its model's other instances instead of letting them finish first (simulated only: the live
-router and engines cannot hand a request over yet). Ablations of warmserve: each of those off,
+to its model's other instances instead of letting them finish first (live, the router resumes
+each on another instance with the tokens it has sent). Ablations of warmserve: each of those off,
 surplus judged on the latest load only, no prewarming at all, no forecast (prewarm for the
 last window's load), no KV reservation (prewarm on free GPUs only), round-robin placement.
 """
@@ -107,8 +107,7 @@ SYSTEMS: dict[str, SystemSpec] = {
                    "the dearest model's users waiting"),
         SystemSpec("warmserve-migrate", **_WARMSERVE, migrate_on_drain=True,
                    description="warmserve whose rebalancing hands a drained instance's running "
-                   "requests to its model's other instances at once (the live system cannot "
-                   "yet)"),
+                   "requests to its model's other instances at once"),
         SystemSpec("serverlessllm", engine_init=True, keep_alive=True,
                    description="reactive autoscaling, DRAM/SSD loading, keep-alive"),
         SystemSpec("serverlessllm-overflow", engine_init=True, keep_alive=True, overflow=True,
@@ -131,9 +130,10 @@ ABLATIONS = ("warmserve-published", "warmserve-no-rebalance", "warmserve-no-look
              "warmserve-no-kv-reservation", "warmserve-round-robin")
 
 
-# the policy sets the live controller runs (`warmserve serve --policy`); the ablations and
-# warmserve-migrate are the simulator's
-LIVE = ("warmserve", "warmserve-goodput", "serverlessllm", "muxserve", "dedicated")
+# the policy sets the live controller runs (`warmserve serve --policy`); the ablations are the
+# simulator's
+LIVE = ("warmserve", "warmserve-goodput", "warmserve-migrate", "serverlessllm", "muxserve",
+        "dedicated")
 
 
 def get_live_system(name: str) -> SystemSpec:

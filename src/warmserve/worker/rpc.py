@@ -23,7 +23,7 @@ from warmserve.worker.worker import Refused, UniversalWorker
 log = logging.getLogger(__name__)
 
 VERBS = ("prewarm", "activate", "deactivate", "evict", "lend", "reclaim", "stats", "abort",
-         "generate", "ping")
+         "hand_over", "generate", "ping")
 
 
 class WorkerGone(ConnectionError):
@@ -144,6 +144,9 @@ class WorkerClient:
 
     def abort(self, model: str, request_id: str) -> None:
         self.call("abort", name=model, request_id=request_id)
+
+    def hand_over(self, model: str) -> None:
+        self.call("hand_over", name=model)
 
     def stats(self) -> dict:
         return self.call("stats")

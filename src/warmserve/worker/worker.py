@@ -188,6 +188,10 @@ class UniversalWorker:
     def abort(self, name: str, request_id: str) -> None:
         self._active(name).loop.abort(request_id)
 
+    def hand_over(self, name: str) -> None:
+        """Stop the model's requests to go on elsewhere (a drain for rebalancing)."""
+        self._active(name).loop.hand_over()
+
     def stats(self) -> dict:
         with self._lock:  # what is resident; the engines are asked outside the lock (below)
             residents = list(self._residents.items())
