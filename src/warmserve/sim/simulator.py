@@ -107,12 +107,13 @@ class Simulator:
         self.prefill_alone = [0.0] * n  # on an idle instance of its model's shape: at arrival
         # hand-overs (migrate_on_drain): the (instance id, request) finishes to ignore, each
         # handed-over request's first TTFT and when it was handed over, and the stalls
-        self._hand_overs = system.migrate_on_drain
         self._moved: set[tuple[int, int]] = set()
         self._first_ttft: dict[int, float] = {}
         self._moved_at: dict[int, float] = {}
         self._stalls: list[float] = []
         self.cap.hand_over = self._hand_over
+        if system.migrate_on_drain:  # the request path keeps each instance's requests
+            self._admit, self._finish = self._admit_tracked, self._finish_tracked
         self.timeline: dict[str, dict[str, list]] = {
             name: {"t": [], "load": [], "forecast_peak": [], "instances": [], "prewarms": []}
             for name in workload.models}
@@ -274,11 +275,15 @@ class Simulator:
         self.ttft[i] = first - self.arrival[i]
         self.tpot[i] = tpot
         self.events.push(first + (out - 1 if out > 1 else 0) * tpot, FINISH, (state, inst, i, need))
-        if self._hand_overs:
-            inst.requests[i] = need
-            if i in self._first_ttft:  # handed over: its first token was sent long ago
-                self.ttft[i] = self._first_ttft.pop(i)
-                self._stalls.append(first - self._moved_at.pop(i))
+
+    def _admit_tracked(self, state: ModelState, inst: Instance, i: int, need: int) -> None:
+        """_admit, keeping the instance's requests (migrate_on_drain); a request handed over
+        keeps its first token's time and records its stall."""
+        Simulator._admit(self, state, inst, i, need)
+        inst.requests[i] = need
+        if i in self._first_ttft:
+            self._stalls.append(self.ttft[i] + self.arrival[i] - self._moved_at.pop(i))
+            self.ttft[i] = self._first_ttft.pop(i)
 
     def _slowdown(self, inst: Instance) -> float:
         """MuxServe: co-located engines running requests slow this one's steps. Its placement
@@ -294,12 +299,16 @@ class Simulator:
             return 1.0
         return 1.0 + COLOCATION_SLOWDOWN * sum(1 for o in others if o.running)
 
+    def _finish_tracked(self, state: ModelState, inst: Instance, i: int, need: int) -> None:
+        """_finish, keeping the instance's requests; a request handed over finishes where it
+        went, not here."""
+        if (inst.id, i) in self._moved:
+            self._moved.discard((inst.id, i))
+            return
+        del inst.requests[i]
+        Simulator._finish(self, state, inst, i, need)
+
     def _finish(self, state: ModelState, inst: Instance, i: int, need: int) -> None:
-        if self._hand_overs:
-            if (inst.id, i) in self._moved:  # it was handed over: it finishes elsewhere
-                self._moved.discard((inst.id, i))
-                return
-            del inst.requests[i]
         inst.running -= 1
         inst.context_tokens -= self.context[i]
         self.cluster.change_kv(inst, -need)
@@ -444,4 +453,4 @@ class Simulator:
                          self.dropped, self.w.model_index, busy, counts["cold"],
                          counts["prewarm"], counts["keep"], counts["reclaim"],
                          used, self.timeline, tuple(self.w.models), tuple(by_model),
-                         np.asarray(self._stalls) if self._hand_overs else None)
+                         np.asarray(self._stalls) if self.sys.migrate_on_drain else None)
