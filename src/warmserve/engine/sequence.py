@@ -22,7 +22,7 @@ class FinishReason(enum.Enum):
     ABORT = "abort"
     ERROR = "error"
     # handed over: stopped here to go on elsewhere (the router resumes it on another instance
-    # from RequestOutput.resume_token_ids); never reaches a client
+    # from RequestOutput.resume); never reaches a client
     HANDOVER = "handover"
 
 
