@@ -3,6 +3,8 @@ fails alone; stops, aborts and lending keep the accounting exact."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from tests.engine.conftest import run_all
@@ -171,6 +173,42 @@ def test_handed_over_requests_resume_elsewhere_as_if_never_moved(make_engine):
     while whole.has_work():
         whole_text += "".join(out.text for out in whole.step())
     assert text["a"] == whole_text  # not a character lost or doubled at the hand-over
+
+
+def test_a_stop_string_across_a_hand_over_is_caught(make_engine):
+    """The stop string starts in text the first engine sent and ends in text the second one
+    decodes: the second engine, which holds the output so far, still cuts the text there."""
+    engine = make_engine()
+    engine.add_request("a", PROMPTS["r3"], GREEDY)
+    per_step = []
+    while engine.has_work():
+        per_step.append("".join(o.text for o in engine.step()))
+    full = "".join(per_step)
+    for steps in range(3, len(per_step) - 3):  # a hand-over point where the stop fits
+        decoded = len("".join(per_step[:steps]))
+        stop = full[decoded - 2:decoded + 3]
+        if decoded >= 5 and len(stop) == 5 and full.find(stop) == decoded - 2:
+            break
+    else:
+        pytest.skip("no stop string spans a hand-over point in this output")
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, stop=(stop,))
+    first = make_engine()
+    first.add_request("a", PROMPTS["r3"], params)
+    text = ""
+    for _ in range(steps):
+        text += "".join(o.text for o in first.step())
+    (handed,) = first.hand_over_all()
+    assert handed.finish_reason is FinishReason.HANDOVER and len(text) <= decoded - 2
+    second = make_engine()
+    second.add_request("a", handed.resume.token_ids,
+                       replace(params, max_tokens=20 - handed.resume.num_output_tokens),
+                       handed.resume)
+    last = None
+    while second.has_work():
+        for o in second.step():
+            text += o.text
+            last = o
+    assert text == full[: decoded - 2] and last.finish_reason is FinishReason.STOP
 
 
 def test_seeded_sampling_is_reproducible_and_independent_of_batch(make_engine):
