@@ -86,3 +86,38 @@ def test_engines_built_at_once_in_threads_all_capture_their_graphs(tiny_checkpoi
                            SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))
         outputs.append(run_all(engine))
     assert all(o == outputs[0] for o in outputs)
+
+
+def test_requests_handed_over_on_cuda_resume_as_if_never_moved(tiny_checkpoint):
+    """Four requests stopped mid-decode on one CUDA engine (graphs on) and resumed on another
+    give the greedy tokens of an uninterrupted run."""
+    from dataclasses import replace
+
+    from warmserve.engine.engine import create_engine
+    from warmserve.engine.sampling import SamplingParams
+
+    config = EngineConfig(kv_cache_gib=0.05, max_cuda_graph_batch=8)
+    params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
+    prompts = {str(i): list(range(7 + i, 50 + 5 * i)) for i in range(4)}
+
+    def engine():
+        return create_engine(tiny_checkpoint, config, "float32", "cuda", 512)
+
+    whole = engine()
+    for rid, prompt in prompts.items():
+        whole.add_request(rid, prompt, params)
+    expected = run_all(whole)
+    first = engine()
+    for rid, prompt in prompts.items():
+        first.add_request(rid, prompt, params)
+    sent: dict[str, list[int]] = {rid: [] for rid in prompts}
+    for _ in range(6):
+        for out in first.step():
+            sent[out.request_id].extend(out.token_ids)
+    second = engine()
+    for out in first.hand_over_all():
+        resume = out.resume
+        second.add_request(out.request_id, resume.token_ids,
+                           replace(params, max_tokens=32 - resume.num_output_tokens), resume)
+    rest = run_all(second)
+    assert {rid: sent[rid] + rest[rid] for rid in prompts} == expected
