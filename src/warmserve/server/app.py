@@ -319,7 +319,6 @@ class _Stream:
         self._queue: asyncio.Queue = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
         self._closed = threading.Event()
-        self._finished = False  # the last output (finished=True) was handed out
         threading.Thread(target=self._pump, args=(iterator,), daemon=True).start()
 
     def _pump(self, iterator: Iterator[RequestOutput]) -> None:
@@ -351,17 +350,6 @@ class _Stream:
                            "server_error")
         if item.error:
             raise APIError(400, item.error)
-        return item
-
-    def __aiter__(self) -> _Stream:
-        return self
-
-    async def __anext__(self) -> RequestOutput:
-        if self._finished:
-            raise StopAsyncIteration
-        item = await self.next()
-        if item.finished:
-            self._finished = True
         return item
 
     def close(self) -> None:

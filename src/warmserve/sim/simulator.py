@@ -111,9 +111,9 @@ class Simulator:
         self._first_ttft: dict[int, float] = {}
         self._moved_at: dict[int, float] = {}
         self._stalls: list[float] = []
-        self.cap.hand_over = self._hand_over
         if system.migrate_on_drain:  # the request path keeps each instance's requests
             self._admit, self._finish = self._admit_tracked, self._finish_tracked
+            self.cap.hand_over = self._hand_over
         self.timeline: dict[str, dict[str, list]] = {
             name: {"t": [], "load": [], "forecast_peak": [], "instances": [], "prewarms": []}
             for name in workload.models}
