@@ -349,10 +349,14 @@ def _run(ctl, cluster, start, end):
 
 
 def test_rebalancing_drains_a_surplus_instance_and_activates_the_starving_model():
+    """Without hand-over, the drained instance finishes its request first (the next test
+    has WarmServe's hand-over)."""
+    from warmserve.sim.systems import get_system
+
     cluster = FullCluster()
     cluster.workers[0].inflight["a"] = 2
     cluster.workers[1].inflight["a"] = 1  # busy: the autoscaler cannot take it down
-    ctl = Controller(cluster, TWO, min_instances=1)
+    ctl = Controller(cluster, TWO, min_instances=1, system=get_system("warmserve-no-handover"))
     _run(ctl, cluster, 0.0, 4.0)  # past the protection of the instances found at start
     cluster.load["b"] = 6  # b has no instance and no worker has room
     _run(ctl, cluster, 4.0, 5.0)
@@ -368,11 +372,11 @@ def test_rebalancing_drains_a_surplus_instance_and_activates_the_starving_model(
     assert any(action == "rebalance" for _, action, _, _ in ctl.actions)
 
 
-@pytest.mark.parametrize(("system", "handed"), [("warmserve", False),
-                                                ("warmserve-migrate", True)])
+@pytest.mark.parametrize(("system", "handed"), [("warmserve-no-handover", False),
+                                                ("warmserve", True)])
 def test_a_drained_instance_hands_its_requests_over(system, handed):
-    """As above; `warmserve-migrate` has the drained instance hand its request over at once,
-    and "b" is activated on the next tick instead of after the request finishes."""
+    """As above; WarmServe has the drained instance hand its request over at once, and "b"
+    is activated on the next tick instead of after the request finishes."""
     from warmserve.sim.systems import get_system
 
     cluster = FullCluster()
@@ -387,10 +391,14 @@ def test_a_drained_instance_hands_its_requests_over(system, handed):
 
 
 def test_a_drain_that_does_not_finish_is_called_off():
+    """Without hand-over (or where the hand-over is refused), a drained instance whose
+    request does not finish within the reserve time serves its model again."""
+    from warmserve.sim.systems import get_system
+
     cluster = FullCluster()
     cluster.workers[0].inflight["a"] = 2
     cluster.workers[1].inflight["a"] = 1  # never finishes in this test
-    ctl = Controller(cluster, TWO, min_instances=1)
+    ctl = Controller(cluster, TWO, min_instances=1, system=get_system("warmserve-no-handover"))
     _run(ctl, cluster, 0.0, 4.0)
     cluster.load["b"] = 6
     _run(ctl, cluster, 4.0, 5.0)

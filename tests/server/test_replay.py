@@ -43,3 +43,16 @@ def test_live_summary_counts_activations_over_the_run_only():
     assert live["requests_within_slo"] == 1
     other = summarize_live(results, 10.0, 1.0, None, None)
     assert other["activations"] is None and other["cold_starts"] is None
+
+
+def test_a_stream_that_stalls_longer_than_the_slo_misses_it():
+    """A first chunk within the TTFT SLO is not enough: a later wait longer than the SLO
+    (a request handed over mid-stream, say) misses it too, as the simulator counts it."""
+    from warmserve.bench.replay import Result, summarize_live
+
+    results = [Result(ttft_s=0.2, tpot_s=0.01, longest_gap_s=0.05, tokens=4, ok=True),
+               Result(ttft_s=0.2, tpot_s=0.3, longest_gap_s=1.5, tokens=4, ok=True),
+               Result(ttft_s=2.0, tpot_s=0.3, longest_gap_s=1.5, tokens=4, ok=True)]
+    live = summarize_live(results, 10.0, 1.0)
+    assert live["requests_within_slo"] == 1 and live["stalled_past_slo"] == 1
+    assert live["slo_attainment"] == 1 / 3

@@ -65,7 +65,8 @@ def test_rebalancing_drains_surplus_instances_for_a_starving_model():
 
 
 def test_a_group_being_drained_is_reserved_for_the_starving_model():
-    sim = two_model_sim("warmserve")
+    """Without hand-over, drained instances hold their GPUs until their requests finish."""
+    sim = two_model_sim("warmserve-no-handover")
     _crowd(sim, running=3)  # drained instances finish their requests first
     small, big = sim.models
     assert not sim.cap.acquire(big)
@@ -80,45 +81,108 @@ def test_a_group_being_drained_is_reserved_for_the_starving_model():
     assert not sim.cap.reserved
 
 
-@pytest.mark.parametrize("system", ["warmserve", "warmserve-migrate"])
-def test_a_drain_for_rebalancing_hands_running_requests_over(system):
-    """As above, with three requests of "s" running on GPU 6 (admitted at t = 1..3). WarmServe
-    lets them finish before "big" gets 4..7; `warmserve-migrate` hands them back to "s"'s
-    queue, and they run again at once on its instances left, keeping their first token's
-    time: "big" starts loading at once, and each request finishes exactly once."""
+def _handing_over(system: str, admitted_at: tuple[float, ...], prompt: int = 500
+                  ) -> Simulator:
+    """Seven 7B instances of "s" on GPUs 0..6 of one node, requests of "s" (`prompt` tokens
+    in, 400 out) admitted on GPU 6's at `admitted_at`; at t = 10 "s" is over-provisioned
+    and "big" (a 70B, TP4) starves, so rebalancing drains GPUs 4..6."""
     names = ("s", "big")
+    n = len(admitted_at)  # and the last request, "big"'s
     spec = WorkloadSpec(names, total_rate_rps=1.0, duration_s=60.0, window_s=30.0,
                         shape="flat", history_periods=0)
-    workload = Workload(spec, names, np.array([1.0, 2.0, 3.0]), np.zeros(3, np.int32),
-                        np.full(3, 500, np.int32), np.full(3, 400, np.int32))
+    workload = Workload(spec, names, np.array([*admitted_at, 10.0]),
+                        np.array([0] * n + [1], np.int32), np.full(n + 1, prompt, np.int32),
+                        np.full(n + 1, 400, np.int32))
     costs = [PROFILE.model("llama-2-7b"), PROFILE.model("llama-2-70b")]
     sim = Simulator(workload, costs, get_system(system), SimConfig(8, 8, PolicyConfig(), PROFILE))
     small, big = sim.models
     for g in range(7):
         sim.cap.new_instance(small, (g,), ready_at=0.0)
-    on_6 = small.instances[6]
-    for i in range(3):
-        sim.events.now = 1.0 + i
+    for i, t in enumerate(admitted_at):
+        sim.events.now = t
         sim._change_concurrency(small, +1)
-        sim._admit(small, on_6, i, sim.need_tokens[i])
-    first_ttft = list(sim.ttft)
+        sim.prefill_alone[i] = small.cost.prefill_s(prompt)
+        sim._admit(small, small.instances[6], i, sim.need_tokens[i])
     sim.events.now = 10.0
     set_load(small, 60.0)
-    big.queue.append(0)
+    big.queue.append(n)
     big.load = 40.0
-    assert not sim.cap.acquire(big)
-    migrated = system == "warmserve-migrate"
-    assert sim.cap.counts["handed_over"] == (3 if migrated else 0)
-    assert [i.gpus for i in big.instances] == ([(4, 5, 6, 7)] if migrated else [])
-    assert on_6.running == (0 if migrated else 3)
-    assert sum(i.running for i in small.instances if i is not on_6) == (3 if migrated else 0)
-    assert sim.ttft == first_ttft  # the first token was sent before the hand-over
-    while sim.events.next_time() < 1e9 and small.concurrency:
+    return sim
+
+
+def _run_out(sim: Simulator) -> None:
+    while sim.events.next_time() < 1e9 and sim.models[0].concurrency:
         sim._handle(*sim.events.pop())
+
+
+@pytest.mark.parametrize("system", ["warmserve-no-handover", "warmserve"])
+def test_a_drain_for_rebalancing_hands_running_requests_over(system):
+    """Three requests of "s" run on GPU 6 (admitted at t = 1..3). Without hand-over they
+    finish before "big" gets 4..7; WarmServe hands them back to "s"'s queue, and they run
+    again at once on its instances left, keeping their first token's time: "big" starts
+    loading at once, and each request finishes exactly once."""
+    sim = _handing_over(system, (1.0, 2.0, 3.0))
+    small, big = sim.models
+    on_6 = small.instances[6]
+    first_ttft = list(sim.ttft)
+    assert not sim.cap.acquire(big)
+    handed = system == "warmserve"
+    assert sim.cap.counts["handed_over"] == (3 if handed else 0)
+    assert [i.gpus for i in big.instances] == ([(4, 5, 6, 7)] if handed else [])
+    assert on_6.running == (0 if handed else 3)
+    assert sum(i.running for i in small.instances if i is not on_6) == (3 if handed else 0)
+    assert sim.ttft == first_ttft  # the first token was sent before the hand-over
+    _run_out(sim)
     assert small.concurrency == 0 and all(i.running == 0 for i in small.instances)
-    assert len(sim._stalls) == (3 if migrated else 0) and min(sim._stalls, default=0.0) >= 0.0
+    assert len(sim._stalls) == (3 if handed else 0) and min(sim._stalls, default=0.0) >= 0.0
     summary = summarize(sim._result(), 1.0)
-    assert summary.get("handed_over") == (3 if migrated else None)
+    assert summary.get("handed_over") == (3 if handed else None)
+
+
+def test_a_request_handed_over_resumes_after_the_tokens_it_sent():
+    """As the live router resumes it: the new instance prefills the prompt with the tokens
+    already sent and decodes only the rest. The wait for its next token is its stall, and a
+    stall longer than the TTFT SLO puts the request outside the SLO, as a late first token
+    would."""
+    sim = _handing_over("warmserve", (9.0,))
+    first, tpot = sim.arrival[0] + sim.ttft[0], sim.tpot[0]
+    sent = 1 + int((10.0 - first) / tpot)
+    assert 1 < sent < 400
+    work = sim.models[0].prefill_work
+    sim.cap.acquire(sim.models[1])
+    assert (sim.input_tokens[0], sim.output_tokens[0]) == (500 + sent, 400 - sent)
+    # the prefill signal counts the new prompt, as the live one counts what engines are given
+    cost = sim.models[0].cost
+    assert sim.models[0].prefill_work - work == pytest.approx(cost.prefill_s(500 + sent))
+    resumed = [i for i in sim.models[0].instances if i.running]
+    assert len(resumed) == 1 and resumed[0].gpus != (6,)
+    next_token = sim._resumes_at[0]
+    expected = cost.prefill_s(500 + sent)  # alone on an idle instance
+    assert next_token - 10.0 == pytest.approx(expected, rel=0.05)
+    _run_out(sim)
+    result = sim._result()
+    assert result.stall_s[0] == pytest.approx(next_token - 10.0)
+    assert result.ttft_s[0] == pytest.approx(first - 9.0)  # the first token's, unchanged
+    generous = summarize(result, 10.0)
+    strict = summarize(result, (next_token - 10.0) * 0.9)  # the TTFT passes, the stall not
+    assert result.ttft_s[0] < (next_token - 10.0) * 0.9
+    assert generous["models"]["s"]["requests_within_slo"] == 1
+    assert strict["models"]["s"]["requests_within_slo"] == 0
+    assert (generous["stalled_past_slo"], strict["stalled_past_slo"]) == (0, 1)
+
+
+def test_a_request_handed_over_before_its_first_token_starts_over():
+    """Nothing was sent yet: the request is queued as if it had just arrived, its TTFT is
+    counted from its arrival to the first token its new instance sends, and it has no
+    stall."""
+    sim = _handing_over("warmserve", (9.95,), prompt=4000)
+    assert sim.arrival[0] + sim.ttft[0] > 10.0  # still prefilling at t = 10
+    sim.cap.acquire(sim.models[1])
+    assert (sim.input_tokens[0], sim.output_tokens[0]) == (4000, 400)
+    _run_out(sim)
+    result = sim._result()
+    assert result.stall_s[0] == 0.0 and len(result.handover_stall_s) == 0
+    assert result.ttft_s[0] > 10.0 - 9.95 + sim.models[0].cost.prefill_s(4000) * 0.95
 
 
 def test_without_rebalancing_a_starving_model_waits():

@@ -25,6 +25,11 @@ def test_simulate_json_and_outputs(tmp_path):
     files = {p.name for p in (tmp_path / "out").iterdir()}
     assert {"summary.json", "ttft_cdf.png", "requests-warmserve.csv",
             "timeline-serverlessllm.png"} <= files
+    # WarmServe hands requests over: how many, and the stalls, per run and per request
+    assert {"handed_over", "handover_stall_p99_s", "stalled_past_slo"} <= set(data["warmserve"])
+    assert "handed_over" not in data["serverlessllm"]
+    header = (tmp_path / "out" / "requests-serverlessllm.csv").read_text().splitlines()[0]
+    assert header.split(",")[-1] == "stall_s"
 
 
 def test_simulate_errors():

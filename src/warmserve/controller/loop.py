@@ -290,7 +290,7 @@ class Controller:
         drained = [where[h][1] for h in plan.drain]
         for other in drained:
             self.cluster.drain(worker, other)
-            if self.system.migrate_on_drain:  # its requests go on elsewhere, at once
+            if self.system.hand_over_on_drain:  # its requests go on elsewhere, at once
                 try:
                     self.cluster.hand_over(worker, other)
                 except (Refused, WorkerGone) as exc:

@@ -341,10 +341,10 @@ class CapacityManager:
 
     def _drain(self, inst: Instance, hand_over: bool = False) -> None:
         """Stop routing to an instance; release it once its requests are done, or at once
-        where rebalancing drains it and the system hands them over (migrate_on_drain)."""
+        where rebalancing drains it and the system hands them over (hand_over_on_drain)."""
         inst.draining = True
         inst.refresh()
-        if hand_over and self.sys.migrate_on_drain and inst.running:
+        if hand_over and self.sys.hand_over_on_drain and inst.running:
             self.hand_over(inst)
         if inst.running == 0:
             self.release(inst)

@@ -24,6 +24,8 @@ def write_outputs(out: Path, workload: Workload, results: dict[str, SimResult],
             "model": np.asarray(workload.models)[workload.model_index],
             "input_tokens": workload.input_tokens, "output_tokens": workload.output_tokens,
             "ttft_s": result.ttft_s, "tpot_s": result.tpot_s, "dropped": result.dropped,
+            # the longest wait for a next token after a hand-over (0 where none)
+            "stall_s": result.stall_s if result.stall_s is not None else 0.0,
         }).to_csv(path, index=False, float_format="%.6g")
         written.append(path)
     written.append(plot_ttft_cdf(out / "ttft_cdf.png", results))

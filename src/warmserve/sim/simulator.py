@@ -63,9 +63,11 @@ class SimResult:
     timeline: dict = field(default_factory=dict)  # model -> {"t", "load", "forecast", ...}
     models: tuple[str, ...] = ()  # names, by model index
     gpu_seconds_by_model: tuple[float, ...] = ()  # what each model's instances held
-    # where a drain hands running requests over (migrate_on_drain): for each hand-over, the
+    # where a drain hands running requests over (hand_over_on_drain): for each hand-over, the
     # time from it to the request's next token on its new instance; None otherwise
     handover_stall_s: np.ndarray | None = None
+    # per request: the longest wait for a next token after a hand-over (0 where none)
+    stall_s: np.ndarray | None = None
 
 
 class Simulator:
@@ -98,6 +100,8 @@ class Simulator:
         self.dropped = np.zeros(n, bool)
         self.arrival = workload.arrival_s.tolist()
         self.model_of = workload.model_index.tolist()
+        # a request handed over mid-stream: its prompt grows by the tokens sent, its output
+        # shrinks by them (_hand_over)
         self.input_tokens = workload.input_tokens.tolist()
         self.output_tokens = workload.output_tokens.tolist()
         self._neighbours: dict[int, tuple[Instance, ...]] = {}  # MuxServe: see _slowdown
@@ -105,13 +109,17 @@ class Simulator:
         self.need_tokens = (tokens + out).tolist()  # KV a request reserves
         self.context = (tokens + out // 2).tolist()  # what decode steps read of it, on average
         self.prefill_alone = [0.0] * n  # on an idle instance of its model's shape: at arrival
-        # hand-overs (migrate_on_drain): the (instance id, request) finishes to ignore, each
-        # handed-over request's first TTFT and when it was handed over, and the stalls
+        # hand-overs (hand_over_on_drain): the (instance id, request) finishes to ignore; each
+        # handed-over request's first TTFT, when its current instance sends (or sent) its
+        # next token, and since when it has waited for that token; the stalls, each and
+        # the longest per request
         self._moved: set[tuple[int, int]] = set()
         self._first_ttft: dict[int, float] = {}
-        self._moved_at: dict[int, float] = {}
+        self._resumes_at: dict[int, float] = {}
+        self._waiting_since: dict[int, float] = {}
         self._stalls: list[float] = []
-        if system.migrate_on_drain:  # the request path keeps each instance's requests
+        self.stall = [0.0] * n
+        if system.hand_over_on_drain:  # the request path keeps each instance's requests
             self._admit, self._finish = self._admit_tracked, self._finish_tracked
             self.cap.hand_over = self._hand_over
         self.timeline: dict[str, dict[str, list]] = {
@@ -277,13 +285,13 @@ class Simulator:
         self.events.push(first + (out - 1 if out > 1 else 0) * tpot, FINISH, (state, inst, i, need))
 
     def _admit_tracked(self, state: ModelState, inst: Instance, i: int, need: int) -> None:
-        """_admit, keeping the instance's requests (migrate_on_drain); a request handed over
-        keeps its first token's time and records its stall."""
+        """_admit, keeping the instance's requests (hand_over_on_drain); a request handed over
+        keeps its first token's time, and its next token comes when this prefill ends."""
         Simulator._admit(self, state, inst, i, need)
         inst.requests[i] = need
         if i in self._first_ttft:
-            self._stalls.append(self.ttft[i] + self.arrival[i] - self._moved_at.pop(i))
-            self.ttft[i] = self._first_ttft.pop(i)
+            self._resumes_at[i] = self.ttft[i] + self.arrival[i]
+            self.ttft[i] = self._first_ttft[i]
 
     def _slowdown(self, inst: Instance) -> float:
         """MuxServe: co-located engines running requests slow this one's steps. Its placement
@@ -306,7 +314,18 @@ class Simulator:
             self._moved.discard((inst.id, i))
             return
         del inst.requests[i]
+        self._end_stall(i)
         Simulator._finish(self, state, inst, i, need)
+
+    def _end_stall(self, i: int) -> None:
+        """A handed-over request's next token came: its stall, from the hand-over it had
+        waited since, is over."""
+        since = self._waiting_since.pop(i, None)
+        if since is not None:
+            stall = self._resumes_at[i] - since
+            self._stalls.append(stall)
+            if stall > self.stall[i]:
+                self.stall[i] = stall
 
     def _finish(self, state: ModelState, inst: Instance, i: int, need: int) -> None:
         inst.running -= 1
@@ -320,18 +339,32 @@ class Simulator:
 
     def _hand_over(self, inst: Instance) -> None:
         """A drained instance's running requests go back to the front of their model's queue,
-        oldest first, and run again on its other instances: the prompt is prefilled again and
-        the output decoded again (the tokens already sent are not counted as saved); the
-        first token's time stays the one already sent."""
+        oldest first, and run again on its other instances, as the live router resumes them:
+        the prompt and the tokens already sent are prefilled together, and only the rest of
+        the output is decoded. The first token's time stays the one already sent. A request
+        whose first token was not sent yet starts over as if it had just arrived."""
         state, now = self.models[inst.model], self.events.now
         for i in sorted(inst.requests, reverse=True):
-            need = inst.requests[i]
-            self.cluster.change_kv(inst, -need)
+            self.cluster.change_kv(inst, -inst.requests[i])
             inst.context_tokens -= self.context[i]
             self._moved.add((inst.id, i))
-            self._first_ttft[i] = self.ttft[i]
-            self._moved_at[i] = now
             state.queue.appendleft(i)
+            first = self._resumes_at.get(i, self.arrival[i] + self.ttft[i])
+            if now < first:  # nothing more was sent here
+                if i not in self._first_ttft:
+                    self.ttft[i] = math.nan
+                state.prefill_work += self.prefill_alone[i]  # its prompt is given again
+                continue
+            self._end_stall(i)
+            if i not in self._first_ttft:
+                self._first_ttft[i] = self.ttft[i]
+            sent = min(self.output_tokens[i] - 1, 1 + int((now - first) / self.tpot[i]))
+            self.input_tokens[i] += sent
+            self.output_tokens[i] -= sent
+            self.prefill_alone[i] = state.cost.prefill_s(self.input_tokens[i])
+            state.prefill_work += self.prefill_alone[i]  # as the live signal counts it
+            self.context[i] = self.input_tokens[i] + self.output_tokens[i] // 2
+            self._waiting_since[i] = now
         self.cap.counts["handed_over"] += inst.running
         inst.running = 0
         inst.requests.clear()
@@ -436,6 +469,9 @@ class Simulator:
         for state in self.models:  # anything still waiting was never served
             for i in state.queue:
                 self.dropped[i] = True
+        for i, since in list(self._waiting_since.items()):  # resumed, still running at the end
+            if self._resumes_at.get(i, -math.inf) >= since:
+                self._end_stall(i)
         ttft, tpot = np.asarray(self.ttft), np.asarray(self.tpot)
         never = np.isnan(ttft) & ~self.dropped
         self.dropped |= never
@@ -453,4 +489,5 @@ class Simulator:
                          self.dropped, self.w.model_index, busy, counts["cold"],
                          counts["prewarm"], counts["keep"], counts["reclaim"],
                          used, self.timeline, tuple(self.w.models), tuple(by_model),
-                         np.asarray(self._stalls) if self.sys.migrate_on_drain else None)
+                         np.asarray(self._stalls) if self.sys.hand_over_on_drain else None,
+                         np.asarray(self.stall))

@@ -48,7 +48,7 @@ class Instance:
     active_since: float = -1.0  # last (re)start as a serving instance: scale-down protection
     on: tuple = ()  # its Gpu objects, set when placed (the request path reads them directly)
     requests: dict = field(default_factory=dict)  # running request -> KV it reserves; kept
-    # only where a drain hands requests over (SystemSpec.migrate_on_drain)
+    # only where a drain hands requests over (SystemSpec.hand_over_on_drain)
 
     def __post_init__(self) -> None:
         if self.active_since < 0:

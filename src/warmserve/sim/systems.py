@@ -21,11 +21,12 @@ whose prompts outrun its instances' prefills is starving, whatever its queue), a
 cluster cannot carry every model's load, rebalancing gives GPUs to the models whose requests
 cost the fewest GPU-seconds first (policies.gpu_entitlement); `warmserve-goodput` judges
 those needs from the work arriving rather than from concurrency. `warmserve-published` is the
-published algorithm alone. `warmserve-migrate` hands a drained instance's running requests
-to its model's other instances instead of letting them finish first (live, the router resumes
-each on another instance with the tokens it has sent). Ablations of warmserve: each of those off,
-surplus judged on the latest load only, no prewarming at all, no forecast (prewarm for the
-last window's load), no KV reservation (prewarm on free GPUs only), round-robin placement.
+published algorithm alone. An instance that rebalancing drains hands its running requests
+to its model's other instances instead of finishing them before its GPUs change hands (live,
+the router resumes each on another instance after the tokens it has sent). Ablations of
+warmserve: each of those off, surplus judged on the latest load only, no prewarming at all, no
+forecast (prewarm for the last window's load), no KV reservation (prewarm on free GPUs only),
+round-robin placement.
 """
 
 from __future__ import annotations
@@ -61,21 +62,23 @@ class SystemSpec:
     # backlog (policies.demand_from_arrivals)
     need_from_arrivals: bool = False
     # an instance that rebalancing drains hands its running requests back to its model's queue
-    # at once, to run again on the model's other instances (their prompts prefilled again,
-    # their first token already sent), instead of finishing them before its GPUs change hands
-    migrate_on_drain: bool = False
+    # at once, to go on from the tokens they sent on the model's other instances, instead of
+    # finishing them before its GPUs change hands
+    hand_over_on_drain: bool = False
     description: str = ""
 
 
 _WARMSERVE = dict(prewarm=True, kv_lending=True, deactivate_to_prewarm=True, rebalance=True,
                   rebalance_lookback=True, overflow=True, prefill_aware=True,
-                  overload_control=True)
+                  overload_control=True, hand_over_on_drain=True)
 SYSTEMS: dict[str, SystemSpec] = {
     s.name: s for s in (
         SystemSpec("warmserve", **_WARMSERVE, description="forecast, evict-aware prewarming, "
-                   "KV lending, GPU rebalancing, overflow routing (all techniques)"),
+                   "KV lending, GPU rebalancing with hand-over, overflow routing (all "
+                   "techniques)"),
         SystemSpec("warmserve-published", **_WARMSERVE | dict(
-                   rebalance=False, overflow=False, prefill_aware=False, overload_control=False),
+                   rebalance=False, overflow=False, prefill_aware=False, overload_control=False,
+                   hand_over_on_drain=False),
                    description="ablation: the published algorithm alone (no rebalancing; the "
                    "router queues past B requests per instance)"),
         SystemSpec("warmserve-no-rebalance", **_WARMSERVE | dict(rebalance=False),
@@ -98,16 +101,15 @@ SYSTEMS: dict[str, SystemSpec] = {
         SystemSpec("warmserve-no-prefill-signal", **_WARMSERVE | dict(prefill_aware=False),
                    description="ablation: the load signal is concurrency alone (a model "
                    "whose prompts outrun its prefills looks no busier than its requests)"),
+        SystemSpec("warmserve-no-handover", **_WARMSERVE | dict(hand_over_on_drain=False),
+                   description="ablation: an instance drained for rebalancing finishes its "
+                   "running requests before its GPUs change hands"),
         SystemSpec("warmserve-no-overload-control", **_WARMSERVE | dict(overload_control=False),
                    description="ablation: rebalancing serves any starving model, whatever "
                    "its requests cost, when the cluster cannot carry every model's load"),
         SystemSpec("warmserve-goodput", **_WARMSERVE, need_from_arrivals=True,
                    description="warmserve whose overload control judges needs from arriving "
-                   "work: beyond capacity it serves more requests within the SLO and leaves "
-                   "the dearest model's users waiting"),
-        SystemSpec("warmserve-migrate", **_WARMSERVE, migrate_on_drain=True,
-                   description="warmserve whose rebalancing hands a drained instance's running "
-                   "requests to its model's other instances at once"),
+                   "work rather than from concurrency, which counts a model's backlog"),
         SystemSpec("serverlessllm", engine_init=True, keep_alive=True,
                    description="reactive autoscaling, DRAM/SSD loading, keep-alive"),
         SystemSpec("serverlessllm-overflow", engine_init=True, keep_alive=True, overflow=True,
@@ -122,9 +124,9 @@ SYSTEMS: dict[str, SystemSpec] = {
 }
 DEFAULT_SYSTEMS = ("warmserve", "serverlessllm", "muxserve", "dedicated")
 VARIANTS = ("serverlessllm-overflow",  # a baseline made stronger than published
-            "warmserve-goodput",  # warmserve with another trade under overload
-            "warmserve-migrate")  # warmserve with a mechanism the live system lacks yet
-ABLATIONS = ("warmserve-published", "warmserve-no-rebalance", "warmserve-no-lookback",
+            "warmserve-goodput")  # warmserve with another trade under overload
+ABLATIONS = ("warmserve-published", "warmserve-no-rebalance", "warmserve-no-handover",
+             "warmserve-no-lookback",
              "warmserve-no-prefill-signal", "warmserve-no-overload-control",
              "warmserve-no-overflow", "warmserve-no-prewarm", "warmserve-no-forecast",
              "warmserve-no-kv-reservation", "warmserve-round-robin")
@@ -132,8 +134,7 @@ ABLATIONS = ("warmserve-published", "warmserve-no-rebalance", "warmserve-no-look
 
 # the policy sets the live controller runs (`warmserve serve --policy`); the ablations are the
 # simulator's
-LIVE = ("warmserve", "warmserve-goodput", "warmserve-migrate", "serverlessllm", "muxserve",
-        "dedicated")
+LIVE = ("warmserve", "warmserve-goodput", "serverlessllm", "muxserve", "dedicated")
 
 
 def get_live_system(name: str) -> SystemSpec:
