@@ -18,6 +18,8 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
+import torch
+
 from warmserve.engine.engine import EngineStats, LLMEngine, RequestOutput, Resume
 from warmserve.engine.sampling import InvalidRequestError, SamplingParams
 from warmserve.engine.sequence import FinishReason
@@ -178,6 +180,10 @@ class EngineLoop:
         raise InvalidRequestError("prompt must be text, token ids or chat messages, not empty")
 
     def _run(self) -> None:
+        device = self.engine.runner.device
+        if device.type == "cuda":  # this thread launches the engine's kernels: make its
+            torch.cuda.set_device(device)  # device current here (a new thread starts on device
+            # 0, and Triton launches on the current one)
         stalled = False  # the last step could run nothing (e.g. no free KV blocks)
         while True:
             # Idle, wait for a command. Stalled, also wait (a command, such as a reclaim of
