@@ -218,3 +218,30 @@ def test_stats_and_lend_on_an_engine_deactivated_meanwhile(worker, capfd):
     assert "not come back" not in capfd.readouterr().err
     with pytest.raises(Refused, match="a was deactivated meanwhile"):
         worker.lend("a", 4)
+
+
+def test_an_activation_evicts_copies_that_do_not_serve_to_make_room(cache_dir,
+                                                                     tiny_checkpoint):
+    """A pool with room for one model's weights and KV and another's weights: after `a` is
+    deactivated its weights stay (prewarmed), and `b`'s activation evicts them rather than
+    being refused for room; an active model is never evicted for another."""
+    probe = UniversalWorker(PagePool(HostBackend(PAGE), 96), _models(), ENGINE, cache_dir,
+                            host_cache_bytes=0, kv_bytes=16 * PAGE, first_kv_bytes=4 * PAGE)
+    weights = probe._layout("a")[1].weight_pages
+    probe.close()
+    small = UniversalWorker(PagePool(HostBackend(PAGE), 2 * weights + 2), _models(), ENGINE,
+                            cache_dir, host_cache_bytes=64 << 20, kv_bytes=16 * PAGE,
+                            first_kv_bytes=4 * PAGE)
+    try:
+        small.activate("a")
+        with pytest.raises(Refused, match="pages for weights and a first KV chunk"):
+            small.activate("b")  # `a` serves: it stays
+        assert small.stats()["models"]["a"]["state"] == "active"
+        small.deactivate("a")
+        assert small.stats()["models"]["a"]["state"] == "prewarmed"
+        small.activate("b")
+        models = small.stats()["models"]
+        assert "a" not in models and models["b"]["state"] == "active"
+        assert small.generate("b", PROMPT, GREEDY).collect().num_output_tokens == 12
+    finally:
+        small.close()

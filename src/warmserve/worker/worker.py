@@ -10,6 +10,7 @@ abort, stats. What cannot fit is refused with a reason (`Refused`); nothing is l
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import queue
@@ -17,6 +18,7 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,7 +109,11 @@ class UniversalWorker:
         return resident.state
 
     def activate(self, name: str) -> None:
-        """Turn a model into a serving engine; one not prewarmed is loaded cold first."""
+        """Turn a model into a serving engine; one not prewarmed is loaded cold first. Where
+        the pool is short of its weights and first KV chunk, other models' copies that do not
+        serve (prewarmed, or still prewarming) are evicted to make room: an activation evicts
+        the prewarms on its GPU."""
+        self._make_room(name)
         self.prewarm(name, wait=True)
         with self._lock:
             resident = self._require(name)
@@ -140,11 +146,20 @@ class UniversalWorker:
             resident = self._require(name)
             if resident.state is ModelState.ACTIVE:
                 self.deactivate(name)
+        self._drop(name)
+
+    def _drop(self, name: str) -> Future:
+        """Drop a resident model that does not serve; the Future completes when its pages
+        are free again. Refused if it serves."""
+        with self._lock:
+            resident = self._require(name)
+            if resident.state is ModelState.ACTIVE:
+                raise Refused(f"{name} is active")
             resident.cancel.set()
         resident.done.wait()
         with self._lock:
             self._residents.pop(name, None)
-            self.pool.drop_slot(resident.slot.name)
+            return self.pool.drop_slot(resident.slot.name)
 
     def lend(self, name: str, num_pages: int) -> int:
         """Take free KV blocks of an active model out of service and give their pages back to
@@ -234,14 +249,39 @@ class UniversalWorker:
 
     # --- internals --------------------------------------------------------------------------
 
-    def _reserve(self, name: str) -> _Resident:
+    def _layout(self, name: str) -> tuple[Path, SlotLayout]:
+        """A configured model's checkpoint and how its slot would be laid out."""
         if name not in self.models:
             raise Refused(f"unknown model {name!r}; known: {', '.join(self.models)}")
         config = self.models[name]
         checkpoint = resolve_checkpoint(config.checkpoint, self.cache_dir)
-        arch = read_arch(checkpoint)
-        layout = plan_layout(arch, DTYPES[config.dtype], self.pool.page_bytes,
+        layout = plan_layout(read_arch(checkpoint), DTYPES[config.dtype], self.pool.page_bytes,
                              self.engine_config.block_size_tokens, self.kv_bytes)
+        return checkpoint, layout
+
+    def _make_room(self, name: str) -> None:
+        """Evict other models' copies that do not serve until `name`'s weights (unless it is
+        resident) and first KV chunk fit: those still prewarming first, then the largest."""
+        with self._lock:
+            resident = self._residents.get(name)
+            if resident is not None and resident.state is ModelState.ACTIVE:
+                return
+            layout = resident.layout if resident is not None else self._layout(name)[1]
+            needed = (0 if resident is not None else layout.weight_pages) + (
+                self._first_kv_pages(layout) + 1)  # and the scratch block's page
+            idle = sorted((r for n, r in self._residents.items()
+                           if n != name and r.state is not ModelState.ACTIVE),
+                          key=lambda r: (r.state is ModelState.PREWARMED, -len(r.slot.pages)))
+        for victim in idle:
+            if self.pool.can_map(needed):
+                return
+            log.info("evicting %s's prewarmed copy to activate %s", victim.config.name, name)
+            with contextlib.suppress(Refused):  # activated meanwhile: it stays
+                self._drop(victim.config.name).result()
+
+    def _reserve(self, name: str) -> _Resident:
+        checkpoint, layout = self._layout(name)
+        config = self.models[name]
         needed = layout.weight_pages + self._first_kv_pages(layout)
         if not self.pool.can_map(needed):
             raise Refused(f"{name}: needs {needed} pages for weights and a first KV chunk, "
