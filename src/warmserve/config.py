@@ -223,6 +223,12 @@ class ServerConfig(_Frozen):
         256, ge=1, description="Requests waiting per model before new ones get 429."
     )
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest accepted request body.")
+    wait_for_room_s: float = Field(
+        30.0, ge=0, le=3600,
+        description="How long a request for a model that no worker can take now waits for one "
+        "(counted in flight, so the controller sees it and may free a worker) before it gets "
+        "503; 0 answers at once.",
+    )
 
 
 class WarmServeConfig(_Frozen):

@@ -361,3 +361,55 @@ def test_requests_waiting_for_lent_kv_get_it_back(tmp_path, cache_dir, tiny_chec
         assert "reclaim" in [a for _, a, _, _ in srv.controller.actions]
     finally:
         srv.close()
+
+
+def _one_slot_server(tmp_path, cache_dir, wait_for_room_s: float) -> _Server:
+    """One worker with room for one active model (tiny-a, after a first request), not two."""
+    config = _config(wait_for_room_s=wait_for_room_s)
+    config["cluster"]["nodes"][0]["devices"] = [{"type": "cpu", "count": 1, "memory_gib": 0.03}]
+    srv = _Server(config, tmp_path, cache_dir)
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+    client.chat.completions.create(model="tiny-a", max_tokens=2,
+                                   messages=[{"role": "user", "content": "a"}])
+    return srv
+
+
+def test_a_request_for_a_model_without_room_waits_for_one(tmp_path, cache_dir, tiny_checkpoint):
+    """A request for a model no worker can take now waits for room instead of failing at once,
+    counted in flight (what the controller's load and rebalancing see), and is served once a
+    worker frees."""
+    srv = _one_slot_server(tmp_path, cache_dir, wait_for_room_s=30.0)
+    try:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+        replies = []
+        waiting = threading.Thread(target=lambda: replies.append(client.chat.completions.create(
+            model="tiny-b", max_tokens=4, messages=[{"role": "user", "content": "b"}])))
+        waiting.start()
+        deadline = time.monotonic() + 10
+        while srv.cluster.inflight("tiny-b") == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.6)  # a few rounds of asking the cluster again
+        assert srv.cluster.inflight("tiny-b") == 1 and waiting.is_alive() and not replies
+        srv.cluster.deactivate(srv.cluster.workers[0], "tiny-a")  # what a rebalance does
+        waiting.join(30)
+        assert replies and replies[0].choices[0].finish_reason == "length"
+        assert srv.cluster.workers[0].state_of("tiny-b") == "active"
+        assert srv.cluster.inflight("tiny-b") == 0
+    finally:
+        srv.close()
+
+
+def test_a_request_that_finds_no_room_in_time_gets_503(tmp_path, cache_dir, tiny_checkpoint):
+    srv = _one_slot_server(tmp_path, cache_dir, wait_for_room_s=1.0)
+    try:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+        start = time.monotonic()
+        with pytest.raises(openai.InternalServerError) as err:
+            client.chat.completions.create(model="tiny-b", max_tokens=4,
+                                           messages=[{"role": "user", "content": "b"}])
+        assert time.monotonic() - start >= 0.9
+        assert err.value.status_code == 503 and err.value.response.headers["retry-after"] == "2"
+        assert "tiny-b" in str(err.value) and "pages" in str(err.value)  # why: the worker's
+        assert srv.cluster.inflight("tiny-b") == 0
+    finally:
+        srv.close()

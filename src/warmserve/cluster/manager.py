@@ -8,10 +8,12 @@ load). A supervisor thread polls every worker's stats and replaces a worker that
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,6 +74,7 @@ class LocalCluster:
         self._activation_locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
         self._lock = threading.Lock()
         self._draining: set[tuple[str, str]] = set()  # (worker, model): no new requests
+        self._waiting: dict[str, int] = defaultdict(int)  # requests waiting for room, by model
         self._stop = threading.Event()
         self._supervisor = threading.Thread(target=self._supervise, daemon=True,
                                             name="cluster-supervisor")
@@ -151,8 +154,20 @@ class LocalCluster:
             worker.inflight[model] = max(0, worker.inflight[model] - 1)
 
     def inflight(self, model: str) -> int:
+        """`model`'s requests on its workers and those waiting for a worker to take it."""
         with self._lock:
-            return sum(w.inflight[model] for w in self.workers)
+            return sum(w.inflight[model] for w in self.workers) + self._waiting[model]
+
+    @contextlib.contextmanager
+    def waiting(self, model: str) -> Iterator[None]:
+        """Count a request as waiting for room for `model` while inside."""
+        with self._lock:
+            self._waiting[model] += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._waiting[model] -= 1
 
     def refresh(self) -> None:
         for worker in self.workers:

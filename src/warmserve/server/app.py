@@ -2,7 +2,8 @@
 models, health, Prometheus metrics, and a read-only view of the cluster.
 
 Every error is an OpenAI-style object with a 4xx/5xx status; no request hangs: a full model
-queue answers 429 and a cluster without room 503, both with Retry-After.
+queue answers 429, and a request for a model no worker can take waits for one up to
+`server.wait_for_room_s` and then answers 503, both with Retry-After.
 """
 
 from __future__ import annotations
@@ -100,6 +101,9 @@ class _Metrics:
         self.prewarm_hits.set(cluster.prewarm_hits)
 
 
+_ROOM_POLL_S = 0.25  # how often a request waiting for room asks the cluster again
+
+
 def create_app(cluster: LocalCluster, config: WarmServeConfig, controller=None) -> FastAPI:
     app = FastAPI(title="WarmServe", version="0.1.0")
     models = [m.name for m in config.models]
@@ -171,6 +175,35 @@ def create_app(cluster: LocalCluster, config: WarmServeConfig, controller=None) 
                            param="logprobs" if body.logprobs is not None else "echo")
         return await _serve(request, body, body.prompt, "text_completion")
 
+    room_locks: dict[str, asyncio.Lock] = {m: asyncio.Lock() for m in models}
+
+    async def _acquire(model: str):
+        """A worker for `model`. Where none can take it now, the request waits for one (the
+        controller may free one by rebalancing), counted in flight so that the controller
+        sees it, up to wait_for_room_s; then 503. One waiting request per model asks the
+        cluster at a time, the rest wait their turn."""
+        try:
+            return await asyncio.to_thread(cluster.acquire, model)
+        except NoCapacity as exc:
+            last = exc
+        deadline = time.monotonic() + config.server.wait_for_room_s
+        with cluster.waiting(model):
+            try:
+                await asyncio.wait_for(room_locks[model].acquire(),
+                                       max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                raise APIError(503, str(last), "server_error", retry_after_s=2) from None
+            try:
+                while time.monotonic() < deadline:
+                    try:  # not cancelled mid-call: the worker it picks counts the request
+                        return await asyncio.to_thread(cluster.acquire, model)
+                    except NoCapacity as exc:
+                        last = exc
+                    await asyncio.sleep(min(_ROOM_POLL_S, max(0.0, deadline - time.monotonic())))
+            finally:
+                room_locks[model].release()
+        raise APIError(503, str(last), "server_error", retry_after_s=2)
+
     async def _serve(request: Request, body: Any, prompt: Any, kind: str):
         if body.model not in models:
             raise APIError(404, f"The model `{body.model}` does not exist", code="model_not_found",
@@ -185,10 +218,7 @@ def create_app(cluster: LocalCluster, config: WarmServeConfig, controller=None) 
             metrics.requests.labels(body.model, "rejected").inc()
             raise APIError(429, f"too many requests in flight for {body.model}",
                            "rate_limit_error", retry_after_s=1)
-        try:
-            worker = await asyncio.to_thread(cluster.acquire, body.model)
-        except NoCapacity as exc:
-            raise APIError(503, str(exc), "server_error", retry_after_s=2) from None
+        worker = await _acquire(body.model)
         request_id = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}"
         stream = _Relay(cluster, body.model, params, request_id, worker,
                         _Stream(worker.client.generate(body.model, prompt, params, request_id)),
