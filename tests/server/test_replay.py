@@ -34,13 +34,14 @@ def test_live_summary_counts_activations_over_the_run_only():
 
     results = [Result(ttft_s=0.2, tpot_s=0.01, tokens=4, ok=True, status=200),
                Result(ttft_s=2.0, tpot_s=0.01, tokens=4, ok=True, status=200),
-               Result(status=429)]
+               Result(status=429, error="too many requests in flight for a")]
     before = {"cold_starts": 5, "prewarm_hits": 7}
     after = {"cold_starts": 6, "prewarm_hits": 10, "controller_actions": []}
     live = summarize_live(results, 10.0, 1.0, after, before)
     assert (live["cold_starts"], live["prewarm_hits"], live["activations"]) == (1, 3, 4)
     assert live["completed"] == 2 and live["dropped"] == 1 and live["rejected_429"] == 1
     assert live["requests_within_slo"] == 1
+    assert live["errors"] == {"too many requests in flight for a": 1}  # what went wrong, said
     other = summarize_live(results, 10.0, 1.0, None, None)
     assert other["activations"] is None and other["cold_starts"] is None
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import httpx
@@ -34,6 +35,7 @@ class Result:
     tokens: int = 0
     ok: bool = False
     status: int | None = None
+    error: str | None = None  # the server's message, where it answered with an error
 
 
 def prompt_ids(tokens: int, seed: int) -> list[int]:
@@ -75,17 +77,19 @@ async def _stream(client: httpx.AsyncClient, body: dict) -> Result:
         async with client.stream("POST", "/v1/completions", json=body) as response:
             result.status = response.status_code
             if response.status_code != 200:
-                await response.aread()
+                result.error = _message(await response.aread())
                 return result
             async for line in response.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 chunk = json.loads(line[6:])
                 if "error" in chunk:
+                    result.error = _message(line[6:].encode())
                     return result
                 if chunk.get("choices") and chunk["choices"][0].get("text") is not None:
                     times.append(time.perf_counter())
-    except httpx.HTTPError:
+    except httpx.HTTPError as exc:
+        result.error = f"{type(exc).__name__}: {exc}"
         return result
     if times:
         result.ok = True
@@ -95,6 +99,14 @@ async def _stream(client: httpx.AsyncClient, body: dict) -> Result:
             result.tpot_s = (times[-1] - times[0]) / (len(times) - 1)
             result.longest_gap_s = float(np.diff(times).max())
     return result
+
+
+def _message(body: bytes) -> str:
+    """An error body's message (OpenAI-style objects), else its first 200 characters."""
+    try:
+        return str(json.loads(body)["error"]["message"])[:200]
+    except (ValueError, KeyError, TypeError):
+        return body[:200].decode(errors="replace")
 
 
 def summarize_live(results: list[Result], duration_s: float, ttft_slo_s: float,
@@ -127,6 +139,8 @@ def summarize_live(results: list[Result], duration_s: float, ttft_slo_s: float,
         # them prewarmed (the controller's action log holds only its own, and only the latest)
         "activations": None if cold is None or hits is None else cold + hits,
         "rejected_429": sum(1 for r in results if r.status == 429),
+        # the commonest errors, with how many requests got each
+        "errors": dict(Counter(r.error for r in results if r.error).most_common(5)),
     }
 
 
