@@ -20,25 +20,7 @@ path = Path("$cache") / "synth" / "llama-3-8b"
 if not (path / "config.json").exists():
     write_synthetic("llama-3-8b", path, device="cuda" if torch.cuda.is_available() else "cpu")
 PY
-wait_health() {  # wait_health PID: until the server answers, or fail if it exits first
-  python - "$1" <<'PY'
-import os, sys, time, httpx
-pid = int(sys.argv[1])
-for _ in range(600):
-    try:  # a server that exited is a zombie until the shell waits for it
-        alive = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        alive = False
-    if not alive:
-        sys.exit(f"the server (pid {pid}) exited before it was healthy: see its log")
-    try:
-        if httpx.get("http://127.0.0.1:8000/health", timeout=2).json()["status"] == "ok":
-            break
-    except Exception:
-        pass
-    time.sleep(1)
-PY
-}
+source "$(dirname "$0")/live_common.sh"
 for policy in ${POLICIES:-warmserve serverlessllm}; do
   python -m warmserve.cli --cache-dir "$cache" --log-level warning serve --config h100-live \
       --policy "$policy" --port 8000 > "$out/serve-$policy.log" 2>&1 &

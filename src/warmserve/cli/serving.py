@@ -28,8 +28,8 @@ def serve(
     host: Annotated[str | None, typer.Option(help="Address (default: the config's).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (default: the config's).")] = None,
     policy: Annotated[str, typer.Option(
-        help="warmserve, warmserve-goodput, serverlessllm, muxserve or dedicated: the same "
-             "policy sets as the simulator, live.")] = "warmserve",
+        help="warmserve, warmserve-goodput, warmserve-no-handover, serverlessllm, muxserve or "
+             "dedicated: the same policy sets as the simulator, live.")] = "warmserve",
     history: Annotated[Path | None, typer.Option(
         help="CSV of earlier windows to seed the forecaster: model,avg_concurrency,"
              "peak_concurrency,rate_rps (oldest first).")] = None,

@@ -132,9 +132,11 @@ ABLATIONS = ("warmserve-published", "warmserve-no-rebalance", "warmserve-no-hand
              "warmserve-no-kv-reservation", "warmserve-round-robin")
 
 
-# the policy sets the live controller runs (`warmserve serve --policy`); the ablations are the
+# the policy sets the live controller runs (`warmserve serve --policy`); of the ablations only
+# the hand-over's (the drained instance finishes its requests first), the rest are the
 # simulator's
-LIVE = ("warmserve", "warmserve-goodput", "serverlessllm", "muxserve", "dedicated")
+LIVE = ("warmserve", "warmserve-goodput", "warmserve-no-handover", "serverlessllm", "muxserve",
+        "dedicated")
 
 
 def get_live_system(name: str) -> SystemSpec:
