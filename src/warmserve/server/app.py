@@ -180,28 +180,24 @@ def create_app(cluster: LocalCluster, config: WarmServeConfig, controller=None) 
     async def _acquire(model: str):
         """A worker for `model`. Where none can take it now, the request waits for one (the
         controller may free one by rebalancing), counted in flight so that the controller
-        sees it, up to wait_for_room_s; then 503. One waiting request per model asks the
-        cluster at a time, the rest wait their turn."""
+        sees it, for wait_for_room_s; then 503. One waiting request per model asks the
+        cluster at a time, the others wait their turn (and each asks at least once)."""
         try:
             return await asyncio.to_thread(cluster.acquire, model)
         except NoCapacity as exc:
             last = exc
         deadline = time.monotonic() + config.server.wait_for_room_s
         with cluster.waiting(model):
-            try:
-                await asyncio.wait_for(room_locks[model].acquire(),
-                                       max(0.0, deadline - time.monotonic()))
-            except TimeoutError:
-                raise APIError(503, str(last), "server_error", retry_after_s=2) from None
-            try:
-                while time.monotonic() < deadline:
+            async with room_locks[model]:
+                while True:
                     try:  # not cancelled mid-call: the worker it picks counts the request
                         return await asyncio.to_thread(cluster.acquire, model)
                     except NoCapacity as exc:
                         last = exc
-                    await asyncio.sleep(min(_ROOM_POLL_S, max(0.0, deadline - time.monotonic())))
-            finally:
-                room_locks[model].release()
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    await asyncio.sleep(min(_ROOM_POLL_S, left))
         raise APIError(503, str(last), "server_error", retry_after_s=2)
 
     async def _serve(request: Request, body: Any, prompt: Any, kind: str):
