@@ -413,3 +413,50 @@ def test_a_request_that_finds_no_room_in_time_gets_503(tmp_path, cache_dir, tiny
         assert srv.cluster.inflight("tiny-b") == 0
     finally:
         srv.close()
+
+
+def test_rebalancing_frees_a_worker_for_a_model_without_room(tmp_path, cache_dir,
+                                                             tiny_checkpoint):
+    """The two-GPU live run on the CPU: two workers, each with room for one active model and
+    nothing else. tiny-a, kept busy by four clients, is active on both; a request for tiny-b
+    waits for room, the controller sees it, drains one of tiny-a's instances (handing its
+    requests over), deactivates it, and activates tiny-b there, evicting tiny-a's prewarmed
+    weights. No request of either model fails."""
+    config = _config(wait_for_room_s=60.0) | {"policy": {
+        "page_size_mib": 2, "instance_capacity": 2, "load_window_s": 1.0,
+        "control_interval_s": 0.2, "new_instance_protect_s": 0.5, "min_instances": 0,
+        "rebalance_reserve_s": 5.0}}
+    config["cluster"]["nodes"][0]["devices"] = [{"type": "cpu", "count": 2, "memory_gib": 0.016}]
+    srv = _Server(config, tmp_path, cache_dir, controller=True)
+    stop, failures, done = threading.Event(), [], []
+
+    def keep_a_busy(i: int) -> None:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key=KEY, max_retries=0,
+                               timeout=120)
+        while not stop.is_set():
+            try:
+                client.completions.create(model="tiny-a", prompt=f"a {i}", max_tokens=400)
+                done.append(i)
+            except openai.APIError as exc:
+                failures.append(exc)
+
+    clients = [threading.Thread(target=keep_a_busy, args=(i,)) for i in range(4)]
+    try:
+        for thread in clients:
+            thread.start()
+        deadline = time.monotonic() + 30  # a's load (4 > 0.8 x 2) brings a second instance
+        while time.monotonic() < deadline and sum(
+                w.state_of("tiny-a") == "active" for w in srv.cluster.workers) < 2:
+            time.sleep(0.1)
+        assert sum(w.state_of("tiny-a") == "active" for w in srv.cluster.workers) == 2
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key=KEY, max_retries=0,
+                               timeout=120)
+        reply = client.completions.create(model="tiny-b", prompt="b", max_tokens=8)
+        assert reply.choices[0].finish_reason == "length"
+        assert "rebalance" in [a for _, a, _, _ in srv.controller.actions]
+    finally:
+        stop.set()
+        for thread in clients:
+            thread.join(60)
+        srv.close()
+    assert not failures and done
