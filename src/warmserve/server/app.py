@@ -14,7 +14,7 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -216,7 +216,7 @@ def create_app(cluster: LocalCluster, config: WarmServeConfig, controller=None) 
                            "rate_limit_error", retry_after_s=1)
         worker = await _acquire(body.model)
         request_id = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}"
-        stream = _Relay(cluster, body.model, params, request_id, worker,
+        stream = _Relay(cluster, _acquire, body.model, params, request_id, worker,
                         _Stream(worker.client.generate(body.model, prompt, params, request_id)),
                         metrics.hand_overs.labels(body.model))
         try:
@@ -283,9 +283,11 @@ class _Relay:
     rest of its max_tokens, under the same id; the client sees one stream. Token counts are
     the request's own (its first prompt, all its output)."""
 
-    def __init__(self, cluster: LocalCluster, model: str, params: SamplingParams,
-                 request_id: str, worker, stream: _Stream, hand_overs: Counter) -> None:
+    def __init__(self, cluster: LocalCluster, acquire: Callable[[str], Awaitable[Any]],
+                 model: str, params: SamplingParams, request_id: str, worker, stream: _Stream,
+                 hand_overs: Counter) -> None:
         self.cluster, self.model, self.params, self.request_id = cluster, model, params, request_id
+        self.acquire = acquire  # the server's: a worker, waiting for room as a new request does
         self.worker, self.stream = worker, stream
         self.sent = 0  # output tokens produced on the instances it left
         self.prompt_tokens: int | None = None  # its own prompt's length
@@ -309,12 +311,7 @@ class _Relay:
         self.sent = handed.resume.num_output_tokens  # all it has produced, on every instance
         self.hand_overs.inc()
         params = replace(self.params, max_tokens=self.params.max_tokens - self.sent)
-        try:
-            self.worker = await asyncio.to_thread(self.cluster.acquire, self.model)
-        except NoCapacity as exc:
-            self.worker = None
-            raise APIError(503, f"handing the request over: {exc}", "server_error",
-                           retry_after_s=2) from None
+        self.worker = await self.acquire(self.model)
         self.stream = _Stream(self.worker.client.generate(
             self.model, handed.resume, params, self.request_id))
 
