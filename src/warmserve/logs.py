@@ -13,3 +13,10 @@ def setup_logging(level: str = "info") -> None:
     if level.lower() not in LOG_LEVELS:
         raise ValueError(f"log level {level!r} is not one of {', '.join(LOG_LEVELS)}")
     logging.basicConfig(level=level.upper(), format=LOG_FORMAT, force=True)
+    # httpx logs every request at INFO: a benchmark's thousands of lines would bury the rest
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+def current_log_level() -> str:
+    """The root logger's level as a LOG_LEVELS name (what setup_logging last set)."""
+    return logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()

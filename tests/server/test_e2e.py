@@ -415,6 +415,44 @@ def test_a_request_that_finds_no_room_in_time_gets_503(tmp_path, cache_dir, tiny
         srv.close()
 
 
+def test_requests_waiting_on_an_activation_do_not_hold_up_other_models(tmp_path, cache_dir,
+                                                                       tiny_checkpoint):
+    """Live on two H200s, a 17 s activation of one model stalled every model's requests: each
+    request for it took a thread of the server's pool to wait, and other models' requests
+    found none free. Now one request per model waits on the cluster, whatever the number, and
+    the others wait their turn counted in flight."""
+    srv = _one_slot_server(tmp_path, cache_dir, wait_for_room_s=1.0)
+    activation = srv.cluster._activation_locks["tiny-b"]
+    activation.acquire()  # tiny-b is being activated, slowly
+    http = httpx.Client(base_url=srv.url, headers={"Authorization": f"Bearer {KEY}"},
+                        timeout=60, limits=httpx.Limits(max_connections=64))
+
+    def ask(model: str) -> httpx.Response:
+        return http.post("/v1/completions", json={"model": model, "prompt": "x",
+                                                  "max_tokens": 2})
+
+    waiting = [threading.Thread(target=ask, args=("tiny-b",)) for _ in range(40)]
+    try:
+        for thread in waiting:
+            thread.start()
+        deadline = time.monotonic() + 10
+        while srv.cluster.inflight("tiny-b") < 40 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        answers = []
+        other = threading.Thread(target=lambda: answers.append(ask("tiny-a")))
+        other.start()
+        other.join(20)
+        assert answers and answers[0].status_code == 200  # while tiny-b still activates
+        assert srv.cluster.inflight("tiny-b") == 40
+    finally:
+        activation.release()
+        for thread in waiting:
+            thread.join(60)
+        http.close()
+        srv.close()
+    assert srv.cluster.inflight("tiny-b") == 0
+
+
 def test_rebalancing_frees_a_worker_for_a_model_without_room(tmp_path, cache_dir,
                                                              tiny_checkpoint):
     """The two-GPU live run on the CPU: two workers, each with room for one active model and

@@ -3,6 +3,8 @@ reclaim, deactivate, evict (also mid-prewarm), refusals."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from warmserve.config import EngineConfig, ModelConfig
@@ -88,6 +90,35 @@ def test_without_a_free_page_the_activation_builds_the_runner(worker, monkeypatc
     worker.activate("a")
     assert worker._residents["a"].runner is not None
     assert _tokens(worker, "a") == expected
+
+
+def test_a_prewarm_that_runs_out_of_pages_gives_them_back(worker, monkeypatch, expected):
+    """Serving models' KV cache can take the free pages while a prewarm streams weights: the
+    prewarm is abandoned, its pages go back at once, and the model can be prewarmed again."""
+    import warmserve.worker.worker as module
+
+    real_map = module.PagePool.map
+
+    def full(pool, slot, pages):  # the pool runs dry half-way through the weights
+        if any(p >= 2 for p in pages):
+            raise module.PoolFullError("need 8 pages, 2 are free (simulated)")
+        return real_map(pool, slot, pages)
+
+    free = worker.pool.num_free_pages
+    monkeypatch.setattr(module.PagePool, "map", full)
+    worker.prewarm("a")  # nobody waits for it: the prewarm itself gives the pages back
+    deadline = time.monotonic() + 30
+    while "a" in worker.stats()["models"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert "a" not in worker.stats()["models"]
+    worker.pool.flush()
+    assert worker.pool.num_free_pages == free and not worker.pool.slots
+    with pytest.raises(Refused, match="a: prewarm abandoned: need 8 pages"):
+        worker.activate("a")  # a waiting activation is refused with the reason
+    monkeypatch.undo()
+    worker.activate("a")
+    assert _tokens(worker, "a") == expected
+    worker.pool.check()
 
 
 def test_cold_activation_and_deactivate_keeps_weights(worker, expected):

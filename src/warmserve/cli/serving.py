@@ -20,6 +20,7 @@ from warmserve.cli.common import (
     verb_log_level,
 )
 from warmserve.config import ConfigError, load_config
+from warmserve.logs import current_log_level
 
 
 @app.command()
@@ -71,7 +72,7 @@ def serve(
     try:
         uvicorn.run(create_app(cluster, cfg, controller), host=host or cfg.server.host,
                     port=cfg.server.port if port is None else port,
-                    log_level=log_level or "info", timeout_graceful_shutdown=30)
+                    log_level=current_log_level(), timeout_graceful_shutdown=30)
     finally:
         controller.stop()
         cluster.close()

@@ -132,15 +132,23 @@ class LocalCluster:
 
     # --- routing ------------------------------------------------------------------------------
 
-    def acquire(self, model: str) -> WorkerHandle:
-        """A worker that serves `model` now (activating it somewhere if needed). Choosing the
-        worker and counting the request happen under one lock, so a scale-down that checks
-        for idle instances under the same lock never takes one a request was just sent to."""
+    def route(self, model: str) -> WorkerHandle | None:
+        """The least loaded worker serving `model` now, the request counted on it; None where
+        no instance serves it. Never blocks on an activation. Choosing the worker and counting
+        the request happen under one lock, so a scale-down that checks for idle instances
+        under the same lock never takes one a request was just sent to."""
         with self._lock:
             worker = self._least_loaded_locked(model)
             if worker is not None:
                 worker.inflight[model] += 1
-                return worker
+            return worker
+
+    def acquire(self, model: str) -> WorkerHandle:
+        """A worker that serves `model` now, activating it somewhere if needed: this can take
+        as long as an activation (and waits for one of `model` under way)."""
+        worker = self.route(model)
+        if worker is not None:
+            return worker
         with self._activation_locks[model]:  # one activation per model at a time
             with self._lock:
                 worker = self._least_loaded_locked(model)

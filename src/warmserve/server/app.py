@@ -15,6 +15,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
@@ -105,8 +106,19 @@ _ROOM_POLL_S = 0.25  # how often a request waiting for room asks the cluster aga
 
 
 def create_app(cluster: LocalCluster, config: WarmServeConfig, controller=None) -> FastAPI:
-    app = FastAPI(title="WarmServe", version="0.1.0")
     models = [m.name for m in config.models]
+    # Asking the cluster for a model without an instance can block for as long as an
+    # activation takes (seconds, or tens cold). Those calls get threads of their own, one per
+    # model at most (below), so that they never take the threads other models' requests use.
+    activations = ThreadPoolExecutor(max_workers=max(1, len(models)),
+                                     thread_name_prefix="warmserve-acquire")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        activations.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="WarmServe", version="0.1.0", lifespan=lifespan)
     metrics = _Metrics()
     keys = set(config.server.api_keys)
 
@@ -178,20 +190,23 @@ def create_app(cluster: LocalCluster, config: WarmServeConfig, controller=None) 
     room_locks: dict[str, asyncio.Lock] = {m: asyncio.Lock() for m in models}
 
     async def _acquire(model: str):
-        """A worker for `model`. Where none can take it now, the request waits for one (the
-        controller may free one by rebalancing), counted in flight so that the controller
-        sees it, for wait_for_room_s; then 503. One waiting request per model asks the
-        cluster at a time, the others wait their turn (and each asks at least once)."""
-        try:
-            return await asyncio.to_thread(cluster.acquire, model)
-        except NoCapacity as exc:
-            last = exc
+        """A worker for `model`. Where no instance serves it, the request waits, counted in
+        flight so that the controller sees it: one request per model at a time asks the
+        cluster, which activates the model where there is room (or waits for an activation
+        under way); the others wait their turn and find the instance it brought up. Where no
+        worker has room the request waits for one (the controller may free one by
+        rebalancing), asking again every _ROOM_POLL_S, for wait_for_room_s; then 503. Each
+        request asks at least once."""
+        worker = cluster.route(model)
+        if worker is not None:
+            return worker
+        loop = asyncio.get_running_loop()
         deadline = time.monotonic() + config.server.wait_for_room_s
         with cluster.waiting(model):
             async with room_locks[model]:
                 while True:
                     try:  # not cancelled mid-call: the worker it picks counts the request
-                        return await asyncio.to_thread(cluster.acquire, model)
+                        return await loop.run_in_executor(activations, cluster.acquire, model)
                     except NoCapacity as exc:
                         last = exc
                     left = deadline - time.monotonic()

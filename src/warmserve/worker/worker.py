@@ -158,8 +158,13 @@ class UniversalWorker:
             resident.cancel.set()
         resident.done.wait()
         with self._lock:
-            self._residents.pop(name, None)
-            return self.pool.drop_slot(resident.slot.name)
+            if self._residents.get(name) is resident:
+                del self._residents[name]
+            if resident.slot.name in self.pool.slots:
+                return self.pool.drop_slot(resident.slot.name)
+        done: Future = Future()  # a failed prewarm gave its pages back already
+        done.set_result(None)
+        return done
 
     def lend(self, name: str, num_pages: int) -> int:
         """Take free KV blocks of an active model out of service and give their pages back to
@@ -308,11 +313,26 @@ class UniversalWorker:
             r.tokenizer = Tokenizer(r.checkpoint, arch)
             r.runner = self._build_runner(r)
             r.state = ModelState.PREWARMED
-        except Exception as exc:  # reported through stats and the waiting caller
+        except PoolFullError as exc:  # serving models' KV cache took the pages meanwhile
+            log.warning("prewarm of %s abandoned: %s", r.config.name, exc)
+            self._abandon(r, f"prewarm abandoned: {exc}")
+        except Exception as exc:
             log.exception("prewarm of %s failed", r.config.name)
-            r.error = f"prewarm failed: {exc}"
+            self._abandon(r, f"prewarm failed: {exc}")
         finally:
             r.done.set()
+
+    def _abandon(self, r: _Resident, reason: str) -> None:
+        """A prewarm that failed gives its pages back at once; a caller waiting for it (an
+        activation) is refused with the reason. `done` is set before the lock is taken: an
+        activation may wait for it holding the lock."""
+        r.error = reason
+        r.done.set()
+        with self._lock:
+            if self._residents.get(r.config.name) is r:
+                del self._residents[r.config.name]
+            if r.slot.name in self.pool.slots:
+                self.pool.drop_slot(r.slot.name)
 
     def _build_runner(self, r: _Resident) -> Any:
         """The model's runner, built while it is only prewarmed, so that its first activation
@@ -350,12 +370,12 @@ class UniversalWorker:
     def _wait_prewarmed(self, r: _Resident) -> None:
         r.done.wait()
         if r.error or r.state is ModelState.PREWARMING:
-            reason = r.error or "cancelled"
             with self._lock:
-                self._residents.pop(r.config.name, None)
+                if self._residents.get(r.config.name) is r:
+                    del self._residents[r.config.name]
                 if r.slot.name in self.pool.slots:
                     self.pool.drop_slot(r.slot.name)
-            raise Refused(f"{r.config.name}: {reason}")
+            raise Refused(f"{r.config.name}: {r.error or 'cancelled'}")
 
     def _first_kv_pages(self, layout: SlotLayout) -> int:
         """Pages mapped before the first request: `first_kv_bytes` of KV (whole blocks), or
