@@ -18,7 +18,6 @@ from warmserve.control.policies import (
     aligned_groups,
     autoscale,
     demand_from_arrivals,
-    demand_of,
     drain_for,
     gpu_entitlement,
     instances_needed,
@@ -205,27 +204,12 @@ def test_gpu_entitlement_under_overload_serves_the_cheapest_requests_first():
     assert gpu_entitlement(wide, 9) == {"a": 2, "c": 0, "d": 3}
 
 
-def test_gpu_entitlement_takes_headroom_before_instances():
-    """At 48 requests/s on `paper`, a 7B's burst took the 70B's second instance for its own
-    headroom, and every 70B request missed the SLO for three minutes. Where every model's
-    load fits packed, each keeps what carries it, and only what is left goes to headroom."""
-    demands = [Demand("7b", 1, 8, 0.1, packed=5), Demand("70b", 4, 3, 0.9, packed=2)]
-    assert gpu_entitlement(demands, 14) == {"7b": 6, "70b": 8}
-    # packed loads that do not fit: one instance each, then the cheapest first
-    assert gpu_entitlement(demands, 12) == {"7b": 8, "70b": 4}
-    # demand_of gives both: its need under the up-threshold, and packed at a ratio of 1
-    d = demand_of("7b", 1, load=40.0, forecast_avg=0.0, prefill_load=0.0, capacity=10,
-                  up_ratio=0.8, gpu_s_per_request=0.1)
-    assert (d.instances, d.packed) == (5, 4)
-
-
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from([1, 2, 4, 8]), st.integers(0, 6),
-                          st.integers(0, 6), st.floats(0.01, 10.0)), min_size=1, max_size=6),
+                          st.floats(0.01, 10.0)), min_size=1, max_size=6),
        st.integers(0, 40))
 def test_gpu_entitlement_invariants(raw, total):
-    demands = [Demand(f"m{i}", tp, n, cost, packed=min(max(p, 1), n))  # 1+ with any load
-               for i, (tp, n, p, cost) in enumerate(raw)]
+    demands = [Demand(f"m{i}", tp, n, cost) for i, (tp, n, cost) in enumerate(raw)]
     out = gpu_entitlement(demands, total)
     need = {d.model: d.instances * d.tp for d in demands}
     if sum(need.values()) <= total:
@@ -234,20 +218,13 @@ def test_gpu_entitlement_invariants(raw, total):
     assert sum(out.values()) <= total
     for d in demands:
         assert out[d.model] % d.tp == 0 and 0 <= out[d.model] <= need[d.model]
-    packed = {d.model: d.packed * d.tp for d in demands}
-    if sum(packed.values()) <= total:  # headroom is what gives
-        assert all(out[m] >= packed[m] for m in out)
-        base = packed
-    else:
-        base = {d.model: d.tp if d.instances else 0 for d in demands}
     left = total - sum(out.values())
     order = sorted(demands, key=lambda d: (d.gpu_s_per_request, d.model))
     for i, c in enumerate(order):
         if out[c.model] < need[c.model]:
-            # a model short of its need could not have used what went, beyond their packed
-            # load (or first instance), to the dearer models after it, nor what is left over
-            extras = sum(out[d.model] - base[d.model] for d in order[i + 1:]
-                         if out[d.model] > base[d.model])
+            # a model short of its need could not have used what went, beyond their first
+            # instance, to the dearer models after it, nor what is left over
+            extras = sum(out[d.model] - d.tp for d in order[i + 1:] if out[d.model] > d.tp)
             assert left + extras < c.tp
 
 

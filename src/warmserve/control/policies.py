@@ -212,19 +212,14 @@ class Demand:
     tp: int  # GPUs an instance takes
     instances: int  # instances its load needs (instances_needed)
     gpu_s_per_request: float  # what serving one of its requests costs, in GPU-seconds
-    # instances that carry its load with no headroom (instances_needed at an up-ratio of 1):
-    # what it is given first when the cluster cannot give every model `instances`
-    packed: int | None = None
 
 
 def demand_of(model: str, tp: int, load: float, forecast_avg: float, prefill_load: float,
               capacity: int, up_ratio: float, gpu_s_per_request: float) -> Demand:
     """A model's need as surplus_instances counts it (the larger of its load and its forecast
     average, and its prefill work), for gpu_entitlement."""
-    demand = max(load, forecast_avg)
-    needed = instances_needed(demand, capacity, up_ratio, prefill_load)
-    packed = instances_needed(demand, capacity, 1.0, prefill_load)
-    return Demand(model, tp, needed, gpu_s_per_request, packed)
+    needed = instances_needed(max(load, forecast_avg), capacity, up_ratio, prefill_load)
+    return Demand(model, tp, needed, gpu_s_per_request)
 
 
 def demand_from_arrivals(model: str, tp: int, arrival_rate: float, gpu_s_per_request: float,
@@ -241,33 +236,23 @@ def demand_from_arrivals(model: str, tp: int, arrival_rate: float, gpu_s_per_req
 
 def gpu_entitlement(demands: Sequence[Demand], total_gpus: int) -> dict[str, int]:
     """GPUs each model may hold when they are scarce. While every model's need fits the
-    cluster, each is entitled to its need. When they do not (overload), headroom goes first:
-    every model is entitled to what carries its load packed (Demand.packed), and the GPUs left
-    go to the models whose requests cost the fewest GPU-seconds, cheapest first, up to their
-    need. Where even the packed loads do not fit, every model with load is entitled to one
-    instance, and the rest go cheapest first up to their need: a GPU serves the most requests
-    there. Rebalancing gives a starving model no GPUs beyond its
-    entitlement, and takes them back from a model that holds more than its own."""
+    cluster, each is entitled to its need. When they do not (overload), every model with load
+    is entitled to one instance, and the rest go to the models whose requests cost the fewest
+    GPU-seconds, cheapest first, up to their need: a GPU serves the most requests there.
+    Rebalancing gives a starving model no GPUs beyond its entitlement, and takes them back
+    from a model that holds more than its own."""
     wanted = {d.model: d.instances * d.tp for d in demands}
     if sum(wanted.values()) <= total_gpus:
         return wanted
-    packed = {d.model: min(d.instances if d.packed is None else d.packed, d.instances) * d.tp
-              for d in demands}
     order = sorted(demands, key=lambda d: (d.gpu_s_per_request, d.model))
-    if sum(packed.values()) <= total_gpus:
-        return _fill(order, dict(packed), wanted, total_gpus)
-    one = {d.model: d.tp if d.instances > 0 else 0 for d in demands}
-    return _fill(order, _fill(order, {d.model: 0 for d in demands}, one, total_gpus), wanted,
-                 total_gpus)
-
-
-def _fill(order: Sequence[Demand], out: dict[str, int], up_to: dict[str, int],
-          total_gpus: int) -> dict[str, int]:
-    """Give each model in `order` whole instances' worth more, towards `up_to`, from the GPUs
-    that `out` leaves of `total_gpus`."""
-    left = total_gpus - sum(out.values())
+    out = {d.model: 0 for d in demands}
+    left = total_gpus
     for d in order:
-        more = min(up_to[d.model] - out[d.model], left // d.tp * d.tp)
+        if d.instances > 0 and left >= d.tp:
+            out[d.model] = d.tp
+            left -= d.tp
+    for d in order:
+        more = min(wanted[d.model] - out[d.model], left // d.tp * d.tp)
         if more > 0:
             out[d.model] += more
             left -= more
