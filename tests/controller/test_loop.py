@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import threading
 from collections import defaultdict
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field, replace
 
 import pytest
 
 from warmserve.config import parse_config
+from warmserve.controller import loop
 from warmserve.controller.load import EngineWork
 from warmserve.controller.loop import Controller
 
@@ -17,6 +20,24 @@ CONFIG = parse_config({
     "policy": {"instance_capacity": 4, "window_s": 10, "control_interval_s": 0.5,
                "load_window_s": 2, "new_instance_protect_s": 3},
 })
+
+
+class _Inline(Executor):
+    """Runs each activation as it is submitted: a tick sees its own activations finished."""
+
+    def submit(self, fn, /, *args, **kwargs):
+        future = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except Exception as exc:
+            future.set_exception(exc)
+        return future
+
+
+@pytest.fixture(autouse=True)
+def _inline_activations(request, monkeypatch):
+    if "background_activations" not in request.keywords:
+        monkeypatch.setattr(loop, "_activation_executor", lambda n: _Inline())
 
 
 @dataclass(eq=False)
@@ -601,3 +622,44 @@ def test_the_goodput_variant_judges_needs_from_the_requests_arriving():
     plain = Controller(cluster, TWO, min_instances=1)  # judged by concurrency
     _run(plain, cluster, 0.0, 2.0)
     assert plain._entitlement(cluster.workers) == {"a": 2, "b": 1}
+
+
+class SlowCluster(FakeCluster):
+    """Activating model m blocks until `release` is set, as a cold load does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release, self.started = threading.Event(), threading.Event()
+
+    def activate_elsewhere(self, model):
+        self.started.set()
+        assert self.release.wait(30)
+        return super().activate_elsewhere(model)
+
+
+@pytest.mark.background_activations
+def test_a_slow_activation_holds_up_no_tick():
+    """Live on two H200s a 17-s activation stopped the controller: no other model scaled, no
+    lent KV came back. Now ticks go on while it loads, start no second activation of that
+    model, and record it once it is done."""
+    cluster = SlowCluster()
+    ctl = Controller(cluster, CONFIG)
+    try:
+        cluster.load = 40  # 10 per instance of B = 4: a scale-up
+        t = 0.0
+        for _ in range(3):
+            ctl.tick(t)  # returns at once though the activation blocks
+            t += 0.5
+        assert cluster.started.wait(10)
+        assert [a for a in cluster.log if a[0] == "activate"] == []
+        assert "m" in ctl._activating and not any(a[1] == "activate" for a in ctl.actions)
+        cluster.release.set()
+        ctl._activating["m"].future.result(10)
+        ctl.tick(t)
+        assert cluster.log.count(("activate", "w1")) == 1  # one activation, not one per tick
+        assert (t, "activate", "m", "w1") in ctl.actions
+        assert ctl._load["m"].activated_at["w1"] == t  # protected from scale-down from now
+    finally:
+        cluster.release.set()
+        ctl.stop()
+

@@ -5,10 +5,12 @@ router) and, with the prefill-aware signal, the prefill work its engines are giv
 tokens per second × their measured seconds per prefilled token), runs the published autoscaler
 on the load over `load_window_s`, and activates or deactivates instances; when no worker can
 take a model that needs more, it drains other models' surplus instances off one worker for it
-(rebalancing, as the simulator, with its overload control). Every `window_s` it feeds the
-forecaster the window that closed, plans foundation and burst replicas for the next one, and
-prewarms the ones that have no active instance behind them on workers where the model is not
-resident yet.
+(rebalancing, as the simulator, with its overload control). Activations run in the
+background, one per model at a time, so that a slow one (a cold load takes seconds to
+minutes) holds up no other model's scaling and no KV reclaim; a tick records those that
+finished. Every `window_s` it feeds the forecaster the window that closed, plans foundation
+and burst replicas for the next one, and prewarms the ones that have no active instance
+behind them on workers where the model is not resident yet.
 The decisions are the pure functions of `warmserve.control`; this loop only gathers the
 snapshot and applies the actions through the cluster's worker clients. Each model's load
 records are `controller/load.py`; lending idle KV blocks and taking them back,
@@ -22,6 +24,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +62,21 @@ KV_CHECK_S = 0.1  # how often workers lending KV are checked for blocked request
 H2D_BYTES_PER_S = 52e9  # cold-start time in replica scores: weight bytes over pinned H2D
 
 
+def _activation_executor(num_models: int) -> Executor:
+    """Where activations run: a thread per model at most (the cluster activates one instance
+    of a model at a time anyway)."""
+    return ThreadPoolExecutor(max_workers=max(1, num_models),
+                              thread_name_prefix="controller-activate")
+
+
+@dataclass
+class _Activation:
+    """An activation under way: for a scale-up, or on a worker a drain freed (`prefer`)."""
+
+    future: Future
+    rebalance_if_refused: bool  # a scale-up that finds no room asks rebalancing for one
+
+
 @dataclass
 class _Drain:
     """A worker being freed for a starving model: these models drain off it first."""
@@ -92,6 +110,8 @@ class Controller:
                             for m in self.models}
         self._first_tick: float | None = None
         self._drains: dict[str, _Drain] = {}  # starving model -> the worker freed for it
+        self._activating: dict[str, _Activation] = {}  # model -> its activation under way
+        self._activations = _activation_executor(len(self.models))
         self.actions: deque = deque(maxlen=200)  # (time, action, model, worker) for /v1/cluster
         self.kv = KvReservation(cluster, self.policy.instance_capacity, self.actions)
         self._stop = threading.Event()
@@ -102,7 +122,9 @@ class Controller:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(5)
+        if self._thread.is_alive():
+            self._thread.join(5)
+        self._activations.shutdown(wait=False, cancel_futures=True)
 
     def seed_history(self, path: Path) -> int:
         """Feed the forecasters earlier windows from a CSV with header
@@ -151,6 +173,7 @@ class Controller:
             return
         if self._first_tick is None:  # instances found at start count as new from here
             self._first_tick = now
+        self._record_activations(now)
         self._finish_drains(now)
         for model in self.models:
             load = self._sample(model, now)
@@ -173,9 +196,10 @@ class Controller:
                 load, len(active), self.policy.instance_capacity, self.policy.scale_up_ratio,
                 self.policy.scale_down_ratio))
             if desired > len(active):
-                self._scale_up(model, desired - len(active), now)
+                self._scale_up(model, now)
             elif desired < len(active):
                 self._scale_down(model, active, len(active) - desired, now)
+        self._record_activations(now)
 
     def close_window(self, now: float) -> None:
         if not self.system.prewarm:
@@ -221,15 +245,35 @@ class Controller:
                 if w.alive and w.state_of(model) == "active"
                 and "busy_s" in w.stats.get("models", {}).get(model, {})}
 
-    def _scale_up(self, model: str, count: int, now: float) -> None:
-        for _ in range(count):
+    def _scale_up(self, model: str, now: float) -> None:
+        """One more instance (the next tick asks again while the load wants more)."""
+        if model not in self._activating and model not in self._drains:
+            self._activate(model, rebalance_if_refused=True)
+
+    def _activate(self, model: str, prefer: Any = None, rebalance_if_refused: bool = False
+                  ) -> None:
+        args = (model,) if prefer is None else (model, prefer)
+        self._activating[model] = _Activation(
+            self._activations.submit(self.cluster.activate_elsewhere, *args),
+            rebalance_if_refused)
+
+    def _record_activations(self, now: float) -> None:
+        """Record the activations that finished; a scale-up refused for want of room asks
+        rebalancing for a worker."""
+        for model, activation in list(self._activating.items()):
+            if not activation.future.done():
+                continue
+            del self._activating[model]
             try:
-                worker = self.cluster.activate_elsewhere(model)
+                worker = activation.future.result()
             except NoCapacity as exc:
                 log.info("cannot scale %s up: %s", model, exc)
-                if self.system.rebalance:
+                if activation.rebalance_if_refused and self.system.rebalance:
                     self._rebalance(model, now)
-                return
+                continue
+            except Exception:  # a failed activation must not end control
+                log.exception("activating %s failed", model)
+                continue
             self._load[model].activated_at[worker.name] = now
             self.actions.append((now, "activate", model, worker.name))
 
@@ -257,7 +301,8 @@ class Controller:
         capacity = self.policy.instance_capacity
         workers = [w for w in self.cluster.workers if w.alive]
         active = sum(1 for w in workers if w.state_of(model) == "active")
-        if model in self._drains or self._load[model].load <= active * capacity:
+        if (model in self._drains or model in self._activating
+                or self._load[model].load <= active * capacity):
             return
         entitled = self._entitlement(workers) if self.system.overload_control else None
         if entitled is not None and active + 1 > entitled[model]:
@@ -358,13 +403,8 @@ class Controller:
                 self.actions.append((now, "deactivate", other, drain.worker.name))
             if not drain.models:
                 del self._drains[model]
-                try:
-                    worker = self.cluster.activate_elsewhere(model, prefer=drain.worker)
-                except NoCapacity as exc:
-                    log.info("rebalance: activating %s: %s", model, exc)
-                    continue
-                self._load[model].activated_at[worker.name] = now
-                self.actions.append((now, "activate", model, worker.name))
+                if model not in self._activating:
+                    self._activate(model, prefer=drain.worker)
             elif now >= drain.until:
                 for other in drain.models:
                     self.cluster.undrain(drain.worker, other)
