@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
-from warmserve.cluster.manager import LocalCluster
+import pytest
+
+from warmserve.cluster.manager import LocalCluster, NoCapacity
 from warmserve.config import load_config
 
 
@@ -49,6 +51,22 @@ def test_activation_tries_the_preferred_worker_first():
     w0.stats["pool"]["pages_free"] = 99  # the most free pages: the usual first choice
     assert cluster.activate_elsewhere("m", prefer=w1) is w1
     assert cluster.activate_elsewhere("m") is w0
+
+
+def test_a_worker_reserved_for_a_model_takes_no_other():
+    """Live, a drain freed a worker for b, and a's prewarmed copy there was activated before
+    b's activation ran: the worker went back to a. Reserved for b, it is b's."""
+    cluster = _cluster()
+    w0, w1 = cluster.workers
+    w0.stats["models"]["a"] = {"state": "active"}
+    w1.stats["models"]["a"] = {"state": "prewarmed"}  # a's instance there just drained
+    cluster.reserve(w1, "b")
+    with pytest.raises(NoCapacity):  # w0 serves a already, w1 is b's
+        cluster.activate_elsewhere("a")
+    assert cluster.activate_elsewhere("b", prefer=w1) is w1
+    cluster.unreserve(w1, "b")
+    w1.stats["models"]["b"] = {"state": "prewarmed"}
+    assert cluster.activate_elsewhere("a") is w1  # the reservation is gone
 
 
 def test_the_supervisor_survives_a_worker_that_cannot_answer():

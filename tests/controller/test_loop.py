@@ -326,13 +326,15 @@ class FullCluster:
         self.workers[0].inflight["a"] = 1
         self.load = {"a": 2, "b": 0}
         self.draining: set = set()
+        self.reserved: dict = {}
         self.log = []
 
     def inflight(self, model):
         return self.load[model]
 
     def activate_elsewhere(self, model, prefer=None):
-        free = [w for w in self.workers if "active" not in w.states.values()]
+        free = [w for w in self.workers if "active" not in w.states.values()
+                and self.reserved.get(w.name, model) == model]
         free.sort(key=lambda w: w is not prefer)
         if not free:
             raise self.NoCapacity("no room")
@@ -361,6 +363,13 @@ class FullCluster:
     def is_draining(self, worker, model):
         return (worker.name, model) in self.draining
 
+    def reserve(self, worker, model):
+        self.reserved[worker.name] = model
+
+    def unreserve(self, worker, model):
+        if self.reserved.get(worker.name) == model:
+            del self.reserved[worker.name]
+
 
 def _run(ctl, cluster, start, end):
     t = start
@@ -384,10 +393,12 @@ def test_rebalancing_drains_a_surplus_instance_and_activates_the_starving_model(
     # a needs one instance for its load of 2: the one on w1 (fewer requests) drains
     assert ("drain", "a", "w1") in cluster.log and cluster.is_draining(cluster.workers[1], "a")
     assert cluster.workers[1].states["a"] == "active"  # it finishes its request first
+    assert cluster.reserved == {"w1": "b"}  # no other model is activated there meanwhile
     cluster.workers[1].inflight["a"] = 0
     _run(ctl, cluster, 5.0, 6.0)
     assert cluster.log.index(("deactivate", "a", "w1")) < cluster.log.index(
         ("activate", "b", "w1"))
+    assert cluster.reserved == {}  # b's activation there ended
     assert cluster.workers[0].states["a"] == "active"
     assert cluster.workers[1].states["b"] == "active"
     assert any(action == "rebalance" for _, action, _, _ in ctl.actions)

@@ -74,6 +74,38 @@ def test_prewarm_copies_and_can_be_cancelled(pool):
     assert pool.num_free_pages == 16
 
 
+def test_a_prewarm_that_runs_dry_leaves_nothing_under_way(pool):
+    """The pool runs dry part-way (another slot took the pages): prewarm_slot raises only once
+    no mapping of its own is still under way (nor, on a GPU, a copy still landing), so the
+    caller can drop the slot at once."""
+    import time
+
+    pool.map(pool.create_slot("other", 11 * PAGE), range(11)).result()  # 5 pages free
+    slot = pool.create_slot("m", 12 * PAGE)
+    host = torch.zeros(10 * PAGE, dtype=torch.uint8)
+    real_map, futures = pool.backend.map, []
+
+    def slow_map(va, handle):  # the second chunk's pages take a while to map
+        if va >= slot.va + 2 * PAGE:
+            time.sleep(0.05)
+        real_map(va, handle)
+
+    pool.backend.map = slow_map
+    pool_map = pool.map
+
+    def recording_map(s, offsets):
+        futures.append(pool_map(s, offsets))
+        return futures[-1]
+
+    pool.map = recording_map
+    with pytest.raises(PoolFullError, match="need 2 pages, 1 are free"):
+        prewarm_slot(pool, slot, host, chunk_pages=2)
+    assert futures and all(f.done() for f in futures)
+    pool.map = pool_map
+    pool.drop_slot("m").result()
+    pool.check()
+
+
 OPS = st.lists(st.tuples(st.sampled_from(["create", "map", "unmap", "drop", "prewarm"]),
                          st.integers(0, 3), st.integers(0, 20)), max_size=40)
 

@@ -74,6 +74,7 @@ class LocalCluster:
         self._activation_locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
         self._lock = threading.Lock()
         self._draining: set[tuple[str, str]] = set()  # (worker, model): no new requests
+        self._reserved: dict[str, str] = {}  # worker -> the model a rebalance frees it for
         self._waiting: dict[str, int] = defaultdict(int)  # requests waiting for room, by model
         self._stop = threading.Event()
         self._supervisor = threading.Thread(target=self._supervise, daemon=True,
@@ -216,6 +217,17 @@ class LocalCluster:
         another instance (drain it first, so that none comes back)."""
         worker.client.hand_over(model)
 
+    def reserve(self, worker: WorkerHandle, model: str) -> None:
+        """Keep `worker` for `model`: no other model is activated there until unreserve (a
+        rebalance frees it; another model's prewarmed copy there must not take it back)."""
+        with self._lock:
+            self._reserved[worker.name] = model
+
+    def unreserve(self, worker: WorkerHandle, model: str) -> None:
+        with self._lock:
+            if self._reserved.get(worker.name) == model:
+                del self._reserved[worker.name]
+
     def is_draining(self, worker: WorkerHandle, model: str) -> bool:
         with self._lock:
             return (worker.name, model) in self._draining
@@ -236,7 +248,10 @@ class LocalCluster:
         self.undrain(worker, model)
 
     def _activate(self, model: str, prefer: WorkerHandle | None = None) -> WorkerHandle:
-        candidates = [w for w in self.workers if w.alive and w.state_of(model) != "active"]
+        with self._lock:
+            reserved = dict(self._reserved)
+        candidates = [w for w in self.workers if w.alive and w.state_of(model) != "active"
+                      and reserved.get(w.name, model) == model]
         prewarmed = [w for w in candidates if w.state_of(model) == "prewarmed"]
         others = sorted((w for w in candidates if w not in prewarmed),
                         key=lambda w: -w.free_pages())

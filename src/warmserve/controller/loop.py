@@ -75,6 +75,7 @@ class _Activation:
 
     future: Future
     rebalance_if_refused: bool  # a scale-up that finds no room asks rebalancing for one
+    reserved: Any = None  # the worker a rebalance freed for it, kept for it until it ends
 
 
 @dataclass
@@ -255,7 +256,7 @@ class Controller:
         args = (model,) if prefer is None else (model, prefer)
         self._activating[model] = _Activation(
             self._activations.submit(self.cluster.activate_elsewhere, *args),
-            rebalance_if_refused)
+            rebalance_if_refused, prefer)
 
     def _record_activations(self, now: float) -> None:
         """Record the activations that finished; a scale-up refused for want of room asks
@@ -264,6 +265,8 @@ class Controller:
             if not activation.future.done():
                 continue
             del self._activating[model]
+            if activation.reserved is not None:
+                self.cluster.unreserve(activation.reserved, model)
             try:
                 worker = activation.future.result()
             except NoCapacity as exc:
@@ -333,6 +336,7 @@ class Controller:
             return
         worker = workers[plan.group[0]]
         drained = [where[h][1] for h in plan.drain]
+        self.cluster.reserve(worker, model)  # until its activation there ends
         for other in drained:
             self.cluster.drain(worker, other)
             if self.system.hand_over_on_drain:  # its requests go on elsewhere, at once
@@ -408,6 +412,7 @@ class Controller:
             elif now >= drain.until:
                 for other in drain.models:
                     self.cluster.undrain(drain.worker, other)
+                self.cluster.unreserve(drain.worker, model)
                 del self._drains[model]
 
     def _prewarm_requests(self) -> list[ReplicaRequest]:

@@ -5,7 +5,7 @@ are mapped on the pool's background thread, so a copy waits only for its own pag
 `pipeline=False` maps all pages first (one job), then copies. With 32 MiB pages the pipeline
 loads a Llama-3-8B at 99.9% of the pinned-copy rate on the H100 (docs/memory.md).
 A prewarm can be cancelled between chunks; it then stops copying, waits for its copies to land,
-and leaves the slot to be dropped.
+and leaves the slot to be dropped. One that fails (the pool ran dry) waits the same way.
 """
 
 from __future__ import annotations
@@ -57,21 +57,28 @@ def prewarm_slot(pool: PagePool, slot: Slot, host: torch.Tensor, chunk_pages: in
     on_device = view.is_cuda
     ctx = (torch.cuda.stream(stream) if on_device and stream is not None
            else contextlib.nullcontext())
-    with ctx:
-        for chunk in chunks:
-            pending.popleft().result()  # this chunk's pages are mapped and accessible
-            if cancel is not None and cancel.is_set():
-                progress.cancelled = True
-                break
-            if submitted < len(chunks):
-                pending.append(pool.map(slot, [p for p in chunks[submitted]
-                                               if p not in slot.pages]))
-                submitted += 1
-            start, end = chunk.start * page, min(chunk.stop * page, host.numel())
-            view[start:end].copy_(host[start:end], non_blocking=on_device)
-            progress.bytes_done = end
+    try:
+        with ctx:
+            for chunk in chunks:
+                pending.popleft().result()  # this chunk's pages are mapped and accessible
+                if cancel is not None and cancel.is_set():
+                    progress.cancelled = True
+                    break
+                if submitted < len(chunks):
+                    pending.append(pool.map(slot, [p for p in chunks[submitted]
+                                                   if p not in slot.pages]))
+                    submitted += 1
+                start, end = chunk.start * page, min(chunk.stop * page, host.numel())
+                view[start:end].copy_(host[start:end], non_blocking=on_device)
+                progress.bytes_done = end
+    finally:
+        # Also when a map fails (the pool ran dry): the caller drops the slot next, and
+        # unmapping pages that a copy still writes, or that are still being mapped, faults
+        # the GPU context of the whole process (seen live: every engine step on that GPU
+        # then failed with "unspecified launch failure").
         for future in pending:
-            future.result()
-    if on_device:
-        (stream or torch.cuda.current_stream()).synchronize()
+            with contextlib.suppress(Exception):
+                future.result()
+        if on_device:
+            (stream or torch.cuda.current_stream()).synchronize()
     return progress

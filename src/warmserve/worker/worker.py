@@ -160,7 +160,7 @@ class UniversalWorker:
         with self._lock:
             if self._residents.get(name) is resident:
                 del self._residents[name]
-            if resident.slot.name in self.pool.slots:
+            if self.pool.slots.get(resident.slot.name) is resident.slot:  # not a new one
                 return self.pool.drop_slot(resident.slot.name)
         done: Future = Future()  # a failed prewarm gave its pages back already
         done.set_result(None)
@@ -331,7 +331,7 @@ class UniversalWorker:
         with self._lock:
             if self._residents.get(r.config.name) is r:
                 del self._residents[r.config.name]
-            if r.slot.name in self.pool.slots:
+            if self.pool.slots.get(r.slot.name) is r.slot:  # not a new copy's, by name
                 self.pool.drop_slot(r.slot.name)
 
     def _build_runner(self, r: _Resident) -> Any:
@@ -373,7 +373,7 @@ class UniversalWorker:
             with self._lock:
                 if self._residents.get(r.config.name) is r:
                     del self._residents[r.config.name]
-                if r.slot.name in self.pool.slots:
+                if self.pool.slots.get(r.slot.name) is r.slot:  # not a new copy's, by name
                     self.pool.drop_slot(r.slot.name)
             raise Refused(f"{r.config.name}: {r.error or 'cancelled'}")
 
