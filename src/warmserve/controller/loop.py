@@ -407,7 +407,9 @@ class Controller:
                 self.actions.append((now, "deactivate", other, drain.worker.name))
             if not drain.models:
                 del self._drains[model]
-                if model not in self._activating:
+                if model in self._activating:  # under way already: the worker is not held
+                    self.cluster.unreserve(drain.worker, model)
+                else:
                     self._activate(model, prefer=drain.worker)
             elif now >= drain.until:
                 for other in drain.models:
