@@ -71,11 +71,11 @@ def _activation_executor(num_models: int) -> Executor:
 
 @dataclass
 class _Activation:
-    """An activation under way: for a scale-up, or on a worker a drain freed (`prefer`)."""
+    """An activation under way: a scale-up, or one on the worker a drain freed for it
+    (`reserved`, kept for it until the activation ends)."""
 
     future: Future
-    rebalance_if_refused: bool  # a scale-up that finds no room asks rebalancing for one
-    reserved: Any = None  # the worker a rebalance freed for it, kept for it until it ends
+    reserved: Any = None
 
 
 @dataclass
@@ -249,14 +249,12 @@ class Controller:
     def _scale_up(self, model: str, now: float) -> None:
         """One more instance (the next tick asks again while the load wants more)."""
         if model not in self._activating and model not in self._drains:
-            self._activate(model, rebalance_if_refused=True)
+            self._activate(model)
 
-    def _activate(self, model: str, prefer: Any = None, rebalance_if_refused: bool = False
-                  ) -> None:
+    def _activate(self, model: str, prefer: Any = None) -> None:
         args = (model,) if prefer is None else (model, prefer)
         self._activating[model] = _Activation(
-            self._activations.submit(self.cluster.activate_elsewhere, *args),
-            rebalance_if_refused, prefer)
+            self._activations.submit(self.cluster.activate_elsewhere, *args), prefer)
 
     def _record_activations(self, now: float) -> None:
         """Record the activations that finished; a scale-up refused for want of room asks
@@ -271,7 +269,7 @@ class Controller:
                 worker = activation.future.result()
             except NoCapacity as exc:
                 log.info("cannot scale %s up: %s", model, exc)
-                if activation.rebalance_if_refused and self.system.rebalance:
+                if activation.reserved is None and self.system.rebalance:  # a scale-up
                     self._rebalance(model, now)
                 continue
             except Exception:  # a failed activation must not end control

@@ -157,12 +157,18 @@ class UniversalWorker:
                 raise Refused(f"{name} is active")
             resident.cancel.set()
         resident.done.wait()
+        return self._forget(resident)
+
+    def _forget(self, r: _Resident) -> Future:
+        """Take `r` out of the residents and drop its slot, if they are still its own (the
+        model may have been prewarmed again since, under the same name); the Future completes
+        when its pages are free again."""
         with self._lock:
-            if self._residents.get(name) is resident:
-                del self._residents[name]
-            if self.pool.slots.get(resident.slot.name) is resident.slot:  # not a new one
-                return self.pool.drop_slot(resident.slot.name)
-        done: Future = Future()  # a failed prewarm gave its pages back already
+            if self._residents.get(r.config.name) is r:
+                del self._residents[r.config.name]
+            if self.pool.slots.get(r.slot.name) is r.slot:
+                return self.pool.drop_slot(r.slot.name)
+        done: Future = Future()  # dropped already (a failed prewarm gives its pages back)
         done.set_result(None)
         return done
 
@@ -328,11 +334,7 @@ class UniversalWorker:
         activation may wait for it holding the lock."""
         r.error = reason
         r.done.set()
-        with self._lock:
-            if self._residents.get(r.config.name) is r:
-                del self._residents[r.config.name]
-            if self.pool.slots.get(r.slot.name) is r.slot:  # not a new copy's, by name
-                self.pool.drop_slot(r.slot.name)
+        self._forget(r)
 
     def _build_runner(self, r: _Resident) -> Any:
         """The model's runner, built while it is only prewarmed, so that its first activation
@@ -370,11 +372,7 @@ class UniversalWorker:
     def _wait_prewarmed(self, r: _Resident) -> None:
         r.done.wait()
         if r.error or r.state is ModelState.PREWARMING:
-            with self._lock:
-                if self._residents.get(r.config.name) is r:
-                    del self._residents[r.config.name]
-                if self.pool.slots.get(r.slot.name) is r.slot:  # not a new copy's, by name
-                    self.pool.drop_slot(r.slot.name)
+            self._forget(r)
             raise Refused(f"{r.config.name}: {r.error or 'cancelled'}")
 
     def _first_kv_pages(self, layout: SlotLayout) -> int:
