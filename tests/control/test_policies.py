@@ -256,11 +256,22 @@ def test_drain_for_moves_instances_without_surplus_to_free_gpus():
     assert drain_for(groups, holdings, {}, {}) is None  # nowhere to move
 
 
+def test_drain_for_never_picks_a_group_that_a_pinned_instance_keeps_busy():
+    """An instance rebalancing may not touch (too new, or still loading) is no holding; the
+    GPUs it sits on are pinned, and a group with one is never freed by draining the rest."""
+    groups = aligned_groups(8, 1, 4)
+    holdings = [Holding(1, "a", (0,), 1), Holding(2, "a", (4,), 9)]  # "b", new, sits on 1
+    assert drain_for(groups, holdings, {"a": 2}) == DrainPlan((0, 1, 2, 3), (1,))
+    assert drain_for(groups, holdings, {"a": 2}, pinned=[1]) == DrainPlan((4, 5, 6, 7), (2,))
+    assert drain_for(groups, holdings, {"a": 2}, pinned=[1, 5]) is None
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from("abc"), st.sampled_from([1, 2, 4]),
                           st.integers(0, 7), st.integers(0, 32)), max_size=8),
-       st.dictionaries(st.sampled_from("abc"), st.integers(0, 3)), st.sampled_from([1, 2, 4]))
-def test_drain_for_invariants(raw, surplus, tp):
+       st.dictionaries(st.sampled_from("abc"), st.integers(0, 3)), st.sampled_from([1, 2, 4]),
+       st.sets(st.integers(0, 7), max_size=3))
+def test_drain_for_invariants(raw, surplus, tp, pinned):
     holdings, used = [], set()
     for i, (model, size, slot, running) in enumerate(raw):
         gpus = tuple(range(slot - slot % size, slot - slot % size + size))
@@ -268,11 +279,13 @@ def test_drain_for_invariants(raw, surplus, tp):
             continue
         used |= set(gpus)
         holdings.append(Holding(i, model, gpus, running))
-    free = {size: [grp for grp in aligned_groups(8, 1, size) if not used & set(grp)]
+    pinned -= used  # a pinned GPU holds an instance that is no holding
+    free = {size: [grp for grp in aligned_groups(8, 1, size) if not (used | pinned) & set(grp)]
             for size in (1, 2, 4)}
-    plan = drain_for(aligned_groups(8, 1, tp), holdings, surplus, free)
+    plan = drain_for(aligned_groups(8, 1, tp), holdings, surplus, free, pinned)
     if plan is None:
         return
+    assert not pinned & set(plan.group)  # draining the rest would not free the group
     overlapping = {h.instance for h in holdings if set(h.gpus) & set(plan.group)}
     assert set(plan.drain) == overlapping and plan.drain  # exactly what blocks the group
     moved = {i for i, _ in plan.moves}

@@ -440,6 +440,27 @@ def test_a_drain_that_does_not_finish_is_called_off():
     assert cluster.workers[1].states["a"] == "active"
 
 
+def test_rebalancing_leaves_a_worker_that_a_new_instance_keeps_busy():
+    """w1 serves "a" and, since just now, "c": "c" may not be drained yet, so draining "a"
+    there would not free w1. "a"'s instance on w0 drains instead, though it runs more."""
+    from warmserve.sim.systems import get_system
+
+    three = TWO.model_copy(update={"models": [*TWO.models, TWO.models[0].model_copy(
+        update={"name": "c"})]})
+    cluster = FullCluster()
+    cluster.load["c"] = 0
+    cluster.workers[0].inflight["a"] = 2
+    cluster.workers[1].inflight["a"] = 1
+    ctl = Controller(cluster, three, min_instances=1, system=get_system("warmserve"))
+    _run(ctl, cluster, 0.0, 4.0)
+    cluster.workers[1].states["c"] = "active"
+    ctl._load["c"].activated_at["w1"] = 4.0
+    cluster.load["b"] = 6
+    _run(ctl, cluster, 4.0, 4.5)
+    assert ("drain", "a", "w0") in cluster.log
+    assert not any(entry[0] == "drain" and entry[2] == "w1" for entry in cluster.log)
+
+
 @pytest.mark.parametrize(("lookback", "drains"), [(True, False), (False, True)])
 def test_rebalancing_spares_an_instance_its_model_needed_within_the_reserve_time(lookback,
                                                                                 drains):

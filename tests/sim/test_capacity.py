@@ -64,6 +64,29 @@ def test_rebalancing_drains_surplus_instances_for_a_starving_model():
     assert sim.cap.counts["rebalance"] == 1 and sim.cap.counts["cold"] == 1
 
 
+def test_rebalancing_leaves_a_group_that_a_new_instance_keeps_busy():
+    """An instance younger than its scale-down protection may not be drained or moved, so the
+    group it sits on cannot be freed: rebalancing drains the other group, or none. (It once
+    drained the rest of such a group and reserved it; the group never emptied, the reservation
+    lapsed and was taken again, and the starving 70B waited minutes.)"""
+    sim = two_model_sim("warmserve", num_gpus=8)
+    _crowd(sim, running=0)
+    small, big = sim.models
+    young = next(i for i in small.instances if i.gpus == (5,))
+    young.active_since = sim.now  # just scaled up
+    assert not sim.cap.acquire(big)
+    assert [i.gpus for i in big.instances] == [(0, 1, 2, 3)]
+    assert young in small.instances and young.accepting
+    sim2 = two_model_sim("warmserve", num_gpus=8)
+    _crowd(sim2, running=0)
+    for inst in sim2.models[0].instances:
+        if inst.gpus[0] in (1, 5):
+            inst.active_since = sim2.now
+    assert not sim2.cap.acquire(sim2.models[1])
+    assert sim2.cap.counts["rebalance"] == 0 and not sim2.cap.reserved
+    assert len(sim2.models[0].live()) == 7  # nothing drained in vain
+
+
 def test_a_group_being_drained_is_reserved_for_the_starving_model():
     """Without hand-over, drained instances hold their GPUs until their requests finish."""
     sim = two_model_sim("warmserve-no-handover")

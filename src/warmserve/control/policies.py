@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 import math
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from warmserve.control.predictor import Forecast
@@ -288,8 +288,8 @@ class DrainPlan:
 
 def drain_for(groups: Sequence[tuple[int, ...]], holdings: Sequence[Holding],
               surplus: dict[str, int],
-              free_groups: dict[int, Sequence[tuple[int, ...]]] | None = None
-              ) -> DrainPlan | None:
+              free_groups: dict[int, Sequence[tuple[int, ...]]] | None = None,
+              pinned: Collection[int] = ()) -> DrainPlan | None:
     """Free one of `groups` (aligned, of the starving model's size) for a model that has
     requests waiting and no free group (beyond the published algorithm, whose autoscaler only
     scales a model down for its own load: free GPUs scattered over a node cannot host a model
@@ -297,7 +297,9 @@ def drain_for(groups: Sequence[tuple[int, ...]], holdings: Sequence[Holding],
 
     Each instance on a candidate group is drained if its model has surplus instances (counted
     per model), else moved to a free group of its size outside the candidate (`free_groups`
-    by size; each used once). The choice minimises the GPUs' worth of instances touched (never
+    by size; each used once). A group with a GPU in `pinned` (one that holds an instance the
+    plan may not touch: too new to take, or still loading) is never chosen: draining the rest
+    would not free it. The choice minimises the GPUs' worth of instances touched (never
     a large instance when small ones do), then the moves, then the running requests, then the
     instances."""
     on_gpu: dict[int, list[Holding]] = {}
@@ -305,7 +307,10 @@ def drain_for(groups: Sequence[tuple[int, ...]], holdings: Sequence[Holding],
         for g in h.gpus:
             on_gpu.setdefault(g, []).append(h)
     best, best_key = None, None
+    pinned = set(pinned)
     for group in groups:
+        if pinned.intersection(group):
+            continue
         taken = {h.instance: h for g in group for h in on_gpu.get(g, ())}
         if not taken:
             continue  # a free group needs no draining (the caller found none)

@@ -308,7 +308,7 @@ class Controller:
         entitled = self._entitlement(workers) if self.system.overload_control else None
         if entitled is not None and active + 1 > entitled[model]:
             return  # the cluster is overloaded and this model's GPUs serve fewer requests
-        holdings, where, surplus = [], {}, {}
+        holdings, where, surplus, pinned = [], {}, {}, []
         for other in self.models:
             if other == model:
                 continue
@@ -324,12 +324,13 @@ class Controller:
             for w in serving:
                 started = seen.activated_at.get(w.name, self._first_tick)
                 if now - started < self.policy.new_instance_protect_s:
+                    pinned.append(workers.index(w))  # too new to take: its worker stays
                     continue
                 where[len(holdings)] = (w, other)
                 holdings.append(Holding(len(holdings), other, (workers.index(w),),
                                         w.inflight[other]))
         groups = [(i,) for i, w in enumerate(workers) if w.state_of(model) != "active"]
-        plan = drain_for(groups, holdings, surplus)
+        plan = drain_for(groups, holdings, surplus, pinned=pinned)
         if plan is None:
             return
         worker = workers[plan.group[0]]

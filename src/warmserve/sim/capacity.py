@@ -210,7 +210,9 @@ class CapacityManager:
             return  # the cluster is overloaded and this model's GPUs serve fewer requests
         holdings, surplus, by_id = self._donors(state, bound, entitled)
         free = {tp: self._open_groups(tp, -1) for tp in {len(h.gpus) for h in holdings}}
-        plan = drain_for(groups, holdings, surplus, free)
+        pinned = [g for other in self.models if other is not state for i in other.instances
+                  if i.accepting and i.id not in by_id for g in i.gpus]
+        plan = drain_for(groups, holdings, surplus, free, pinned)
         if plan is None:
             return
         until = self.now + self.cfg.policy.rebalance_reserve_s
