@@ -266,12 +266,33 @@ def test_drain_for_never_picks_a_group_that_a_pinned_instance_keeps_busy():
     assert drain_for(groups, holdings, {"a": 2}, pinned=[1, 5]) is None
 
 
+def test_drain_for_makes_room_for_a_move_by_draining_surplus_elsewhere():
+    """Surplus scattered over two groups, neither of which it frees alone (a may give two of
+    its four instances on 0..3, b one of its two on 4..7), and no free GPU: with make_room
+    (the caller frees drained GPUs at once, as on a hand-over) b drains one instance, and its
+    other moves onto 0..1, where two of a's are drained first."""
+    groups = aligned_groups(8, 1, 4)
+    holdings = [Holding(1, "a", (0,), 5), Holding(2, "a", (1,), 5), Holding(3, "a", (2,), 5),
+                Holding(4, "a", (3,), 5), Holding(5, "b", (4, 5), 9), Holding(6, "b", (6, 7), 9)]
+    surplus = {"a": 2, "b": 1}
+    assert drain_for(groups, holdings, surplus, {}) is None
+    plan = drain_for(groups, holdings, surplus, {}, make_room=True)
+    # freeing 0..3 instead (a drains two, moves two onto b's 4..5) touches as many GPUs but
+    # needs two moves
+    assert plan == DrainPlan((4, 5, 6, 7), (5, 6), ((6, (0, 1)),), (1, 2))
+    # each model's surplus is spent once, on the group or on the room
+    assert drain_for(groups, holdings, {"a": 1, "b": 1}, {}, make_room=True) is None
+    # a free group is used before any room is made
+    plan = drain_for(groups, holdings, surplus, {1: [(8,), (9,)]}, make_room=True)
+    assert plan == DrainPlan((0, 1, 2, 3), (1, 2, 3, 4), ((3, (8,)), (4, (9,))))
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from("abc"), st.sampled_from([1, 2, 4]),
                           st.integers(0, 7), st.integers(0, 32)), max_size=8),
        st.dictionaries(st.sampled_from("abc"), st.integers(0, 3)), st.sampled_from([1, 2, 4]),
-       st.sets(st.integers(0, 7), max_size=3))
-def test_drain_for_invariants(raw, surplus, tp, pinned):
+       st.sets(st.integers(0, 7), max_size=3), st.booleans())
+def test_drain_for_invariants(raw, surplus, tp, pinned, make_room):
     holdings, used = [], set()
     for i, (model, size, slot, running) in enumerate(raw):
         gpus = tuple(range(slot - slot % size, slot - slot % size + size))
@@ -282,10 +303,15 @@ def test_drain_for_invariants(raw, surplus, tp, pinned):
     pinned -= used  # a pinned GPU holds an instance that is no holding
     free = {size: [grp for grp in aligned_groups(8, 1, size) if not (used | pinned) & set(grp)]
             for size in (1, 2, 4)}
-    plan = drain_for(aligned_groups(8, 1, tp), holdings, surplus, free, pinned)
+    plan = drain_for(aligned_groups(8, 1, tp), holdings, surplus, free, pinned, make_room)
     if plan is None:
         return
     assert not pinned & set(plan.group)  # draining the rest would not free the group
+    by_id = {h.instance: h for h in holdings}
+    room_gpus = {g for i in plan.room for g in by_id[i].gpus}
+    assert make_room or not plan.room
+    assert not set(plan.room) & set(plan.drain)
+    assert not room_gpus & (set(plan.group) | pinned)  # room is made outside, never on pinned
     overlapping = {h.instance for h in holdings if set(h.gpus) & set(plan.group)}
     assert set(plan.drain) == overlapping and plan.drain  # exactly what blocks the group
     moved = {i for i, _ in plan.moves}
@@ -293,11 +319,12 @@ def test_drain_for_invariants(raw, surplus, tp, pinned):
     assert moved <= set(plan.drain)
     for i, target in plan.moves:
         size = len(next(h.gpus for h in holdings if h.instance == i))
-        assert len(target) == size and not set(target) & used  # a free group of its size...
+        assert len(target) == size  # a group of its size, free or made room on...
+        assert not set(target) & (used - room_gpus) and not set(target) & pinned
         assert not set(target) & set(plan.group)  # ...outside the freed one
     assert sum(len(t) for t in targets) == len(set().union(*targets))  # each used once
-    for model in "abc":  # what is drained without a move is the model's surplus
-        assert sum(1 for h in holdings if h.instance in set(plan.drain) - moved
+    for model in "abc":  # what is drained without a move, here or for room, is surplus
+        assert sum(1 for h in holdings if h.instance in (set(plan.drain) - moved) | set(plan.room)
                    and h.model == model) <= surplus.get(model, 0)
 
 

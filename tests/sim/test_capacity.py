@@ -87,6 +87,48 @@ def test_rebalancing_leaves_a_group_that_a_new_instance_keeps_busy():
     assert len(sim2.models[0].live()) == 7  # nothing drained in vain
 
 
+def _scattered(system: str) -> Simulator:
+    """No free GPU: four 7Bs of "s" on 0..3 (two surplus), two 13Bs of "m" on 4..7 (one
+    surplus), and "big" (a 70B) starving."""
+    sim = two_model_sim(system, shapes={"s": "llama-2-7b", "m": "llama-2-13b",
+                                        "big": "llama-2-70b"})
+    small, mid, big = sim.models
+    for g in range(4):
+        sim.cap.new_instance(small, (g,), ready_at=0.0)
+    for group in ((4, 5), (6, 7)):
+        sim.cap.new_instance(mid, group, ready_at=0.0)
+    sim.events.now = 100.0
+    set_load(small, 50.0)
+    set_load(mid, 20.0)
+    big.queue.append(0)
+    big.load = 40.0
+    return sim
+
+
+def test_rebalancing_makes_room_for_a_move_with_surplus_elsewhere():
+    """No aligned group that surplus alone frees. Rebalancing drains one 13B, and moves the
+    other onto GPUs 0..1 after draining two 7Bs there (their requests handed over); once the
+    moved 13B is up, its old instance drains and the 70B gets 4..7. (It once found no plan
+    here, and the 70B waited a minute with 200 requests queued.)"""
+    sim = _scattered("warmserve")
+    small, mid, big = sim.models
+    assert not sim.cap.acquire(big)
+    assert sorted(i.gpus for i in small.instances) == [(2,), (3,)]
+    moved = next(i for i in mid.instances if i.gpus == (0, 1))
+    old = next(i for i in mid.instances if i.gpus == (6, 7))
+    assert moved.ready_at > sim.now and old.accepting  # the old one serves until then
+    assert all(sim.cap.reserved[g][0] == big.index for g in (4, 5, 6, 7))
+    sim.events.now = moved.ready_at
+    sim.cap.on_ready(moved)
+    assert old not in mid.instances
+    assert [i.gpus for i in big.instances] == [(4, 5, 6, 7)]
+    assert not sim.cap.reserved
+    # without a hand-over drained GPUs free only when their requests finish: no room is made
+    no_room = _scattered("warmserve-no-handover")
+    assert not no_room.cap.acquire(no_room.models[2])
+    assert no_room.cap.counts["rebalance"] == 0
+
+
 def test_a_group_being_drained_is_reserved_for_the_starving_model():
     """Without hand-over, drained instances hold their GPUs until their requests finish."""
     sim = two_model_sim("warmserve-no-handover")

@@ -278,18 +278,20 @@ def peak_recent_load(recent: deque, now: float, load: float, horizon: float) -> 
 @dataclass(frozen=True)
 class DrainPlan:
     """What frees a group for a starving model: instances to drain, and instances to move
-    first (a new instance of the same model starts on a free group elsewhere, then the old
-    one drains), so that their models keep their capacity."""
+    first (a new instance of the same model starts on a group elsewhere, then the old one
+    drains), so that their models keep their capacity. `room` are the surplus instances
+    drained off those groups first, where no free group was left for a move."""
 
     group: tuple[int, ...]
     drain: tuple[int, ...]  # instance ids, including those moved
     moves: tuple[tuple[int, tuple[int, ...]], ...] = ()  # (instance id, its new group)
+    room: tuple[int, ...] = ()  # instance ids drained to make room for moves
 
 
 def drain_for(groups: Sequence[tuple[int, ...]], holdings: Sequence[Holding],
               surplus: dict[str, int],
               free_groups: dict[int, Sequence[tuple[int, ...]]] | None = None,
-              pinned: Collection[int] = ()) -> DrainPlan | None:
+              pinned: Collection[int] = (), make_room: bool = False) -> DrainPlan | None:
     """Free one of `groups` (aligned, of the starving model's size) for a model that has
     requests waiting and no free group (beyond the published algorithm, whose autoscaler only
     scales a model down for its own load: free GPUs scattered over a node cannot host a model
@@ -297,11 +299,15 @@ def drain_for(groups: Sequence[tuple[int, ...]], holdings: Sequence[Holding],
 
     Each instance on a candidate group is drained if its model has surplus instances (counted
     per model), else moved to a free group of its size outside the candidate (`free_groups`
-    by size; each used once). A group with a GPU in `pinned` (one that holds an instance the
-    plan may not touch: too new to take, or still loading) is never chosen: draining the rest
-    would not free it. The choice minimises the GPUs' worth of instances touched (never
-    a large instance when small ones do), then the moves, then the running requests, then the
-    instances."""
+    by size; each used once). With `make_room`, a move with no free group left goes to an
+    aligned group of its size outside the candidate that surplus instances alone hold; they
+    are drained first (`room`; the caller must free their GPUs at once, as a hand-over
+    does). So surplus scattered over several groups, none of which it frees alone, still
+    adds up to one group. A group with a GPU in `pinned` (one that holds an instance the
+    plan may not touch: too new to take, or still loading) is never chosen, nor made room
+    on: draining the rest would not free it. The choice minimises the GPUs' worth of
+    instances touched (never a large instance when small ones do), then the moves, then the
+    running requests, then the instances."""
     on_gpu: dict[int, list[Holding]] = {}
     for h in holdings:
         for g in h.gpus:
@@ -314,35 +320,79 @@ def drain_for(groups: Sequence[tuple[int, ...]], holdings: Sequence[Holding],
         taken = {h.instance: h for g in group for h in on_gpu.get(g, ())}
         if not taken:
             continue  # a free group needs no draining (the caller found none)
-        moves = _moves_for(group, sorted(taken.values(), key=lambda h: -len(h.gpus)),
-                           surplus, free_groups or {})
-        if moves is None:
+        found = _moves_for(group, sorted(taken.values(), key=lambda h: -len(h.gpus)),
+                           surplus, free_groups or {}, on_gpu if make_room else {}, pinned)
+        if found is None:
             continue
-        key = (sum(len(h.gpus) for h in taken.values()), len(moves),
-               sum(h.running for h in taken.values()), len(taken), group)
+        moves, room = found
+        touched = list(taken.values()) + room
+        key = (sum(len(h.gpus) for h in touched), len(moves),
+               sum(h.running for h in touched), len(touched), group)
         if best_key is None or key < best_key:
-            best, best_key = DrainPlan(group, tuple(sorted(taken)), tuple(moves)), key
+            best = DrainPlan(group, tuple(sorted(taken)), tuple(moves),
+                             tuple(sorted(h.instance for h in room)))
+            best_key = key
     return best
 
 
 def _moves_for(group: tuple[int, ...], taken: list[Holding], surplus: dict[str, int],
-               free_groups: dict[int, Sequence[tuple[int, ...]]]
-               ) -> list[tuple[int, tuple[int, ...]]] | None:
-    """Moves for the instances on `group` beyond their models' surplus; None if impossible."""
+               free_groups: dict[int, Sequence[tuple[int, ...]]],
+               on_gpu: dict[int, list[Holding]], pinned: set[int]
+               ) -> tuple[list[tuple[int, tuple[int, ...]]], list[Holding]] | None:
+    """Moves for the instances on `group` beyond their models' surplus, and the surplus
+    instances drained to make room for them (only where `on_gpu` is given); None if
+    impossible."""
     spare = dict(surplus)
-    used = set(group)
-    moves = []
+    to_move = []
     for h in taken:
         if spare.get(h.model, 0) > 0:
             spare[h.model] -= 1
-            continue
-        target = next((grp for grp in free_groups.get(len(h.gpus), ())
-                       if not used & set(grp)), None)
+        else:
+            to_move.append(h)
+    used = set(group)
+    freed: set[int] = set()  # GPUs that room drained, not yet a move's target
+    moves, room = [], []
+    for h in to_move:
+        size = len(h.gpus)
+        target = next((grp for grp in free_groups.get(size, ()) if not used & set(grp)),
+                      None)
+        if target is None and on_gpu:
+            target = _room_for(size, used, freed, spare, on_gpu, pinned, room)
         if target is None:
             return None
         used |= set(target)
+        freed -= set(target)
         moves.append((h.instance, target))
-    return moves
+    return moves, room
+
+
+def _room_for(size: int, used: set[int], freed: set[int], spare: dict[str, int],
+              on_gpu: dict[int, list[Holding]], pinned: set[int], room: list[Holding]
+              ) -> tuple[int, ...] | None:
+    """An aligned group of `size` outside `used` whose GPUs room drains already freed, or
+    that surplus instances alone hold (drained now: added to `room`, their models' spare
+    spent, their other GPUs to `freed`); None if there is none."""
+    starts = sorted({g - g % size for g in set(on_gpu) | freed})
+    for start in starts:
+        block = tuple(range(start, start + size))
+        if used.intersection(block) or pinned.intersection(block):
+            continue
+        drained = {h.instance: h for g in block if g not in freed for h in on_gpu.get(g, ())}
+        if any(g not in freed and not on_gpu.get(g) for g in block):
+            continue  # a GPU neither held nor freed: not known to exist or to be free
+        need: dict[str, int] = {}
+        for h in drained.values():
+            need[h.model] = need.get(h.model, 0) + 1
+        if any(spare.get(m, 0) < n for m, n in need.items()):
+            continue
+        if any(used.intersection(h.gpus) for h in drained.values()):
+            continue  # draining it would touch the group being freed or a move's target
+        for h in drained.values():
+            spare[h.model] -= 1
+            room.append(h)
+            freed |= set(h.gpus)
+        return block
+    return None
 
 
 def route(loads: Sequence[int], capacity: int) -> int | None:

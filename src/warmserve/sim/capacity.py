@@ -212,13 +212,21 @@ class CapacityManager:
         free = {tp: self._open_groups(tp, -1) for tp in {len(h.gpus) for h in holdings}}
         pinned = [g for other in self.models if other is not state for i in other.instances
                   if i.accepting and i.id not in by_id for g in i.gpus]
-        plan = drain_for(groups, holdings, surplus, free, pinned)
+        # surplus drained to make room for a move must free its GPUs at once: a hand-over
+        plan = drain_for(groups, holdings, surplus, free, pinned,
+                         make_room=self.sys.hand_over_on_drain)
         if plan is None:
             return
         until = self.now + self.cfg.policy.rebalance_reserve_s
         for g in plan.group:
             self.reserved[g] = (state.index, until)
         moved = dict(plan.moves)
+        if plan.room:  # no one takes the moves' targets while the room's requests re-route
+            for _, target in plan.moves:
+                for g in target:
+                    self.reserved[g] = (state.index, until)
+            for inst_id in plan.room:
+                self._drain(by_id[inst_id], hand_over=True)
         for inst_id in plan.drain:
             old = by_id[inst_id]
             if inst_id in moved:  # it serves on until its replacement is up, then drains
