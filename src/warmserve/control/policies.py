@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
@@ -380,9 +380,7 @@ def _room_for(size: int, used: set[int], freed: set[int], spare: dict[str, int],
         drained = {h.instance: h for g in block if g not in freed for h in on_gpu.get(g, ())}
         if any(g not in freed and not on_gpu.get(g) for g in block):
             continue  # a GPU neither held nor freed: not known to exist or to be free
-        need: dict[str, int] = {}
-        for h in drained.values():
-            need[h.model] = need.get(h.model, 0) + 1
+        need = Counter(h.model for h in drained.values())
         if any(spare.get(m, 0) < n for m, n in need.items()):
             continue
         if any(used.intersection(h.gpus) for h in drained.values()):
