@@ -30,6 +30,33 @@ def test_error_correction_weights_newest_first():
     assert f.forecast(4) == pytest.approx(12 + (2 + 2) / 1.5)
 
 
+def test_robust_correction_ignores_a_single_burst():
+    """The peak's correction is the median of the recent errors: one window's burst does not
+    move it, where the published weighted mean moves by a third of the burst."""
+    robust, published = (SeriesForecaster(windows_per_period=2, ensemble=False, robust=r)
+                         for r in (True, False))
+    for f in (robust, published):
+        for value in [20, 20]:
+            f.observe(value)
+        f.errors.clear()
+        for value in [20, 20, 20, 20, 200]:  # the burst: error +180, newest
+            f.observe(value)
+    assert robust.forecast(7) == pytest.approx(20.0)
+    assert published.forecast(7) > 20 + 180 / 3
+
+
+def test_a_window_whose_load_stops_early_does_not_inflate_the_peak():
+    """A window where the load stops at its start has a tiny average and a peak like any
+    other: its peak/average ratio (here 180) must not set the next windows' peak."""
+    n, days = 24, 3
+    f = ModelForecaster(n)
+    f.seed({"avg_concurrency": np.full((days, n), 10.0),
+            "peak_concurrency": np.full((days, n), 20.0), "rate_rps": np.full((days, n), 5.0)})
+    for avg, peak in [(10, 20)] * 6 + [(0.1, 18), (10, 20)]:
+        f.observe(avg, peak, 5.0)
+    assert 15 < f.forecast().peak_concurrency < 25  # the mean of the ratios gave 34
+
+
 def test_fallback_without_history_is_last_value():
     f = SeriesForecaster(windows_per_period=100)
     assert f.forecast(0) == 0.0

@@ -11,7 +11,11 @@ trace whose days repeat leans on the seasonal term and one whose windows drift l
 last window, without a knob per trace. Where there is same-slot history, the peak is
 blended the same way with a third estimate: the average-concurrency forecast times the recent
 peak-to-average ratio — a window's peak under bursty clients is noisy, its average much less
-so. Without history every forecast stays the last window's value.
+so. Both peak terms are robust to single bursts: the ratio is the median of the last
+`RATIO_WINDOWS` windows' ratios, and the peak's own correction is the median of its recent
+errors rather than their weighted mean (one client's burst in one window would otherwise
+pull the next forecasts up by half its size). Without history every forecast stays the last
+window's value.
 
 The forecaster learns online: `observe` appends each closed window. No clock, no I/O: windows
 are integers handed in by the caller.
@@ -24,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 METRICS = ("avg_concurrency", "peak_concurrency", "rate_rps")
+RATIO_WINDOWS = 30  # windows whose peak/average ratios set the ratio member's median
 
 
 @dataclass
@@ -34,6 +39,7 @@ class SeriesForecaster:
     error_windows: int = 10
     max_periods: int = 7
     ensemble: bool = True
+    robust: bool = False  # correct by the median of recent errors, not their weighted mean
     values: list[float] = field(default_factory=list)  # observed, by absolute window index
     errors: list[float] = field(default_factory=list)  # actual - baseline, by window
     seasonal_abs_errors: list[float] = field(default_factory=list)
@@ -54,12 +60,15 @@ class SeriesForecaster:
 
     def seasonal(self, window: int) -> float:
         """The published forecast: baseline plus weighted mean of recent baseline errors
-        (without same-slot history: the last value, uncorrected)."""
+        (without same-slot history: the last value, uncorrected). A `robust` series takes
+        the median of the recent errors instead."""
         if not self.same_slot(window):
             return self.baseline(window)
         recent = self.errors[-self.error_windows:][::-1] if self.error_windows else []
         correction = 0.0
-        if recent:
+        if recent and self.robust:
+            correction = float(np.median(recent))
+        elif recent:
             weights = 0.5 ** np.arange(len(recent))
             correction = float(np.dot(weights, recent) / weights.sum())
         return max(0.0, self.baseline(window) + correction)
@@ -96,7 +105,8 @@ class ModelForecaster:
     """Forecasts of average and peak concurrency and request rate for one model."""
 
     def __init__(self, windows_per_period: int, error_windows: int = 10) -> None:
-        self.series = {m: SeriesForecaster(windows_per_period, error_windows) for m in METRICS}
+        self.series = {m: SeriesForecaster(windows_per_period, error_windows,
+                                           robust=m == "peak_concurrency") for m in METRICS}
         self.error_windows = error_windows or 1
         self._peak_abs_errors: list[float] = []  # of the peak series' own forecast
         self._ratio_abs_errors: list[float] = []  # of avg forecast x peak/avg ratio
@@ -147,13 +157,14 @@ class ModelForecaster:
         return Forecast(avg, max(peak, avg), rate)
 
     def _ratio_peak(self, window: int) -> float | None:
-        """The average forecast times the mean peak/average ratio of the last windows."""
-        avg = self.series["avg_concurrency"].values[-self.error_windows:]
-        peak = self.series["peak_concurrency"].values[-self.error_windows:]
+        """The average forecast times the median peak/average ratio of the last windows (the
+        median: a window whose load stops early has a tiny average and a huge ratio)."""
+        avg = self.series["avg_concurrency"].values[-RATIO_WINDOWS:]
+        peak = self.series["peak_concurrency"].values[-RATIO_WINDOWS:]
         ratios = [p / a for p, a in zip(peak, avg, strict=True) if a > 0]
         if not ratios:
             return None
-        return self.series["avg_concurrency"].forecast(window) * float(np.mean(ratios))
+        return self.series["avg_concurrency"].forecast(window) * float(np.median(ratios))
 
 
 def mean_relative_error(predicted: np.ndarray, actual: np.ndarray, floor: float = 1.0) -> float:
