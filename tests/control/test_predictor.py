@@ -57,6 +57,21 @@ def test_a_window_whose_load_stops_early_does_not_inflate_the_peak():
     assert 15 < f.forecast().peak_concurrency < 25  # the mean of the ratios gave 34
 
 
+def test_without_extensions_every_metric_is_the_published_forecast():
+    """`extensions=False` (the `warmserve-published` system): baseline plus the weighted
+    error correction, no blend with the last window, no peak ratio, no medians."""
+    n, days = 4, 2
+    f = ModelForecaster(n, extensions=False)
+    f.seed({m: np.full((days, n), 10.0) for m in ("avg_concurrency", "peak_concurrency",
+                                                 "rate_rps")})
+    f.observe(10, 10, 10)  # error 0
+    f.observe(16, 40, 13)  # errors +6, +30, +3 (newest, weight 1 of 1.5)
+    forecast = f.forecast()
+    assert forecast.avg_concurrency == pytest.approx(10 + 6 / 1.5)
+    assert forecast.peak_concurrency == pytest.approx(10 + 30 / 1.5)
+    assert forecast.rate_rps == pytest.approx(10 + 3 / 1.5)
+
+
 def test_fallback_without_history_is_last_value():
     f = SeriesForecaster(windows_per_period=100)
     assert f.forecast(0) == 0.0

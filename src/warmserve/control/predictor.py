@@ -104,9 +104,15 @@ class Forecast:
 class ModelForecaster:
     """Forecasts of average and peak concurrency and request rate for one model."""
 
-    def __init__(self, windows_per_period: int, error_windows: int = 10) -> None:
+    def __init__(self, windows_per_period: int, error_windows: int = 10,
+                 extensions: bool = True) -> None:
+        """`extensions=False`: the published forecaster alone (seasonal baseline plus the
+        weighted error correction, for every metric; no blends, no medians)."""
         self.series = {m: SeriesForecaster(windows_per_period, error_windows,
-                                           robust=m == "peak_concurrency") for m in METRICS}
+                                           ensemble=extensions,
+                                           robust=extensions and m == "peak_concurrency")
+                       for m in METRICS}
+        self.extensions = extensions
         self.error_windows = error_windows or 1
         self._peak_abs_errors: list[float] = []  # of the peak series' own forecast
         self._ratio_abs_errors: list[float] = []  # of avg forecast x peak/avg ratio
@@ -149,7 +155,8 @@ class ModelForecaster:
         avg, peak, rate = (self.series[m].forecast(window) for m in METRICS)
         ratio = self._ratio_peak(window)
         periodic = bool(self.series["peak_concurrency"].same_slot(window))
-        if periodic and ratio is not None and self._peak_abs_errors and self._ratio_abs_errors:
+        if (self.extensions and periodic and ratio is not None and self._peak_abs_errors
+                and self._ratio_abs_errors):
             k = self.error_windows
             w_own = 1.0 / (np.mean(self._peak_abs_errors[-k:]) + 1e-6)
             w_ratio = 1.0 / (np.mean(self._ratio_abs_errors[-k:]) + 1e-6)

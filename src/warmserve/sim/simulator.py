@@ -80,7 +80,8 @@ class Simulator:
         self.cluster = Cluster(config.num_gpus, config.gpus_per_node, config.profile.pool_bytes)
         samples = int(config.policy.load_window_s / config.policy.control_interval_s) + 1
         self.models = [ModelState(i, c, ModelForecaster(workload.num_windows,
-                                                        config.policy.error_correction_windows),
+                                                        config.policy.error_correction_windows,
+                                                        system.forecast_extensions),
                                   tick_samples=deque(maxlen=samples))
                        for i, c in enumerate(costs)]
         for state, name in zip(self.models, workload.models, strict=True):

@@ -21,9 +21,10 @@ whose prompts outrun its instances' prefills is starving, whatever its queue), a
 cluster cannot carry every model's load, rebalancing gives GPUs to the models whose requests
 cost the fewest GPU-seconds first (policies.gpu_entitlement); `warmserve-goodput` judges
 those needs from the work arriving rather than from concurrency. `warmserve-published` is the
-published algorithm alone. An instance that rebalancing drains hands its running requests
-to its model's other instances instead of finishing them before its GPUs change hands (live,
-the router resumes each on another instance after the tokens it has sent). Ablations of
+published algorithm alone, its forecaster included. An instance that rebalancing drains hands
+its running requests to its model's other instances instead of finishing them before its GPUs
+change hands (live, the router resumes each on another instance after the tokens it has
+sent). Ablations of
 warmserve: each of those off, surplus judged on the latest load only, no prewarming at all, no
 forecast (prewarm for the last window's load), no KV reservation (prewarm on free GPUs only),
 round-robin placement.
@@ -40,6 +41,8 @@ class SystemSpec:
     autoscale: bool = True  # reactive autoscaler on
     prewarm: bool = False  # WarmServe prewarming
     forecast: bool = True  # prewarm from forecasts (else from the last window)
+    # our forecaster extensions (blend with the last window, robust peak); off: the published
+    forecast_extensions: bool = True
     kv_lending: bool = False  # prewarms may live in running instances' free KV memory
     round_robin: bool = False  # placement ablation
     engine_init: bool = False  # a cold start also starts an engine process
@@ -78,9 +81,9 @@ SYSTEMS: dict[str, SystemSpec] = {
                    "techniques)"),
         SystemSpec("warmserve-published", **_WARMSERVE | dict(
                    rebalance=False, overflow=False, prefill_aware=False, overload_control=False,
-                   hand_over_on_drain=False),
-                   description="ablation: the published algorithm alone (no rebalancing; the "
-                   "router queues past B requests per instance)"),
+                   hand_over_on_drain=False, forecast_extensions=False),
+                   description="ablation: the published algorithm alone (its forecaster, no "
+                   "rebalancing; the router queues past B requests per instance)"),
         SystemSpec("warmserve-no-rebalance", **_WARMSERVE | dict(rebalance=False),
                    description="ablation: no GPU rebalancing"),
         SystemSpec("warmserve-no-overflow", **_WARMSERVE | dict(overflow=False),
