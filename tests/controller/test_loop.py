@@ -143,6 +143,15 @@ def test_reactive_baseline_keeps_alive_then_unloads_and_never_prewarms():
     assert not any(w.prewarms for w in cluster.workers)
 
 
+def test_the_published_system_forecasts_as_published():
+    from warmserve.sim.systems import get_system
+
+    published = Controller(FakeCluster(), CONFIG, system=get_system("warmserve-published"))
+    ours = Controller(FakeCluster(), CONFIG)
+    assert not any(f.extensions for f in published.forecasters.values())
+    assert all(f.extensions for f in ours.forecasters.values())
+
+
 def test_static_policies_do_not_scale():
     from warmserve.sim.systems import get_system
 

@@ -107,7 +107,8 @@ class Controller:
         self._clock = clock
         self._load = {m: ModelLoad() for m in self.models}
         per_day = max(1, round(86400 / self.policy.window_s))  # seasonality: a day
-        self.forecasters = {m: ModelForecaster(per_day, self.policy.error_correction_windows)
+        self.forecasters = {m: ModelForecaster(per_day, self.policy.error_correction_windows,
+                                               self.system.forecast_extensions)
                             for m in self.models}
         self._first_tick: float | None = None
         self._drains: dict[str, _Drain] = {}  # starving model -> the worker freed for it
