@@ -39,6 +39,19 @@ def test_simulate_errors():
     assert result.exit_code == 2 and "unknown policy 'fastest'" in result.output
 
 
+def test_zero_is_an_error_not_the_preset_default():
+    """A zero GPU count, window or rate is refused by name, not silently replaced by the
+    preset's value; so is a cluster whose nodes cannot hold a model's tensor-parallel group."""
+    for args, message in ((["--gpus", "0"], "a cluster needs GPUs: 0 GPUs"),
+                          (["--rate", "0"], "total_rate_rps=0.0 must be > 0"),
+                          (["--duration", "0"], "duration_s=0.0 must be > 0"),
+                          (["--gpus-per-node", "2"], "'llama-2-70b' runs on 4 GPUs of one node")):
+        result = runner.invoke(app, ["simulate", "--workload", "paper", *args])
+        assert result.exit_code == 2 and message in " ".join(result.output.split()), args
+    result = runner.invoke(app, ["predict", "--workload", "paper", "--window", "0"])
+    assert result.exit_code == 2 and "window_s=0.0 must be > 0" in result.output
+
+
 def test_predict_json():
     result = runner.invoke(app, ["predict", "--workload", "paper", "--json"])
     assert result.exit_code == 0, result.output

@@ -79,7 +79,10 @@ def test_truncated_row_names_file_and_line(tmp_path):
 def test_bad_value_and_missing_header(tmp_path):
     path = tmp_path / "r.csv"
     path.write_text("arrival_s,model,input_tokens,output_tokens\n0.5,a,10,x\n")
-    with pytest.raises(TraceError, match=r"r\.csv:2: invalid literal"):
+    with pytest.raises(TraceError, match=r"r\.csv:2: output_tokens 'x' is not an integer"):
+        load_request_file(path)
+    path.write_text("arrival_s,model,input_tokens,output_tokens\n0.5,a,10,3\nnan,a,10,3\n")
+    with pytest.raises(TraceError, match=r"r\.csv:3: arrival_s 'nan' is not a finite number"):
         load_request_file(path)
     path.write_text("time,model\n1,a\n")
     with pytest.raises(TraceError, match="header lacks column"):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -50,20 +50,35 @@ def build_scenario(spec: str, config: WarmServeConfig, profile: DeviceProfile,
         preset = get_preset(spec).with_overrides(duration_s, seed, window_s, num_gpus,
                                                  gpus_per_node, time_scale)
         wspec = preset.workload
-        if rate_rps:
+        if rate_rps is not None:
             wspec = replace(wspec, total_rate_rps=rate_rps)
         costs = [profile.model(shape) for shape in preset.shapes]
+        _check_cluster(wspec.models, costs, preset.num_gpus, preset.gpus_per_node)
         workload = build_workload(wspec, service_time_fn(costs, SERVICE_BATCH))
         return Scenario(workload, costs, preset.num_gpus, preset.gpus_per_node)
     path = Path(spec)
     if not path.is_file():
         raise WorkloadError(f"workload {spec!r} is neither a preset ({', '.join(PRESETS)}) "
                             f"nor a request file")
-    given = [name for name, value in (("rate", rate_rps), ("time scale", time_scale)) if value]
+    given = [name for name, value in (("rate", rate_rps), ("time scale", time_scale))
+             if value is not None]
     if given:
         raise WorkloadError(f"{spec}: a request file replays its own arrivals; a rate or a "
                             f"time scale applies to presets only (given: {', '.join(given)})")
     return _csv_scenario(path, config, profile, duration_s, window_s, num_gpus, gpus_per_node)
+
+
+def _check_cluster(models: Sequence[str], costs: Sequence[ModelCost], num_gpus: int,
+                   gpus_per_node: int) -> None:
+    """Every model's instance must fit within one node of the cluster."""
+    if num_gpus < 1 or gpus_per_node < 1:
+        raise WorkloadError(f"a cluster needs GPUs: {num_gpus} GPUs, {gpus_per_node} per node")
+    room = min(num_gpus, gpus_per_node)
+    for name, cost in zip(models, costs, strict=True):
+        if cost.tp > room:
+            raise WorkloadError(f"model {name!r} runs on {cost.tp} GPUs of one node, and this "
+                                f"cluster's nodes hold {room} ({num_gpus} GPUs, "
+                                f"{gpus_per_node} per node)")
 
 
 def _csv_scenario(path: Path, config: WarmServeConfig, profile: DeviceProfile,
@@ -83,13 +98,17 @@ def _csv_scenario(path: Path, config: WarmServeConfig, profile: DeviceProfile,
             raise WorkloadError(f"model {model.name!r}: the simulator needs a cost profile; give "
                                 f"it checkpoint synth:SHAPE with SHAPE in {known}")
         costs.append(profile.model(shape))
-    duration = duration_s or float(np.ceil(requests.arrival_s.max() + 1))
+    num_gpus = 16 if num_gpus is None else num_gpus
+    gpus_per_node = 8 if gpus_per_node is None else gpus_per_node
+    _check_cluster(names, costs, num_gpus, gpus_per_node)
+    duration = (float(np.ceil(requests.arrival_s.max() + 1)) if duration_s is None
+                else duration_s)
     keep = requests.arrival_s < duration
     index = np.array([names.index(m) for m in requests.model], dtype=np.int32)[keep]
     n_in, n_out = requests.input_tokens[keep], requests.output_tokens[keep]
     spec = WorkloadSpec(tuple(names), total_rate_rps=max(keep.sum() / duration, 1e-9),
                         duration_s=duration, shape="flat", history_periods=0,
-                        window_s=window_s or config.policy.window_s)
+                        window_s=config.policy.window_s if window_s is None else window_s)
     workload = Workload(spec, tuple(names), requests.arrival_s[keep], index,
                         n_in.astype(np.int32), n_out.astype(np.int32))
     service = service_time_fn(costs, SERVICE_BATCH)
@@ -100,7 +119,7 @@ def _csv_scenario(path: Path, config: WarmServeConfig, profile: DeviceProfile,
         avg, peak, rate = concurrency_by_window(start, start + service(m, n_in[sel], n_out[sel]),
                                                 spec.window_s, n)
         workload.actual[name] = WindowSeries(avg[None], peak[None], rate[None])
-    return Scenario(workload, costs, num_gpus or 16, gpus_per_node or 8)
+    return Scenario(workload, costs, num_gpus, gpus_per_node)
 
 
 def _run_one(args: tuple) -> tuple[str, SimResult]:

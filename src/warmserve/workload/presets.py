@@ -20,13 +20,17 @@ class Preset:
                        window_s: float | None = None, num_gpus: int | None = None,
                        gpus_per_node: int | None = None, time_scale: float | None = None
                        ) -> Preset:
+        """None keeps the preset's value; anything else, zero included, replaces it (and is
+        validated where it is used)."""
+        def pick(value, default):
+            return default if value is None else value
+
         spec = self.workload
-        spec = replace(spec, duration_s=duration_s or spec.duration_s,
-                       seed=spec.seed if seed is None else seed,
-                       window_s=window_s or spec.window_s,
-                       time_scale=time_scale or spec.time_scale)
-        return replace(self, workload=spec, num_gpus=num_gpus or self.num_gpus,
-                       gpus_per_node=gpus_per_node or self.gpus_per_node)
+        spec = replace(spec, duration_s=pick(duration_s, spec.duration_s),
+                       seed=pick(seed, spec.seed), window_s=pick(window_s, spec.window_s),
+                       time_scale=pick(time_scale, spec.time_scale))
+        return replace(self, workload=spec, num_gpus=pick(num_gpus, self.num_gpus),
+                       gpus_per_node=pick(gpus_per_node, self.gpus_per_node))
 
 
 _PAPER_MODELS = ("llama-2-7b-a", "llama-2-7b-b", "llama-2-13b", "llama-2-70b")

@@ -10,6 +10,7 @@ import csv
 import functools
 import gzip
 import logging
+import math
 from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
@@ -196,11 +197,9 @@ def load_request_file(path: Path) -> RequestFile:
     """A CSV with header `arrival_s,model,input_tokens,output_tokens`."""
     times, models, inputs, outputs, skipped = [], [], [], [], 0
     for line, row in _rows(path, ("arrival_s", "model", "input_tokens", "output_tokens")):
-        try:
-            t = float(row["arrival_s"])
-            n_in, n_out = int(row["input_tokens"]), int(row["output_tokens"])
-        except (TypeError, ValueError) as exc:
-            raise TraceError(f"{path}:{line}: {exc}") from None
+        t = _number(path, line, row, "arrival_s", float)
+        n_in = _number(path, line, row, "input_tokens", int)
+        n_out = _number(path, line, row, "output_tokens", int)
         if not row["model"] or t < 0 or n_in <= 0 or n_out <= 0:
             skipped += 1
             continue
@@ -214,6 +213,19 @@ def load_request_file(path: Path) -> RequestFile:
     _report_skipped(path, skipped)
     return RequestFile(np.asarray(times)[order], [models[i] for i in order],
                        np.asarray(inputs)[order], np.asarray(outputs)[order], skipped)
+
+
+def _number(path: Path, line: int, row: dict, column: str, kind: type[int] | type[float]):
+    """A row's numeric field; an error names the file, line, column and text."""
+    text = row[column]
+    what = "an integer" if kind is int else "a finite number"
+    try:
+        value = kind(text)
+    except (TypeError, ValueError):
+        raise TraceError(f"{path}:{line}: {column} {text!r} is not {what}") from None
+    if not math.isfinite(value):
+        raise TraceError(f"{path}:{line}: {column} {text!r} is not {what}")
+    return value
 
 
 def _rows(path: Path, required: tuple[str, ...]):
