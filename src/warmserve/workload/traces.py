@@ -74,9 +74,11 @@ def load_azure_llm(kind_or_path: str | Path) -> LLMTrace:
     for line, row in _rows(path, ("TIMESTAMP", "ContextTokens", "GeneratedTokens")):
         try:
             stamp = datetime.fromisoformat(row["TIMESTAMP"][:26])
-            n_in, n_out = int(row["ContextTokens"]), int(row["GeneratedTokens"])
-        except (TypeError, ValueError) as exc:
-            raise TraceError(f"{path}:{line}: {exc}") from None
+        except (TypeError, ValueError):
+            raise TraceError(f"{path}:{line}: TIMESTAMP {row['TIMESTAMP']!r} is not an ISO "
+                             f"date and time") from None
+        n_in = _number(path, line, row, "ContextTokens", int)
+        n_out = _number(path, line, row, "GeneratedTokens", int)
         if n_in <= 0 or n_out <= 0:
             skipped += 1
             continue
@@ -97,10 +99,8 @@ def load_servegen_rates(path: Path | None = None) -> dict[str, np.ndarray]:
     path = path or shipped(SERVEGEN_FILE)
     series: dict[str, list[tuple[float, float]]] = {}
     for line, row in _rows(path, ("model", "window_start_s", "total_rate_rps")):
-        try:
-            start, rate = float(row["window_start_s"]), float(row["total_rate_rps"])
-        except (TypeError, ValueError) as exc:
-            raise TraceError(f"{path}:{line}: {exc}") from None
+        start = _number(path, line, row, "window_start_s", float)
+        rate = _number(path, line, row, "total_rate_rps", float)
         series.setdefault(row["model"], []).append((start, max(rate, 0.0)))
     out = {}
     for model, points in series.items():
@@ -148,12 +148,10 @@ def load_servegen_clients(path: Path | None = None) -> dict[str, ClientWindows]:
             raise TraceError(f"{path}:{line}: pattern {name!r} is not one of "
                              f"{', '.join(SERVEGEN_PATTERNS)}")
         pattern = SERVEGEN_PATTERNS.index(name)
-        try:
-            window = int(float(row["window_start_s"]) // SERVEGEN_WINDOW_S)
-            rate, shape = float(row["rate"]), float(row["p1"])
-            client = int(row["client"])
-        except ValueError as exc:
-            raise TraceError(f"{path}:{line}: {exc}") from None
+        window = int(_number(path, line, row, "window_start_s", float) // SERVEGEN_WINDOW_S)
+        rate = _number(path, line, row, "rate", float)
+        shape = _number(path, line, row, "p1", float)
+        client = _number(path, line, row, "client", int)
         if not 0 <= window < SERVEGEN_WINDOWS:
             raise TraceError(f"{path}:{line}: window_start_s {row['window_start_s']} is outside "
                              f"the trace's {SERVEGEN_WINDOWS} windows")
@@ -186,8 +184,9 @@ def load_azure_functions(path: Path | None = None, top: int | None = None) -> np
     for line, row in _rows(path, ("HashFunction", "minute_1", "minute_1440")):
         try:
             rows.append([int(row[f"minute_{m}"]) for m in range(1, 1441)])
-        except (TypeError, ValueError, KeyError) as exc:
-            raise TraceError(f"{path}:{line}: {exc}") from None
+        except (TypeError, ValueError, KeyError):  # find the field, for the error
+            for m in range(1, 1441):
+                _number(path, line, row, f"minute_{m}", int)
     counts = np.asarray(rows, dtype=np.int64)
     counts = counts[np.argsort(-counts.sum(axis=1), kind="stable")]
     return counts[:top] if top else counts
@@ -217,6 +216,8 @@ def load_request_file(path: Path) -> RequestFile:
 
 def _number(path: Path, line: int, row: dict, column: str, kind: type[int] | type[float]):
     """A row's numeric field; an error names the file, line, column and text."""
+    if column not in row:
+        raise TraceError(f"{path}:{line}: no {column} column")
     text = row[column]
     what = "an integer" if kind is int else "a finite number"
     try:
