@@ -52,6 +52,24 @@ def test_zero_is_an_error_not_the_preset_default():
     assert result.exit_code == 2 and "window_s=0.0 must be > 0" in result.output
 
 
+def test_bad_profile_slo_and_out_are_refused_before_any_run(tmp_path):
+    """A profile that is not there or lacks a key, a negative SLO, or an --out that is a file:
+    each is named, and nothing is simulated first (an --out error used to come after the
+    runs, losing them)."""
+    bad = tmp_path / "p.yaml"
+    bad.write_text("device: x\nmodels:\n  a: {tp: 1}\n")
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    for args, message in ((["--profile", "nope"], "cost profile 'nope' is neither a file"),
+                          (["--profile", str(bad)], "missing key models.a.weight_gb"),
+                          (["--slo", "-1"], "--slo"),
+                          (["--out", str(afile)], "exists and is not a folder")):
+        result = runner.invoke(app, ["simulate", "--workload", "paper", "--duration", "30",
+                                     *args])
+        assert result.exit_code == 2 and message in " ".join(result.output.split()), args
+    assert afile.read_text() == "keep me"
+
+
 def test_predict_json():
     result = runner.invoke(app, ["predict", "--workload", "paper", "--json"])
     assert result.exit_code == 0, result.output

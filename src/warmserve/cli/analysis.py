@@ -38,9 +38,9 @@ def simulate(
     rate: Annotated[float | None, typer.Option(help="Total request rate (preset only).")] = None,
     time_scale: TimeScaleOpt = None,
     seed: Annotated[int | None, typer.Option(help="Workload seed.")] = None,
-    slo: Annotated[float | None, typer.Option(help="TTFT SLO in seconds.")] = None,
+    slo: Annotated[float | None, typer.Option(min=0.001, help="TTFT SLO in seconds.")] = None,
     profile: Annotated[str, typer.Option(help="Cost profile name or YAML file.")] = "h100",
-    jobs: Annotated[int, typer.Option(help="Policies simulated in parallel.")] = 2,
+    jobs: Annotated[int, typer.Option(min=1, help="Policies simulated in parallel.")] = 2,
     out: Annotated[Path | None, typer.Option(help="Write CSVs and plots here.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     log_level: VerbLogLevel = None,
@@ -59,11 +59,15 @@ def simulate(
     names = [p.strip() for p in policies.split(",") if p.strip()]
     if names == ["all"]:
         names = list(DEFAULT_SYSTEMS) + list(VARIANTS) + list(ABLATIONS)
+    if out is not None and out.exists() and not out.is_dir():
+        raise fail(f"--out {out}: exists and is not a folder")
     try:
         cfg = load_config(config)
         prof = load_profile(profile)
         scenario = build_scenario(workload, cfg, prof, duration, seed, None, rate, gpus,
                                   gpus_per_node, time_scale)
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)  # before the runs, not after
         with Progress(console=console, transient=True, disable=as_json) as progress:
             task = progress.add_task(f"simulating {len(names)} policies", total=len(names))
             results = run_sim(scenario, names, cfg, prof, jobs,

@@ -161,22 +161,54 @@ def service_time_fn(costs: list[ModelCost], batch: int):
     return service_time
 
 
+class ProfileError(ValueError):
+    """A cost profile cannot be found or read; the message names the file and the key."""
+
+
+def shipped_profiles() -> list[str]:
+    folder = resources.files("warmserve.sim").joinpath("profiles")
+    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir()
+                  if p.name.endswith(".yaml"))
+
+
 def load_profile(name_or_path: str = "h100") -> DeviceProfile:
+    """A shipped profile by name (`h100`), or a YAML file like it."""
     path = Path(name_or_path)
     if not path.is_file():
+        if name_or_path not in shipped_profiles():
+            raise ProfileError(f"cost profile {name_or_path!r} is neither a file nor one of "
+                               f"{', '.join(shipped_profiles())}")
         path = Path(str(resources.files("warmserve.sim").joinpath("profiles",
                                                                   f"{name_or_path}.yaml")))
-    data = yaml.safe_load(path.read_text())
+    try:
+        data = yaml.safe_load(path.read_text())
+        return _profile_from(data)
+    except yaml.YAMLError as exc:
+        raise ProfileError(f"{path}: not valid YAML: {exc}") from None
+    except KeyError as exc:
+        raise ProfileError(f"{path}: missing key {exc.args[0]}") from None
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise ProfileError(f"{path}: {exc}") from None
+
+
+def _profile_from(data: dict) -> DeviceProfile:
+    if not isinstance(data, dict):
+        raise ValueError("a profile is a mapping of keys (device, memory_gb, models, ...)")
     gb = 1e9
     tp = data.get("tensor_parallel", {})
     scaling = TpScaling(tp.get("hbm_gbps", 3000) * gb, tp.get("allreduce_ms", 0.0) / 1e3,
                         tp.get("efficiency", 1.0), data.get("kv_read_overhead", 1.0))
-    models = {
-        name: ModelCost(name, int(m["tp"]), int(m["weight_gb"] * gb), int(m["kv_bytes_per_token"]),
-                        m["decode_base_ms"] / 1e3, m["decode_per_seq_ms"] / 1e3,
-                        m["prefill_us_per_token"] / 1e6, m["prefill_base_ms"] / 1e3, scaling)
-        for name, m in data["models"].items()
-    }
+    models = {}
+    for name, m in data["models"].items():
+        try:
+            models[name] = ModelCost(
+                name, int(m["tp"]), int(m["weight_gb"] * gb), int(m["kv_bytes_per_token"]),
+                m["decode_base_ms"] / 1e3, m["decode_per_seq_ms"] / 1e3,
+                m["prefill_us_per_token"] / 1e6, m["prefill_base_ms"] / 1e3, scaling)
+        except KeyError as exc:
+            raise KeyError(f"models.{name}.{exc.args[0]}") from None
+        if models[name].tp < 1:
+            raise ValueError(f"models.{name}.tp = {models[name].tp} must be >= 1")
     return DeviceProfile(data["device"], int(data["memory_gb"] * gb), data["pool_fraction"],
                          data["h2d_gbps"] * gb, data["ssd_gbps"] * gb, data["engine_init_s"],
                          data["activation_s"], data["evict_s"], models,
