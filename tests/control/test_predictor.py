@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from warmserve.control.forecast_eval import evaluate_forecasts
 from warmserve.control.predictor import ModelForecaster, SeriesForecaster, mean_relative_error
@@ -140,3 +142,28 @@ def test_evaluate_reports_all_keys():
                                       "naive_same_slot_yesterday_peak_mre"}
     assert report["models"]["a"]["windows"] == 10
     assert 0 <= report["overall"]["peak_mre"] < 1
+
+
+_loads = st.floats(min_value=0, max_value=1e4, allow_nan=False)
+
+
+@settings(max_examples=200, deadline=None)
+@given(history=st.lists(st.tuples(_loads, _loads, _loads), max_size=12),
+       today=st.lists(st.tuples(_loads, _loads, _loads), min_size=1, max_size=12),
+       extensions=st.booleans())
+def test_forecasts_stay_finite_non_negative_and_the_peak_covers_the_average(history, today,
+                                                                             extensions):
+    """Whatever non-negative windows it sees (zeros, bursts, no history), every forecast is a
+    finite number >= 0, and the peak forecast is never below the average one."""
+    f = ModelForecaster(windows_per_period=4, extensions=extensions)
+    days = len(history) // 4
+    if days:
+        rows = np.array(history[: days * 4], dtype=float).reshape(days, 4, 3)
+        f.seed({"avg_concurrency": rows[:, :, 0], "peak_concurrency": rows[:, :, 1],
+                "rate_rps": rows[:, :, 2]})
+    for avg, peak, rate in today:
+        f.observe(avg, max(avg, peak), rate)
+        forecast = f.forecast()
+        values = (forecast.avg_concurrency, forecast.peak_concurrency, forecast.rate_rps)
+        assert all(np.isfinite(v) and v >= 0 for v in values), values
+        assert forecast.peak_concurrency >= forecast.avg_concurrency
