@@ -22,36 +22,58 @@ import statistics
 from warmserve.config import load_config
 from warmserve.sim.profiles import load_profile
 from warmserve.sim.run import build_scenario, simulate, summaries
+from warmserve.sim.systems import get_system
 
 
-def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x]
+def _listed(kind: type[int] | type[float]):
+    """An argparse type: a non-empty comma-separated list of positive numbers (seeds >= 0)."""
+    def parse(text: str) -> list:
+        try:
+            values = [kind(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of "
+                                             f"{kind.__name__}s") from None
+        if not values or any(v < 0 or (kind is float and v == 0) for v in values):
+            raise argparse.ArgumentTypeError(f"{text!r}: give one or more, each "
+                                             f"{'>= 0' if kind is int else '> 0'}")
+        return values
+    return parse
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workload", default="paper")
-    ap.add_argument("--seeds", default="0,1,2,3,4")
-    ap.add_argument("--rates", default="20,40,60,80")
+    ap.add_argument("--seeds", type=_listed(int), default="0,1,2,3,4")
+    ap.add_argument("--rates", type=_listed(float), default="20,40,60,80")
     ap.add_argument("--policies", default="warmserve,serverlessllm,muxserve,dedicated")
     ap.add_argument("--jobs", type=int, default=2)
     args = ap.parse_args()
     config, profile = load_config("h100-node"), load_profile("h100")
     policies = args.policies.split(",")
-    seeds = [int(s) for s in _floats(args.seeds)]
+    for name in policies:
+        try:
+            get_system(name)
+        except ValueError as exc:
+            ap.error(str(exc))
+    seeds = args.seeds
+    seed_list = ",".join(map(str, seeds))
     slo = config.policy.ttft_slo_s
     rows: dict[float, list[dict[str, dict]]] = {}
     print("rate seed " + " ".join(f"{p[:14]:>24s}" for p in policies) + "   (P99 s / within SLO)")
-    for rate in _floats(args.rates):
+    for rate in args.rates:
         for seed in seeds:
-            scenario = build_scenario(args.workload, config, profile, seed=seed, rate_rps=rate)
+            try:
+                scenario = build_scenario(args.workload, config, profile, seed=seed,
+                                          rate_rps=rate)
+            except ValueError as exc:  # a workload that is no preset: before any run
+                ap.error(str(exc))
             summary = summaries(simulate(scenario, policies, config, profile, args.jobs), slo)
             rows.setdefault(rate, []).append(summary)
             cells = [f"{summary[p]['ttft_p99_s']:9.2f} / {_within(summary[p]):7d}"
                      for p in policies]
             print(f"{rate:4.0f} {seed:4d} " + " ".join(f"{c:>24s}" for c in cells), flush=True)
 
-    print(f"\nmedians over seeds {args.seeds}")
+    print(f"\nmedians over seeds {seed_list}")
     header = ["rate"] + [f"P99 {p}" for p in policies]
     if {"warmserve", "serverlessllm"} <= set(policies):
         header += ["SLLM/WS P99", "seeds >= 10x"]
@@ -72,7 +94,7 @@ def main() -> None:
             cells += [f"{statistics.median(within):.2f}x"]
         print("| " + " | ".join(cells) + " |")
 
-    print(f"\nmedian requests within the SLO over seeds {args.seeds}")
+    print(f"\nmedian requests within the SLO over seeds {seed_list}")
     print("| rate | " + " | ".join(policies) + " |")
     print("|" + "---|" * (len(policies) + 1))
     for rate, runs in rows.items():
@@ -82,7 +104,7 @@ def main() -> None:
     rates = list(rows)
     attainment = {p: [statistics.median(r[p]["slo_attainment"] for r in rows[rate])
                       for rate in rates] for p in policies}
-    print(f"\nmedian SLO attainment over seeds {args.seeds}")
+    print(f"\nmedian SLO attainment over seeds {seed_list}")
     print("| rate | " + " | ".join(policies) + " |")
     print("|" + "---|" * (len(policies) + 1))
     for k, rate in enumerate(rates):
