@@ -54,6 +54,19 @@ def test_progress_moves_forward_to_the_end_and_a_partial_run_stops_where_asked(p
     assert sum(m.arrived for m in partial.models) == arrived.sum()
 
 
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_simulate_reports_each_policys_progress_in_this_process(paper_short, jobs):
+    """What the CLI's progress bar shows: per policy, simulated seconds that only grow and end
+    at the workload's duration, from worker processes too; results in the order asked."""
+    seen: dict[str, list[float]] = {}
+    results = simulate(paper_short, ["muxserve", "warmserve"], CONFIG, PROFILE, jobs=jobs,
+                       on_progress=lambda name, t: seen.setdefault(name, []).append(t))
+    assert list(results) == ["muxserve", "warmserve"]
+    assert set(seen) == {"muxserve", "warmserve"}
+    for values in seen.values():
+        assert values == sorted(values) and values[-1] == 240.0
+
+
 @pytest.mark.parametrize("name", sorted(SYSTEMS))
 def test_every_request_is_accounted_and_memory_is_exact(paper_short, name):
     sim = Simulator(paper_short.workload, paper_short.costs, get_system(name),

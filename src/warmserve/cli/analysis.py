@@ -69,9 +69,16 @@ def simulate(
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)  # before the runs, not after
         with Progress(console=console, transient=True, disable=as_json) as progress:
-            task = progress.add_task(f"simulating {len(names)} policies", total=len(names))
-            results = run_sim(scenario, names, cfg, prof, jobs,
-                              on_done=lambda _: progress.advance(task))
+            duration = scenario.workload.spec.duration_s
+            task = progress.add_task(f"simulating {len(names)} policies",
+                                     total=len(names) * duration)
+            reached: dict[str, float] = {}
+
+            def advance(name: str, simulated_s: float) -> None:
+                reached[name] = simulated_s
+                progress.update(task, completed=sum(reached.values()))
+
+            results = run_sim(scenario, names, cfg, prof, jobs, on_progress=advance)
     except (ConfigError, WorkloadError, TraceError, ValueError, KeyError, OSError) as exc:
         raise fail(str(exc).strip("'\"")) from None
     summary = summaries(results, slo or cfg.policy.ttft_slo_s)

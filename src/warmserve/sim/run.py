@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, wait
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
+from multiprocessing import Manager
 from pathlib import Path
 
 import numpy as np
@@ -123,34 +126,57 @@ def _csv_scenario(path: Path, config: WarmServeConfig, profile: DeviceProfile,
 
 
 def _run_one(args: tuple) -> tuple[str, SimResult]:
-    scenario, name, config, profile, cache = args
+    scenario, name, config, profile, cache, reached = args
     sim_config = SimConfig(scenario.num_gpus, scenario.gpus_per_node, config.policy, profile,
                            host_cache_bytes=cache,
                            step_tokens=config.engine.max_tokens_per_step)
-    return name, Simulator(scenario.workload, scenario.costs, get_system(name), sim_config).run()
+    report = functools.partial(reached.__setitem__, name) if reached is not None else None
+    simulator = Simulator(scenario.workload, scenario.costs, get_system(name), sim_config)
+    return name, simulator.run(progress=report)
+
+
+class _Relay:
+    """Hands a run's progress (`reached[name] = simulated s`) straight to a callback."""
+
+    def __init__(self, callback: Callable[[str, float], None]) -> None:
+        self.callback = callback
+
+    def __setitem__(self, name: str, simulated_s: float) -> None:
+        self.callback(name, simulated_s)
 
 
 def simulate(scenario: Scenario, policies: list[str], config: WarmServeConfig,
              profile: DeviceProfile, jobs: int = 1,
-             on_done: Callable[[str], None] | None = None) -> dict[str, SimResult]:
-    """Run each policy set on the same scenario (in parallel processes when jobs > 1)."""
+             on_progress: Callable[[str, float], None] | None = None) -> dict[str, SimResult]:
+    """Run each policy set on the same scenario (in parallel processes when jobs > 1).
+    `on_progress(policy, simulated seconds reached)` is called as the runs go, in this
+    process, and with the workload's duration when a run ends."""
     for name in policies:
         get_system(name)  # fail fast on an unknown name
     cache = int(config.cluster.nodes[0].pinned_cache_gib * (1 << 30))
-    tasks = [(scenario, name, config, profile, cache) for name in policies]
+    duration = scenario.workload.spec.duration_s
     results: dict[str, SimResult] = {}
-    if jobs > 1 and len(tasks) > 1:
-        with ProcessPoolExecutor(max_workers=min(jobs, len(tasks))) as pool:
-            for name, result in pool.map(_run_one, tasks):
-                results[name] = result
-                if on_done:
-                    on_done(name)
-    else:
-        for task in tasks:
-            name, result = _run_one(task)
-            results[name] = result
-            if on_done:
-                on_done(name)
+    if jobs > 1 and len(policies) > 1:
+        with Manager() if on_progress else nullcontext() as manager:
+            reached = manager.dict() if manager else None  # written by the workers
+            with ProcessPoolExecutor(max_workers=min(jobs, len(policies))) as pool:
+                pending = {pool.submit(_run_one, (scenario, name, config, profile, cache,
+                                                  reached)) for name in policies}
+                while pending:
+                    done, pending = wait(pending, timeout=0.5)
+                    for future in done:
+                        name, results[name] = future.result()
+                        if reached is not None:
+                            reached[name] = duration
+                    if on_progress and reached is not None:
+                        for name, simulated_s in reached.items():
+                            on_progress(name, simulated_s)
+        return {name: results[name] for name in policies}
+    relay = _Relay(on_progress) if on_progress else None
+    for name in policies:
+        _, results[name] = _run_one((scenario, name, config, profile, cache, relay))
+        if on_progress:
+            on_progress(name, duration)
     return results
 
 
