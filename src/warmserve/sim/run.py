@@ -158,7 +158,8 @@ def simulate(scenario: Scenario, policies: list[str], config: WarmServeConfig,
     results: dict[str, SimResult] = {}
     if jobs > 1 and len(policies) > 1:
         with Manager() if on_progress else nullcontext() as manager:
-            reached = manager.dict() if manager else None  # written by the workers
+            # written by the workers, read here; only when someone follows the progress
+            reached = manager.dict() if manager else None
             with ProcessPoolExecutor(max_workers=min(jobs, len(policies))) as pool:
                 pending = {pool.submit(_run_one, (scenario, name, config, profile, cache,
                                                   reached)) for name in policies}
@@ -168,7 +169,7 @@ def simulate(scenario: Scenario, policies: list[str], config: WarmServeConfig,
                         name, results[name] = future.result()
                         if reached is not None:
                             reached[name] = duration
-                    if on_progress and reached is not None:
+                    if on_progress and reached is not None:  # both or neither
                         for name, simulated_s in reached.items():
                             on_progress(name, simulated_s)
         return {name: results[name] for name in policies}
