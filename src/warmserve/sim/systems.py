@@ -24,10 +24,9 @@ those needs from the work arriving rather than from concurrency. `warmserve-publ
 published algorithm alone, its forecaster included. An instance that rebalancing drains hands
 its running requests to its model's other instances instead of finishing them before its GPUs
 change hands (live, the router resumes each on another instance after the tokens it has
-sent). Ablations of
-warmserve: each of those off, surplus judged on the latest load only, no prewarming at all, no
-forecast (prewarm for the last window's load), no KV reservation (prewarm on free GPUs only),
-round-robin placement.
+sent). Ablations of warmserve: each of those off, surplus judged on the latest load only, no
+prewarming at all, no forecast (prewarm for the last window's load), no KV reservation
+(prewarm on free GPUs only), round-robin placement.
 """
 
 from __future__ import annotations
