@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from warmserve.control.forecast_eval import evaluate_forecasts
@@ -135,11 +135,27 @@ def test_mre_ignores_tiny_actuals():
     assert mean_relative_error(np.array([2.0, 5.0]), np.array([1.0, 0.1])) == 1.0
 
 
+def test_worse_than_both_naive_is_flagged_only_when_every_naive_predictor_wins():
+    from warmserve.control.forecast_eval import _worse_than_both_naive
+
+    def row(peak, last, yesterday):
+        return {"peak_mre": peak, "naive_last_window_peak_mre": last,
+                "naive_same_slot_yesterday_peak_mre": yesterday}
+
+    assert _worse_than_both_naive(row(0.3, 0.2, 0.25))
+    assert not _worse_than_both_naive(row(0.3, 0.2, 0.35))  # beats yesterday
+    assert not _worse_than_both_naive(row(0.2, 0.2, None))  # equals the last window
+    assert _worse_than_both_naive(row(0.3, 0.2, None))  # no yesterday: the last window alone
+    assert not _worse_than_both_naive(row(float("nan"), 0.2, None))
+
+
 def test_evaluate_reports_all_keys():
     w = build_workload(WorkloadSpec(("a", "b"), 20.0, 600.0, window_s=60.0))
     report = evaluate_forecasts(w)
     assert set(report["overall"]) >= {"peak_mre", "avg_mre", "naive_last_window_peak_mre",
-                                      "naive_same_slot_yesterday_peak_mre"}
+                                      "naive_same_slot_yesterday_peak_mre",
+                                      "worse_than_both_naive"}
+    assert set(report["models"]["a"]) >= {"worse_than_both_naive"}
     assert report["models"]["a"]["windows"] == 10
     assert 0 <= report["overall"]["peak_mre"] < 1
 
@@ -148,6 +164,8 @@ _loads = st.floats(min_value=0, max_value=1e4, allow_nan=False)
 
 
 @settings(max_examples=200, deadline=None)
+@example(history=[(1.0, 0.0, 0.0)] * 4, today=[(1.1e-308, 2.0, 0.0)] * 4,
+         extensions=True)  # denormal averages: their peak/avg ratios overflowed to inf
 @given(history=st.lists(st.tuples(_loads, _loads, _loads), max_size=12),
        today=st.lists(st.tuples(_loads, _loads, _loads), min_size=1, max_size=12),
        extensions=st.booleans())

@@ -143,7 +143,8 @@ def predict(
         table.add_column(column, justify="right")
     rows = [*report["models"].items(), ("overall", report["overall"])]
     for name, row in rows:
-        table.add_row(name, *(fmt(row[k]) for k in keys))
+        mark = " [red](worse than both naive)[/red]" if row["worse_than_both_naive"] else ""
+        table.add_row(name + mark, *(fmt(row[k]) for k in keys))
     Console().print(table)
     for note in scenario.workload.notes:
         console.print(f"[dim]{note}[/dim]")

@@ -14,7 +14,8 @@ def evaluate_forecasts(workload: Workload, error_windows: int = 10,
 
     Returns {"overall": {...}, "with_history": {...}, "models": {name: {...}}} with mean
     relative errors of the peak and average concurrency forecasts, and of two naive peak
-    predictors (last window; same slot of the previous day, where there is one). Every
+    predictors (last window; same slot of the previous day, where there is one), and
+    `worse_than_both_naive` where the peak forecast loses to every naive one. Every
     predictor is scored on the same windows: all but the first, which has no last window.
     `with_history` averages over the models that have earlier days only, so that all four
     errors there cover the same models.
@@ -53,11 +54,21 @@ def evaluate_forecasts(workload: Workload, error_windows: int = 10,
             "windows": n,
             "mean_peak_concurrency": float(actual.peak_concurrency[0].mean()),
         }
+        entry["worse_than_both_naive"] = _worse_than_both_naive(entry)
         models[name] = entry
     with_history = {k: v for k, v in models.items() if v["has_history"]}
     return {"overall": _overall(models),
             "with_history": _overall(with_history) if with_history else None,
             "models": models}
+
+
+def _worse_than_both_naive(row: dict) -> bool:
+    """Is the peak forecast worse than every naive predictor that applies (the same slot
+    yesterday needs a yesterday)? The goal is never to be."""
+    naive = [row[k] for k in ("naive_last_window_peak_mre", "naive_same_slot_yesterday_peak_mre")
+             if row[k] is not None and not np.isnan(row[k])]
+    peak = row["peak_mre"]
+    return bool(naive) and peak is not None and not np.isnan(peak) and peak > max(naive)
 
 
 def _oracle(workload: Workload, replays: list[Workload], name: str) -> dict:
@@ -79,6 +90,7 @@ def _overall(models: dict) -> dict:
     for key in keys:
         values = [m[key] for m in models.values() if m[key] is not None and not np.isnan(m[key])]
         overall[key] = float(np.mean(values)) if values else None
+    overall["worse_than_both_naive"] = _worse_than_both_naive(overall)
     with_history = [m for m in models.values() if m["has_history"]]
     overall["models_with_history"] = len(with_history)
     overall["models"] = len(models)

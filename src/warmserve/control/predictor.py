@@ -168,7 +168,7 @@ class ModelForecaster:
         median: a window whose load stops early has a tiny average and a huge ratio)."""
         avg = self.series["avg_concurrency"].values[-RATIO_WINDOWS:]
         peak = self.series["peak_concurrency"].values[-RATIO_WINDOWS:]
-        ratios = [p / a for p, a in zip(peak, avg, strict=True) if a > 0]
+        ratios = [p / a for p, a in zip(peak, avg, strict=True) if a >= 1e-6]  # below: no load
         if not ratios:
             return None
         return self.series["avg_concurrency"].forecast(window) * float(np.median(ratios))
