@@ -76,28 +76,28 @@ def test_truncated_row_names_file_and_line(tmp_path):
         load_azure_llm(path)
 
 
-def test_bad_numbers_name_file_line_and_column(tmp_path):
+_MINUTES = "HashFunction," + ",".join(f"minute_{m}" for m in range(1, 1441))
+
+
+@pytest.mark.parametrize("loader, text, message", [
+    (load_azure_llm, "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.6805900,374,"
+     "44\n2023-11-16 18:15:47.1,12,many\n", r"t\.csv:3: GeneratedTokens 'many' is not an integer"),
+    (load_azure_llm, "TIMESTAMP,ContextTokens,GeneratedTokens\nyesterday,374,44\n",
+     r"t\.csv:2: TIMESTAMP 'yesterday' is not an ISO"),
+    (load_servegen_rates, "model,window_start_s,total_rate_rps\nm,0,1.5\nm,600,nan\n",
+     r"t\.csv:3: total_rate_rps 'nan' is not a finite"),
+    (load_servegen_clients, "model,client,window_start_s,rate,pattern,p1\nm,0,600,inf,Gamma,1\n",
+     r"t\.csv:2: rate 'inf' is not a finite number"),
+    (load_azure_functions, _MINUTES + "\nf," + ",".join(
+        "1.5" if m == 500 else str(m) for m in range(1, 1441)) + "\n",
+     r"t\.csv:2: minute_500 '1\.5' is not an integer"),
+])
+def test_bad_numbers_name_file_line_and_column(tmp_path, loader, text, message):
     """Every loader names the field that is not a number, and refuses NaN and infinity."""
     path = tmp_path / "t.csv"
-    path.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n"
-                    "2023-11-16 18:15:46.6805900,374,44\n2023-11-16 18:15:47.1,12,many\n")
-    with pytest.raises(TraceError, match=r"t\.csv:3: GeneratedTokens 'many' is not an integer"):
-        load_azure_llm(path)
-    path.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\nyesterday,374,44\n")
-    with pytest.raises(TraceError, match=r"t\.csv:2: TIMESTAMP 'yesterday' is not an ISO"):
-        load_azure_llm(path)
-    path.write_text("model,window_start_s,total_rate_rps\nm,0,1.5\nm,600,nan\n")
-    with pytest.raises(TraceError, match=r"t\.csv:3: total_rate_rps 'nan' is not a finite"):
-        load_servegen_rates(path)
-    path.write_text("model,client,window_start_s,rate,pattern,p1\nm,0,600,inf,Gamma,1\n")
-    with pytest.raises(TraceError, match=r"t\.csv:2: rate 'inf' is not a finite number"):
-        load_servegen_clients(path)
-    minutes = [str(m) for m in range(1440)]
-    minutes[499] = "1.5"
-    path.write_text("HashFunction," + ",".join(f"minute_{m}" for m in range(1, 1441)) + "\n"
-                    + "f," + ",".join(minutes) + "\n")
-    with pytest.raises(TraceError, match=r"t\.csv:2: minute_500 '1\.5' is not an integer"):
-        load_azure_functions(path)
+    path.write_text(text)
+    with pytest.raises(TraceError, match=message):
+        loader(path)
 
 
 def test_bad_value_and_missing_header(tmp_path):

@@ -175,9 +175,10 @@ def load_profile(name_or_path: str = "h100") -> DeviceProfile:
     """A shipped profile by name (`h100`), or a YAML file like it."""
     path = Path(name_or_path)
     if not path.is_file():
-        if name_or_path not in shipped_profiles():
+        shipped = shipped_profiles()
+        if name_or_path not in shipped:
             raise ProfileError(f"cost profile {name_or_path!r} is neither a file nor one of "
-                               f"{', '.join(shipped_profiles())}")
+                               f"{', '.join(shipped)}")
         path = Path(str(resources.files("warmserve.sim").joinpath("profiles",
                                                                   f"{name_or_path}.yaml")))
     try:

@@ -126,23 +126,16 @@ def _csv_scenario(path: Path, config: WarmServeConfig, profile: DeviceProfile,
 
 
 def _run_one(args: tuple) -> tuple[str, SimResult]:
-    scenario, name, config, profile, cache, reached = args
+    scenario, name, config, profile, cache, report = args
     sim_config = SimConfig(scenario.num_gpus, scenario.gpus_per_node, config.policy, profile,
                            host_cache_bytes=cache,
                            step_tokens=config.engine.max_tokens_per_step)
-    report = functools.partial(reached.__setitem__, name) if reached is not None else None
     simulator = Simulator(scenario.workload, scenario.costs, get_system(name), sim_config)
     return name, simulator.run(progress=report)
 
 
-class _Relay:
-    """Hands a run's progress (`reached[name] = simulated s`) straight to a callback."""
-
-    def __init__(self, callback: Callable[[str, float], None]) -> None:
-        self.callback = callback
-
-    def __setitem__(self, name: str, simulated_s: float) -> None:
-        self.callback(name, simulated_s)
+def _store(reached: dict, name: str, simulated_s: float) -> None:
+    reached[name] = simulated_s
 
 
 def simulate(scenario: Scenario, policies: list[str], config: WarmServeConfig,
@@ -160,9 +153,11 @@ def simulate(scenario: Scenario, policies: list[str], config: WarmServeConfig,
         with Manager() if on_progress else nullcontext() as manager:
             # written by the workers, read here; only when someone follows the progress
             reached = manager.dict() if manager else None
+            tasks = [(scenario, name, config, profile, cache,
+                      None if reached is None else functools.partial(_store, reached, name))
+                     for name in policies]
             with ProcessPoolExecutor(max_workers=min(jobs, len(policies))) as pool:
-                pending = {pool.submit(_run_one, (scenario, name, config, profile, cache,
-                                                  reached)) for name in policies}
+                pending = {pool.submit(_run_one, task) for task in tasks}
                 while pending:
                     done, pending = wait(pending, timeout=0.5)
                     for future in done:
@@ -173,9 +168,9 @@ def simulate(scenario: Scenario, policies: list[str], config: WarmServeConfig,
                         for name, simulated_s in reached.items():
                             on_progress(name, simulated_s)
         return {name: results[name] for name in policies}
-    relay = _Relay(on_progress) if on_progress else None
     for name in policies:
-        _, results[name] = _run_one((scenario, name, config, profile, cache, relay))
+        report = functools.partial(on_progress, name) if on_progress else None
+        _, results[name] = _run_one((scenario, name, config, profile, cache, report))
         if on_progress:
             on_progress(name, duration)
     return results
