@@ -75,7 +75,8 @@ class SeriesForecaster:
 
     def forecast(self, window: int) -> float:
         seasonal = self.seasonal(window)
-        if not self.ensemble or not self.values or not self.last_abs_errors:
+        if (not self.ensemble or not self.values or not self.last_abs_errors
+                or not self.same_slot(window)):  # without history, seasonal is the last value
             return seasonal
         k = self.error_windows or 1
         w_seasonal = 1.0 / (np.mean(self.seasonal_abs_errors[-k:]) + 1e-6)
