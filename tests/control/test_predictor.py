@@ -7,7 +7,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from warmserve.control.forecast_eval import evaluate_forecasts
+from warmserve.control.forecast_eval import evaluate_forecasts, evaluate_series
 from warmserve.control.predictor import ModelForecaster, SeriesForecaster, mean_relative_error
 from warmserve.workload.builder import WorkloadSpec, build_workload
 
@@ -178,6 +178,34 @@ def test_without_history_the_forecast_is_never_flagged():
         assert not row["has_history"]
         assert row["peak_mre"] == row["naive_last_window_peak_mre"]
         assert not row["worse_than_both_naive"]
+
+
+def test_a_series_whose_days_repeat_is_forecast_exactly_and_the_naive_ones_are_not():
+    day = np.array([5.0, 20.0, 50.0, 20.0])
+    report = evaluate_series(np.tile(day, 6), windows_per_period=4, skip_periods=3)
+    assert report["mre"] == pytest.approx(0.0, abs=1e-6)  # the blend weights' epsilon
+    assert report["published_mre"] == 0.0
+    assert report["naive_same_slot_yesterday_mre"] == 0.0
+    assert report["naive_last_window_mre"] > 0.5
+    assert report["windows"] == 12  # days 4-6
+
+
+def test_series_scoring_uses_the_floor_and_scores_the_naive_predictors_by_hand():
+    values = np.array([10.0, 20.0, 10.0, 20.0, 10.0, 40.0, 0.5, 20.0])
+    report = evaluate_series(values, windows_per_period=2, skip_periods=2, floor=1.0)
+    assert report["windows"] == 3  # 10, 40, 20 (0.5 is under the floor)
+    # last window: 20 for 10, 10 for 40, 0.5 for 20; same slot yesterday: 10, 20, 40
+    assert report["naive_last_window_mre"] == pytest.approx((1.0 + 0.75 + 0.975) / 3)
+    assert report["naive_same_slot_yesterday_mre"] == pytest.approx((0.0 + 0.5 + 1.0) / 3)
+
+
+def test_series_scoring_refuses_what_it_cannot_score():
+    with pytest.raises(ValueError, match="needs more than 12"):
+        evaluate_series(np.ones(12), windows_per_period=4, skip_periods=3)
+    with pytest.raises(ValueError, match="non-finite"):
+        evaluate_series(np.array([1.0, np.nan] * 10), windows_per_period=4)
+    with pytest.raises(ValueError, match="skip_periods=0"):
+        evaluate_series(np.ones(20), windows_per_period=4, skip_periods=0)
 
 
 @settings(max_examples=200, deadline=None)

@@ -62,6 +62,47 @@ def evaluate_forecasts(workload: Workload, error_windows: int = 10,
             "models": models}
 
 
+def evaluate_series(values: np.ndarray, windows_per_period: int, skip_periods: int = 3,
+                    floor: float = 1.0, error_windows: int = 10) -> dict:
+    """The forecaster on one series of a trace's own numbers, with no replay in between.
+
+    As `predict` and the live controller do: the first `skip_periods` periods seed the
+    forecaster as history, its corrections and blend weights then learn online from the
+    windows after them, and each of those is forecast from every window before it. Returns
+    the mean relative errors, over windows whose actual value is at least `floor`, of our
+    forecast (`mre`), the published one (`published_mre`) and the two naive predictors,
+    and how many windows were scored.
+    """
+    values = np.asarray(values, dtype=float)
+    start = skip_periods * windows_per_period
+    if windows_per_period < 1 or skip_periods < 1:
+        raise ValueError(f"windows_per_period={windows_per_period} and "
+                         f"skip_periods={skip_periods} must be >= 1")
+    if len(values) <= start:
+        raise ValueError(f"{len(values)} windows: scoring from period {skip_periods} needs more "
+                         f"than {start}")
+    if not np.all(np.isfinite(values)) or np.any(values < 0):
+        raise ValueError("the series holds a negative or non-finite value")
+    actual = values[start:]
+    out = {}
+    for key, extensions in (("mre", True), ("published_mre", False)):
+        forecaster = ModelForecaster(windows_per_period, error_windows, extensions)
+        series = forecaster.series["rate_rps"]
+        for value in values[:start]:
+            series.observe(value)
+        forecaster.forget_errors()
+        predicted = np.empty(len(actual))
+        for w, value in enumerate(actual):
+            predicted[w] = series.forecast(start + w)
+            series.observe(value)
+        out[key] = mean_relative_error(predicted, actual, floor)
+    out["naive_last_window_mre"] = mean_relative_error(values[start - 1:-1], actual, floor)
+    out["naive_same_slot_yesterday_mre"] = mean_relative_error(
+        values[start - windows_per_period:-windows_per_period], actual, floor)
+    out["windows"] = int(np.sum(actual >= floor))
+    return out
+
+
 def _worse_than_both_naive(row: dict) -> bool:
     """Is the peak forecast worse than every naive predictor that applies (the same slot
     yesterday needs a yesterday)? The goal is never to be."""
