@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
 from typer.testing import CliRunner
 
 from warmserve.cli import app
@@ -30,6 +31,13 @@ def test_simulate_json_and_outputs(tmp_path):
     assert "handed_over" not in data["serverlessllm"]
     header = (tmp_path / "out" / "requests-serverlessllm.csv").read_text().splitlines()[0]
     assert header.split(",")[-1] == "stall_s"
+    # the timeline: every model's two one-minute windows, the load against its forecast
+    timeline = pd.read_csv(tmp_path / "out" / "timeline-warmserve.csv")
+    assert len(timeline) == 4 * 2
+    assert list(timeline.groupby("model")["window_start_s"].apply(list).iloc[0]) == [0, 60]
+    assert (timeline["peak_concurrency"] >= timeline["avg_concurrency"]).all()
+    assert timeline["instances_mean"].between(0.5, 16).all()  # every model busy; 16 GPUs
+    assert timeline.notna().all().all()
 
 
 def test_simulate_errors():

@@ -294,3 +294,14 @@ def test_the_goodput_variant_tracks_each_models_arrival_rate(paper_short):
         assert state.arrival_rate == pytest.approx(recent / window, abs=1.0 / window)
         assert state.peak_rate >= state.arrival_rate > 0
     assert all(s.peak_rate == 0.0 for s in sims["warmserve"].models)
+
+
+def test_window_means_of_a_step_function():
+    from warmserve.sim.report import _time_weighted_mean
+
+    # 1 from t=0, 3 from t=30, 2 from t=90; windows of 60 s
+    means = _time_weighted_mean([0.0, 30.0, 90.0], [1, 3, 2], np.array([0.0, 60.0, 120.0]),
+                                60.0)
+    assert means.tolist() == [2.0, 2.5, 2.0]
+    # before the first change the count is 0
+    assert _time_weighted_mean([30.0], [4], np.array([0.0]), 60.0).tolist() == [2.0]

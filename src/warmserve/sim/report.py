@@ -30,6 +30,10 @@ def write_outputs(out: Path, workload: Workload, results: dict[str, SimResult],
         written.append(path)
     written.append(plot_ttft_cdf(out / "ttft_cdf.png", results))
     for name, result in results.items():
+        path = out / f"timeline-{name}.csv"
+        timeline_frame(result, workload.window_s).to_csv(path, index=False,
+                                                         float_format="%.6g")
+        written.append(path)
         written.append(plot_timeline(out / f"timeline-{name}.png", workload, result))
     return written
 
@@ -59,7 +63,39 @@ def plot_ttft_cdf(path: Path, results: dict[str, SimResult]) -> Path:
     return path
 
 
+def timeline_frame(result: SimResult, window_s: float) -> pd.DataFrame:
+    """One row per model and forecast window: the load seen, the forecasts made for it, the
+    prewarmed replicas planned at its start and the instances it held on average."""
+    rows = []
+    for name, line in result.timeline.items():
+        n = min(len(line["t"]), len(line["avg"]))
+        starts = np.asarray(line["t"][:n])
+        held = _time_weighted_mean(line["instances_t"], line["instances"], starts, window_s)
+        rows.append(pd.DataFrame({
+            "model": name, "window_start_s": starts,
+            "avg_concurrency": line["avg"][:n], "peak_concurrency": line["peak"][:n],
+            "forecast_avg": line["forecast_avg"][:n], "forecast_peak": line["forecast_peak"][:n],
+            "prewarmed": line["prewarms"][:n], "instances_mean": held}))
+    return pd.concat(rows, ignore_index=True)
+
+
+def _time_weighted_mean(change_t: list[float], values: list[int], starts: np.ndarray,
+                        window_s: float) -> np.ndarray:
+    """The mean over each window [start, start + window_s) of a step function that takes
+    `values[k]` from `change_t[k]` on (0 before the first change)."""
+    t = np.concatenate([[-np.inf], change_t])
+    v = np.concatenate([[0.0], values])
+    out = np.zeros(len(starts))
+    for k, start in enumerate(starts):
+        end = start + window_s
+        edges = np.clip(np.concatenate([t, [np.inf]]), start, end)
+        out[k] = float(np.dot(np.diff(edges), v)) / window_s
+    return out
+
+
 def plot_timeline(path: Path, workload: Workload, result: SimResult) -> Path:
+    """Per model (the first eight): the load of each window against the forecast made for
+    it, and the instances and prewarmed replicas over time."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -68,14 +104,25 @@ def plot_timeline(path: Path, workload: Workload, result: SimResult) -> Path:
     models = list(workload.models)[:8]
     fig, axes = plt.subplots(len(models), 1, figsize=(7.0, 1.8 * len(models)), sharex=True,
                              squeeze=False)
+    end = result.duration_s
     for ax, name in zip(axes[:, 0], models, strict=True):
         line = result.timeline[name]
-        t = np.asarray(line["t"])
-        ax.step(t, line["load"], where="post", label="concurrency")
-        ax.step(t, line["forecast_peak"], where="post", label="forecast peak", alpha=0.8)
+        n = min(len(line["t"]), len(line["avg"]))  # the windows seen to their end
+        starts = line["t"][:n]
+        _steps(ax, starts, line["avg"][:n], end, label="average concurrency",
+               color="tab:blue", alpha=0.6)
+        _steps(ax, starts, line["peak"][:n], end, label="peak concurrency", color="tab:blue")
+        _steps(ax, starts, line["forecast_peak"][:n], end, label="forecast peak",
+               color="tab:orange", ls="--")
         twin = ax.twinx()
-        twin.step(t, line["instances"], where="post", color="k", label="instances")
-        twin.step(t, line["prewarms"], where="post", color="g", alpha=0.6, label="prewarmed")
+        kept = [k for k, at in enumerate(line["instances_t"]) if at < end]  # not the drain
+        _steps(twin, [line["instances_t"][k] for k in kept],
+               [line["instances"][k] for k in kept], end, color="k", label="instances")
+        _steps(twin, starts, line["prewarms"][:n], end, color="g", alpha=0.6,
+               label="prewarmed")
+        ax.set_ylim(bottom=0)
+        twin.set_ylim(0, max(line["instances"] + line["prewarms"], default=0) + 0.5)
+        twin.yaxis.get_major_locator().set_params(integer=True)
         ax.set_ylabel(name, fontsize=7)
         twin.set_ylabel("replicas", fontsize=7)
     axes[0, 0].legend(loc="upper left", fontsize=7)
@@ -86,3 +133,9 @@ def plot_timeline(path: Path, workload: Workload, result: SimResult) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _steps(axis, starts: list[float], values: list[float], end: float, **style) -> None:
+    """A step function that takes values[k] from starts[k] on, drawn to `end`."""
+    if starts:
+        axis.step(np.append(starts, end), np.append(values, values[-1]), where="post", **style)

@@ -60,7 +60,7 @@ class SimResult:
     keep_alive_hits: int
     kv_reclaims: int
     gpus_used: int
-    timeline: dict = field(default_factory=dict)  # model -> {"t", "load", "forecast", ...}
+    timeline: dict = field(default_factory=dict)  # model -> lists, as `Simulator.timeline`
     models: tuple[str, ...] = ()  # names, by model index
     gpu_seconds_by_model: tuple[float, ...] = ()  # what each model's instances held
     # where a drain hands running requests over (hand_over_on_drain): for each hand-over, the
@@ -123,8 +123,12 @@ class Simulator:
         if system.hand_over_on_drain:  # the request path keeps each instance's requests
             self._admit, self._finish = self._admit_tracked, self._finish_tracked
             self.cap.hand_over = self._hand_over
+        # per model: per forecast window, its start, the average and peak concurrency seen
+        # in it, the forecasts made for it and the prewarmed replicas planned at its start;
+        # and the instances accepting requests at every control tick where their count moved
         self.timeline: dict[str, dict[str, list]] = {
-            name: {"t": [], "load": [], "forecast_peak": [], "instances": [], "prewarms": []}
+            name: {"t": [], "avg": [], "peak": [], "forecast_avg": [], "forecast_peak": [],
+                   "prewarms": [], "instances_t": [], "instances": []}
             for name in workload.models}
 
     @property
@@ -426,6 +430,7 @@ class Simulator:
                 self.cap.scale_up(state, desired - len(live))
             elif desired < len(live):
                 self.cap.scale_down(state, live, len(live) - desired)
+            self._record_instances(state)
         if self.now < self.w.spec.duration_s + self.cfg.drain_s:
             self.events.push(self.now + policy.control_interval_s, TICK)
 
@@ -440,6 +445,9 @@ class Simulator:
                 rate = (state.arrived - state.window_start_arrived) / window_s
                 state.forecaster.observe(avg, state.window_peak, rate)
                 observed = Forecast(avg, state.window_peak, rate)
+                line = self.timeline[self.w.models[state.index]]
+                line["avg"].append(avg)
+                line["peak"].append(state.window_peak)
             else:
                 observed = None
             state.window_start_integral = state.integral
@@ -449,20 +457,29 @@ class Simulator:
                 state.forecast = state.forecaster.forecast()
             else:
                 state.forecast = observed
-            self._record(state)
         if self.sys.prewarm:
             self.cap.plan_prewarms()
         if self.now < self.w.spec.duration_s:
+            for state in self.models:
+                self._record_window(state)
+                self._record_instances(state)  # systems that never tick have them here
+        if self.now < self.w.spec.duration_s:
             self.events.push(self.now + window_s, WINDOW, index + 1)
 
-    def _record(self, state: ModelState) -> None:
+    def _record_window(self, state: ModelState) -> None:
         line = self.timeline[self.w.models[state.index]]
         line["t"].append(self.now)
-        line["load"].append(state.concurrency)
+        line["forecast_avg"].append(state.forecast.avg_concurrency)
         line["forecast_peak"].append(state.forecast.peak_concurrency)
-        line["instances"].append(len(state.live()))
         line["prewarms"].append(sum(1 for g in self.cluster.gpus for p in g.prewarms
                                     if p.model == state.index and p.gpus[0] == g.id))
+
+    def _record_instances(self, state: ModelState) -> None:
+        line = self.timeline[self.w.models[state.index]]
+        count = len(state.live())
+        if not line["instances"] or line["instances"][-1] != count:
+            line["instances_t"].append(self.now)
+            line["instances"].append(count)
 
     # --- results ----------------------------------------------------------------------------
 
