@@ -104,6 +104,19 @@ def test_ensemble_leans_on_the_better_predictor():
     assert abs(f.forecast(8) - 56) < abs(f.seasonal(8) - 56)
 
 
+def test_ensemble_weights_are_inverse_mean_squared_errors():
+    """Inverse-variance weights, the best linear blend of two unbiased estimates: a member
+    steady within 2 counts beats one exact thrice and 8 off once, though both err by 2 on
+    average (with inverse mean absolute errors they would weigh the same). Where days repeat,
+    the last window errs like the second and the seasonal forecast like the first."""
+    f = SeriesForecaster(windows_per_period=2)
+    f.values = [10.0, 20.0]  # window 2's same slot is 10 (no errors yet: no correction)
+    f.seasonal_abs_errors = [2.0, 2.0, 2.0, 2.0]
+    f.last_abs_errors = [0.0, 0.0, 0.0, 8.0]
+    assert f.seasonal(2) == 10.0
+    assert f.forecast(2) == pytest.approx((10 / 4 + 20 / 16) / (1 / 4 + 1 / 16))  # 12
+
+
 def test_noisy_peaks_follow_the_average_times_the_peak_ratio():
     """Average concurrency repeats day to day, the window peak is the average times ~2 plus
     noise: the peak/avg member beats the peak's own seasonal forecast, and the blend leans

@@ -117,3 +117,30 @@ def test_predict_in_real_time_uses_the_given_time_scale_and_refuses_it_for_a_req
     assert result.exit_code == 2 and "given: time scale" in result.output
     result = runner.invoke(app, ["simulate", "--workload", str(path), "--rate", "5"])
     assert result.exit_code == 2 and "(given: rate)" in result.output
+
+
+def test_predict_where_days_repeat_beats_yesterday_and_names_bad_arrivals(tmp_path):
+    """--repeat-day makes every day of history the simulated one drawn again: the same slot
+    yesterday becomes a fair predictor, and the forecaster, which averages three such days,
+    beats it. --arrivals switches the arrival process; a preset without ServeGen's shape
+    has no clients to replay, and a request file keeps its own arrivals."""
+    result = runner.invoke(app, ["predict", "--workload", "paper", "--repeat-day", "--json"])
+    assert result.exit_code == 0, result.output
+    periodic = json.loads(result.stdout)["overall"]
+    result = runner.invoke(app, ["predict", "--workload", "paper", "--json"])
+    real = json.loads(result.stdout)["overall"]
+    assert periodic["naive_same_slot_yesterday_peak_mre"] < real[
+        "naive_same_slot_yesterday_peak_mre"]
+    assert periodic["peak_mre"] < periodic["naive_same_slot_yesterday_peak_mre"]
+    result = runner.invoke(app, ["predict", "--workload", "paper", "--arrivals", "azure",
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["predict", "--workload", "azure-conv", "--arrivals", "clients"])
+    assert result.exit_code == 2 and "needs shape='servegen' or 'mixed', not 'flat'" in (
+        " ".join(result.output.split()))
+    path = tmp_path / "req.csv"
+    path.write_text("arrival_s,model,input_tokens,output_tokens\n0.5,llama-2-7b-a,100,50\n")
+    result = runner.invoke(app, ["simulate", "--workload", str(path), "--repeat-day",
+                                 "--arrivals", "azure"])
+    assert result.exit_code == 2 and "(given: arrivals, repeat day)" in " ".join(
+        result.output.split())

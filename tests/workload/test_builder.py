@@ -116,6 +116,27 @@ def test_mixed_shapes_replay_clients_only_for_servegen_models():
     assert (np.bincount(w.model_index, minlength=2) > 0).all()
 
 
+def test_repeat_day_replays_the_simulated_day_as_history():
+    """Without `repeat_day` each history row is another ServeGen day, with its own volume
+    (days differ by up to 1.5x); with it every row is the simulated day's clients drawn
+    again."""
+    spec = WorkloadSpec(("a", "b", "c"), 30.0, 1200.0, window_s=60.0, start_hour=0.0,
+                        arrivals="clients")
+    periodic = build_workload(WorkloadSpec(**{**spec.__dict__, "repeat_day": True}))
+    assert any("replays the simulated day" in note for note in periodic.notes)
+    days_apart = []
+    for w, same_day in ((build_workload(spec), False), (periodic, True)):
+        for name in spec.models:
+            today = w.actual[name].rate_rps[0]
+            for row in w.history[name].rate_rps:
+                gap = np.abs(row - today).sum() / today.sum()  # how far the days' shapes lie
+                if same_day:
+                    assert gap < 0.15, (name, gap)  # the same day; only the draw differs
+                else:
+                    days_apart.append(gap)
+    assert max(days_apart) > 0.25  # some other day is far from today: the test can tell
+
+
 @pytest.mark.parametrize("bad", [{"total_rate_rps": 0}, {"duration_s": -1}, {"shape": "x"},
                                  {"models": ()}, {"arrivals": "poisson"}, {"lengths": "chat"},
                                  {"arrivals": "clients", "shape": "functions"},

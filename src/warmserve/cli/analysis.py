@@ -11,6 +11,8 @@ from rich.console import Console
 from rich.table import Table
 
 from warmserve.cli.common import (
+    ArrivalsOpt,
+    RepeatDayOpt,
     TimeScaleOpt,
     VerbLogLevel,
     WorkloadOpt,
@@ -19,6 +21,7 @@ from warmserve.cli.common import (
     fail,
     fmt,
     print_summary,
+    reason,
     verb_log_level,
 )
 from warmserve.config import ConfigError, load_config
@@ -37,6 +40,8 @@ def simulate(
     duration: Annotated[float | None, typer.Option(help="Simulated seconds.")] = None,
     rate: Annotated[float | None, typer.Option(help="Total request rate (preset only).")] = None,
     time_scale: TimeScaleOpt = None,
+    arrivals: ArrivalsOpt = None,
+    repeat_day: RepeatDayOpt = False,
     seed: Annotated[int | None, typer.Option(help="Workload seed.")] = None,
     slo: Annotated[float | None, typer.Option(min=0.001, help="TTFT SLO in seconds.")] = None,
     profile: Annotated[str, typer.Option(help="Cost profile name or YAML file.")] = "h100",
@@ -65,7 +70,8 @@ def simulate(
         cfg = load_config(config)
         prof = load_profile(profile)
         scenario = build_scenario(workload, cfg, prof, duration, seed, None, rate, gpus,
-                                  gpus_per_node, time_scale)
+                                  gpus_per_node, time_scale, arrivals=arrivals,
+                                  repeat_day=repeat_day)
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)  # before the runs, not after
         with Progress(console=console, transient=True, disable=as_json) as progress:
@@ -80,7 +86,7 @@ def simulate(
 
             results = run_sim(scenario, names, cfg, prof, jobs, on_progress=advance)
     except (ConfigError, WorkloadError, TraceError, ValueError, KeyError, OSError) as exc:
-        raise fail(str(exc).strip("'\"")) from None
+        raise fail(reason(exc)) from None
     summary = summaries(results, slo or cfg.policy.ttft_slo_s)
     if out:
         write_outputs(out, scenario.workload, results, summary)
@@ -96,6 +102,8 @@ def predict(
     window: Annotated[float | None, typer.Option(help="Forecast window (simulated s).")] = None,
     duration: Annotated[float | None, typer.Option(help="Simulated seconds.")] = None,
     time_scale: TimeScaleOpt = None,
+    arrivals: ArrivalsOpt = None,
+    repeat_day: RepeatDayOpt = False,
     config: Annotated[str, typer.Option("--config", "-c")] = "h100-node",
     profile: Annotated[str, typer.Option(help="Cost profile name or YAML file.")] = "h100",
     seed: Annotated[int | None, typer.Option()] = None,
@@ -116,17 +124,17 @@ def predict(
     try:
         cfg = load_config(config)
         prof = load_profile(profile)
-        scenario = build_scenario(workload, cfg, prof, duration, seed, window,
-                                  time_scale=time_scale)
+        options = {"time_scale": time_scale, "arrivals": arrivals, "repeat_day": repeat_day}
+        scenario = build_scenario(workload, cfg, prof, duration, seed, window, **options)
         if oracle_replays and workload not in PRESETS:
             raise WorkloadError(f"--oracle-replays needs a preset: a request file such as "
                                 f"{workload!r} is one replay only")
         base = scenario.workload.spec.seed
         replays = [build_scenario(workload, cfg, prof, duration, base + k, window,
-                                  time_scale=time_scale).workload
+                                  **options).workload
                    for k in range(1, oracle_replays + 1)]
     except (ConfigError, WorkloadError, TraceError, ValueError, KeyError, OSError) as exc:
-        raise fail(str(exc).strip("'\"")) from None
+        raise fail(reason(exc)) from None
     report = evaluate_forecasts(scenario.workload, cfg.policy.error_correction_windows,
                                 replays or None)
     if as_json:

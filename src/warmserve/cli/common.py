@@ -53,6 +53,11 @@ def fail(message: str) -> typer.Exit:
     return typer.Exit(code=2)
 
 
+def reason(exc: Exception) -> str:
+    """What an exception says, without the quotes str() puts around a KeyError's message."""
+    return str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+
+
 @app.callback()
 def _main(
     log_level: LogLevel = "info",
@@ -78,6 +83,12 @@ WorkloadOpt = Annotated[str, typer.Option(
 TimeScaleOpt = Annotated[float | None, typer.Option(
     min=0.001, help="Trace seconds per simulated second (preset only; 1 replays the traces' "
     "days in real time).")]
+ArrivalsOpt = Annotated[str | None, typer.Option(
+    help="Arrival process (preset only): clients (ServeGen's per-client processes) or azure "
+    "(the Azure LLM trace's arrival times thinned to the rate shape).")]
+RepeatDayOpt = Annotated[bool, typer.Option(
+    "--repeat-day", help="Preset only: every earlier day of history replays the simulated "
+    "day, so days repeat exactly (the load forecasting is built for).")]
 
 
 def print_summary(summary: dict[str, dict], scenario) -> None:

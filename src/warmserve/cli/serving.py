@@ -17,6 +17,7 @@ from warmserve.cli.common import (
     console,
     fail,
     print_summary,
+    reason,
     verb_log_level,
 )
 from warmserve.config import ConfigError, load_config
@@ -116,7 +117,7 @@ def bench(
             m["id"] for m in httpx.get(f"{url}/v1/models", headers=headers).json()["data"]]
     except (ConfigError, WorkloadError, TraceError, ValueError, KeyError, OSError,
             httpx.HTTPError) as exc:
-        raise fail(str(exc).strip("'\"")) from None
+        raise fail(reason(exc)) from None
     w = scenario.workload
     span = duration or float(w.arrival_s.max(initial=0.0))
     console.print(f"replaying {int((w.arrival_s < span).sum())} requests over {span:.0f} s "

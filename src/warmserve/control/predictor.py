@@ -6,7 +6,8 @@ periods (days); the correction adds the weighted mean of the last ≤ K windows'
 falls back to the last observed window.
 
 Beyond the paper (`ensemble=True`, the default): the seasonal forecast is blended with the
-last window's value, each weighted by the inverse of its own recent mean absolute error, so a
+last window's value, each weighted by the inverse of its own recent mean squared error (the
+inverse-variance weights that make the best linear blend of two unbiased estimates), so a
 trace whose days repeat leans on the seasonal term and one whose windows drift leans on the
 last window, without a knob per trace. Where there is same-slot history, the peak is
 blended the same way with a third estimate: the average-concurrency forecast times the recent
@@ -78,9 +79,9 @@ class SeriesForecaster:
         if (not self.ensemble or not self.values or not self.last_abs_errors
                 or not self.same_slot(window)):  # without history, seasonal is the last value
             return seasonal
-        k = self.error_windows or 1
-        w_seasonal = 1.0 / (np.mean(self.seasonal_abs_errors[-k:]) + 1e-6)
-        w_last = 1.0 / (np.mean(self.last_abs_errors[-k:]) + 1e-6)
+        k = self.error_windows or 1  # inverse mean squared errors: inverse-variance weights
+        w_seasonal = 1.0 / (np.mean(np.square(self.seasonal_abs_errors[-k:])) + 1e-6)
+        w_last = 1.0 / (np.mean(np.square(self.last_abs_errors[-k:])) + 1e-6)
         last = self.values[-1]
         return float((w_seasonal * seasonal + w_last * last) / (w_seasonal + w_last))
 
@@ -159,8 +160,8 @@ class ModelForecaster:
         if (self.extensions and periodic and ratio is not None and self._peak_abs_errors
                 and self._ratio_abs_errors):
             k = self.error_windows
-            w_own = 1.0 / (np.mean(self._peak_abs_errors[-k:]) + 1e-6)
-            w_ratio = 1.0 / (np.mean(self._ratio_abs_errors[-k:]) + 1e-6)
+            w_own = 1.0 / (np.mean(np.square(self._peak_abs_errors[-k:])) + 1e-6)
+            w_ratio = 1.0 / (np.mean(np.square(self._ratio_abs_errors[-k:])) + 1e-6)
             peak = float((w_own * peak + w_ratio * ratio) / (w_own + w_ratio))
         return Forecast(avg, max(peak, avg), rate)
 

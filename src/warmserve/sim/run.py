@@ -46,12 +46,15 @@ def build_scenario(spec: str, config: WarmServeConfig, profile: DeviceProfile,
                    duration_s: float | None = None, seed: int | None = None,
                    window_s: float | None = None, rate_rps: float | None = None,
                    num_gpus: int | None = None, gpus_per_node: int | None = None,
-                   time_scale: float | None = None) -> Scenario:
-    """A preset, or a request file (CSV) whose models come from `config`. `rate_rps` and
-    `time_scale` (trace seconds per simulated second) change a preset's workload only."""
+                   time_scale: float | None = None, *, arrivals: str | None = None,
+                   repeat_day: bool = False) -> Scenario:
+    """A preset, or a request file (CSV) whose models come from `config`. `rate_rps`,
+    `time_scale` (trace seconds per simulated second), `arrivals` (clients or azure) and
+    `repeat_day` (earlier days replay the simulated one) change a preset's workload only."""
     if spec in PRESETS:
         preset = get_preset(spec).with_overrides(duration_s, seed, window_s, num_gpus,
-                                                 gpus_per_node, time_scale)
+                                                 gpus_per_node, time_scale, arrivals,
+                                                 repeat_day or None)
         wspec = preset.workload
         if rate_rps is not None:
             wspec = replace(wspec, total_rate_rps=rate_rps)
@@ -63,11 +66,13 @@ def build_scenario(spec: str, config: WarmServeConfig, profile: DeviceProfile,
     if not path.is_file():
         raise WorkloadError(f"workload {spec!r} is neither a preset ({', '.join(PRESETS)}) "
                             f"nor a request file")
-    given = [name for name, value in (("rate", rate_rps), ("time scale", time_scale))
+    given = [name for name, value in (("rate", rate_rps), ("time scale", time_scale),
+                                      ("arrivals", arrivals), ("repeat day", repeat_day or None))
              if value is not None]
     if given:
-        raise WorkloadError(f"{spec}: a request file replays its own arrivals; a rate or a "
-                            f"time scale applies to presets only (given: {', '.join(given)})")
+        raise WorkloadError(f"{spec}: a request file replays its own arrivals; a rate, a "
+                            f"time scale, arrivals or a repeated day apply to presets only "
+                            f"(given: {', '.join(given)})")
     return _csv_scenario(path, config, profile, duration_s, window_s, num_gpus, gpus_per_node)
 
 

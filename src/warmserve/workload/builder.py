@@ -63,6 +63,11 @@ class WorkloadSpec:
     time_scale: float = 72.0  # trace seconds per simulated second (72: a day in 20 minutes)
     start_hour: float = 6.0  # time of day (trace) at which the simulated period starts
     history_periods: int = 3
+    # every earlier period replays the simulated period's own trace day (with fresh
+    # randomness): a load whose days repeat, to study forecasting where it can work. With
+    # azure arrivals each draw loops the Azure hour from its own offset, and that hour's own
+    # swings in rate come with it; client arrivals repeat the day's clients alone
+    repeat_day: bool = False
     input_cap: int = 1024
     window_s: float = 60.0  # forecast window, simulated seconds
     seed: int = 0
@@ -166,6 +171,8 @@ class _Shapes:
 
     def day_of(self, i: int, period: int) -> float:
         """Trace start (s) of model i's simulated period `period` (0 = the simulated one)."""
+        if self.spec.repeat_day:
+            period = 0
         days = 14 if self.kind(i) == "servegen" else 1
         day = (3 + 2 * i + (i // 3)) % days  # different models, different days
         return ((day + period) % days) * DAY_S + self.spec.start_hour * 3600.0
@@ -208,6 +215,9 @@ def build_workload(spec: WorkloadSpec, service_time: ServiceTime = default_servi
                      "model; the Azure LLM trace has no earlier days")
     if spec.shape in ("functions", "mixed"):
         notes.append("Azure Functions 2019 shapes cover one day: those models have no history")
+    if spec.repeat_day and history:
+        notes.append("history: every earlier day replays the simulated day's trace day (days "
+                     "repeat exactly; only the randomness of the draw differs)")
     return Workload(
         spec=spec, models=tuple(spec.models), arrival_s=arrival[order],
         model_index=np.concatenate([p[1] for p in parts])[order],

@@ -18,8 +18,8 @@ class Preset:
 
     def with_overrides(self, duration_s: float | None = None, seed: int | None = None,
                        window_s: float | None = None, num_gpus: int | None = None,
-                       gpus_per_node: int | None = None, time_scale: float | None = None
-                       ) -> Preset:
+                       gpus_per_node: int | None = None, time_scale: float | None = None,
+                       arrivals: str | None = None, repeat_day: bool | None = None) -> Preset:
         """None keeps the preset's value; anything else, zero included, replaces it (and is
         validated where it is used)."""
         def pick(value, default):
@@ -28,7 +28,9 @@ class Preset:
         spec = self.workload
         spec = replace(spec, duration_s=pick(duration_s, spec.duration_s),
                        seed=pick(seed, spec.seed), window_s=pick(window_s, spec.window_s),
-                       time_scale=pick(time_scale, spec.time_scale))
+                       time_scale=pick(time_scale, spec.time_scale),
+                       arrivals=pick(arrivals, spec.arrivals),
+                       repeat_day=pick(repeat_day, spec.repeat_day))
         return replace(self, workload=spec, num_gpus=pick(num_gpus, self.num_gpus),
                        gpus_per_node=pick(gpus_per_node, self.gpus_per_node))
 
