@@ -105,10 +105,10 @@ def test_ensemble_leans_on_the_better_predictor():
 
 
 def test_ensemble_weights_are_inverse_mean_squared_errors():
-    """Inverse-variance weights, the best linear blend of two unbiased estimates: a member
-    steady within 2 counts beats one exact thrice and 8 off once, though both err by 2 on
-    average (with inverse mean absolute errors they would weigh the same). Where days repeat,
-    the last window errs like the second and the seasonal forecast like the first."""
+    """Inverse-variance weights, the best linear blend of independent unbiased estimates: a
+    member steady within 2 counts beats one exact thrice and 8 off once, though both err by 2
+    on average (with inverse mean absolute errors they would weigh the same). Where days
+    repeat, the last window errs like the second and the seasonal forecast like the first."""
     f = SeriesForecaster(windows_per_period=2)
     f.values = [10.0, 20.0]  # window 2's same slot is 10 (no errors yet: no correction)
     f.seasonal_abs_errors = [2.0, 2.0, 2.0, 2.0]

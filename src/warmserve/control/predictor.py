@@ -7,7 +7,7 @@ falls back to the last observed window.
 
 Beyond the paper (`ensemble=True`, the default): the seasonal forecast is blended with the
 last window's value, each weighted by the inverse of its own recent mean squared error (the
-inverse-variance weights that make the best linear blend of two unbiased estimates), so a
+inverse-variance weights, the best linear blend of two independent unbiased estimates), so a
 trace whose days repeat leans on the seasonal term and one whose windows drift leans on the
 last window, without a knob per trace. Where there is same-slot history, the peak is
 blended the same way with a third estimate: the average-concurrency forecast times the recent

@@ -44,7 +44,8 @@ def plot_ttft_cdf(path: Path, results: dict[str, SimResult]) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    crowded = len(results) > 6  # then the legend goes beside the axes, not over the curves
+    fig, ax = plt.subplots(figsize=(9.0 if crowded else 6.4, 4.0))
     colors = plt.get_cmap("tab20").colors
     for k, (name, result) in enumerate(results.items()):
         ttft = np.sort(result.ttft_s[~result.dropped])
@@ -56,7 +57,10 @@ def plot_ttft_cdf(path: Path, results: dict[str, SimResult]) -> Path:
     ax.set_xlabel("TTFT (s)")
     ax.set_ylabel("fraction of requests")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    if crowded:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)
+    else:
+        ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
