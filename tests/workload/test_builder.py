@@ -123,7 +123,7 @@ def test_repeat_day_replays_the_simulated_day_as_history():
     spec = WorkloadSpec(("a", "b", "c"), 30.0, 1200.0, window_s=60.0, start_hour=0.0,
                         arrivals="clients")
     periodic = build_workload(WorkloadSpec(**{**spec.__dict__, "repeat_day": True}))
-    assert any("replays the simulated day" in note for note in periodic.notes)
+    assert any("--repeat-day" in note for note in periodic.notes)
     days_apart = []
     for w, same_day in ((build_workload(spec), False), (periodic, True)):
         for name in spec.models:

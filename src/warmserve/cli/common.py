@@ -88,7 +88,7 @@ ArrivalsOpt = Annotated[str | None, typer.Option(
     "(the Azure LLM trace's arrival times thinned to the rate shape).")]
 RepeatDayOpt = Annotated[bool, typer.Option(
     "--repeat-day", help="Preset only: every earlier day of history replays the simulated "
-    "day, so days repeat exactly (the load forecasting is built for).")]
+    "day drawn again, so that days repeat (the load forecasting is built for).")]
 
 
 def print_summary(summary: dict[str, dict], scenario) -> None:

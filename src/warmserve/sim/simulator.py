@@ -463,7 +463,6 @@ class Simulator:
             for state in self.models:
                 self._record_window(state)
                 self._record_instances(state)  # systems that never tick have them here
-        if self.now < self.w.spec.duration_s:
             self.events.push(self.now + window_s, WINDOW, index + 1)
 
     def _record_window(self, state: ModelState) -> None:

@@ -216,8 +216,8 @@ def build_workload(spec: WorkloadSpec, service_time: ServiceTime = default_servi
     if spec.shape in ("functions", "mixed"):
         notes.append("Azure Functions 2019 shapes cover one day: those models have no history")
     if spec.repeat_day and history:
-        notes.append("history: every earlier day replays the simulated day's trace day (days "
-                     "repeat exactly; only the randomness of the draw differs)")
+        notes.append("history: every earlier day is the simulated day's trace day drawn "
+                     "again (--repeat-day: days repeat; only the draw differs)")
     return Workload(
         spec=spec, models=tuple(spec.models), arrival_s=arrival[order],
         model_index=np.concatenate([p[1] for p in parts])[order],
