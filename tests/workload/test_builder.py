@@ -135,6 +135,10 @@ def test_repeat_day_replays_the_simulated_day_as_history():
                 else:
                     days_apart.append(gap)
     assert max(days_apart) > 0.25  # some other day is far from today: the test can tell
+    # only the history differs: the requests simulated are the same ones
+    plain = build_workload(spec)
+    for field in ("arrival_s", "model_index", "input_tokens", "output_tokens"):
+        assert np.array_equal(getattr(plain, field), getattr(periodic, field))
 
 
 @pytest.mark.parametrize("bad", [{"total_rate_rps": 0}, {"duration_s": -1}, {"shape": "x"},

@@ -171,8 +171,6 @@ class _Shapes:
 
     def day_of(self, i: int, period: int) -> float:
         """Trace start (s) of model i's simulated period `period` (0 = the simulated one)."""
-        if self.spec.repeat_day:
-            period = 0
         days = 14 if self.kind(i) == "servegen" else 1
         day = (3 + 2 * i + (i // 3)) % days  # different models, different days
         return ((day + period) % days) * DAY_S + self.spec.start_hour * 3600.0
@@ -184,6 +182,7 @@ def build_workload(spec: WorkloadSpec, service_time: ServiceTime = default_servi
     base = load_azure_llm(spec.lengths)
     shapes = _Shapes(spec)
     rng = np.random.default_rng(spec.seed)
+    history_rng = np.random.default_rng([spec.seed, 1])  # the repeated days' draws
     shares = spec.shares()
     parts, history, actual = [], {}, {}
     for i, name in enumerate(spec.models):
@@ -196,6 +195,10 @@ def build_workload(spec: WorkloadSpec, service_time: ServiceTime = default_servi
         if shapes.has_history(i) and spec.history_periods:
             past = [requests(base, shapes, i, -p, rate, spec, rng)
                     for p in range(spec.history_periods, 0, -1)]
+            if spec.repeat_day:  # drawn above all the same, so that the requests simulated
+                # do not depend on repeat_day; the history is the simulated day drawn again
+                past = [requests(base, shapes, i, 0, rate, spec, history_rng)
+                        for _ in range(spec.history_periods)]
             history[name] = _window_series(past, spec, service_time, i)
     arrival = np.concatenate([p[0] for p in parts])
     order = np.argsort(arrival, kind="stable")
