@@ -22,9 +22,9 @@ from rich.console import Console
 from rich.table import Table
 
 from warmserve.control.forecast_eval import evaluate_series
+from warmserve.workload.builder import DAY_S
 from warmserve.workload.traces import SERVEGEN_WINDOW_S, load_servegen_rates
 
-DAY_S = 86400.0
 WINDOWS = (("10 min", 1), ("1 hour", 6))  # label, trace windows summed into one
 
 

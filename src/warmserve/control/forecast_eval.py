@@ -74,10 +74,10 @@ def evaluate_series(values: np.ndarray, windows_per_period: int, skip_periods: i
     and how many windows were scored.
     """
     values = np.asarray(values, dtype=float)
-    start = skip_periods * windows_per_period
     if windows_per_period < 1 or skip_periods < 1:
         raise ValueError(f"windows_per_period={windows_per_period} and "
                          f"skip_periods={skip_periods} must be >= 1")
+    start = skip_periods * windows_per_period
     if len(values) <= start:
         raise ValueError(f"{len(values)} windows: scoring from period {skip_periods} needs more "
                          f"than {start}")

@@ -79,11 +79,8 @@ class SeriesForecaster:
         if (not self.ensemble or not self.values or not self.last_abs_errors
                 or not self.same_slot(window)):  # without history, seasonal is the last value
             return seasonal
-        k = self.error_windows or 1  # inverse mean squared errors: inverse-variance weights
-        w_seasonal = 1.0 / (np.mean(np.square(self.seasonal_abs_errors[-k:])) + 1e-6)
-        w_last = 1.0 / (np.mean(np.square(self.last_abs_errors[-k:])) + 1e-6)
-        last = self.values[-1]
-        return float((w_seasonal * seasonal + w_last * last) / (w_seasonal + w_last))
+        return _blend(seasonal, self.seasonal_abs_errors, self.values[-1],
+                      self.last_abs_errors, self.error_windows or 1)
 
     def observe(self, value: float) -> None:
         """Record the next window's actual value (windows arrive in order)."""
@@ -159,10 +156,8 @@ class ModelForecaster:
         periodic = bool(self.series["peak_concurrency"].same_slot(window))
         if (self.extensions and periodic and ratio is not None and self._peak_abs_errors
                 and self._ratio_abs_errors):
-            k = self.error_windows
-            w_own = 1.0 / (np.mean(np.square(self._peak_abs_errors[-k:])) + 1e-6)
-            w_ratio = 1.0 / (np.mean(np.square(self._ratio_abs_errors[-k:])) + 1e-6)
-            peak = float((w_own * peak + w_ratio * ratio) / (w_own + w_ratio))
+            peak = _blend(peak, self._peak_abs_errors, ratio, self._ratio_abs_errors,
+                          self.error_windows)
         return Forecast(avg, max(peak, avg), rate)
 
     def _ratio_peak(self, window: int) -> float | None:
@@ -174,6 +169,14 @@ class ModelForecaster:
         if not ratios:
             return None
         return self.series["avg_concurrency"].forecast(window) * float(np.median(ratios))
+
+
+def _blend(a: float, a_errors: list[float], b: float, b_errors: list[float], k: int) -> float:
+    """a and b weighted by the inverse of their mean squared errors over the last k windows
+    (inverse-variance weights: the best linear blend of independent unbiased estimates)."""
+    w_a = 1.0 / (np.mean(np.square(a_errors[-k:])) + 1e-6)
+    w_b = 1.0 / (np.mean(np.square(b_errors[-k:])) + 1e-6)
+    return float((w_a * a + w_b * b) / (w_a + w_b))
 
 
 def mean_relative_error(predicted: np.ndarray, actual: np.ndarray, floor: float = 1.0) -> float:

@@ -72,7 +72,7 @@ def timeline_frame(result: SimResult, window_s: float) -> pd.DataFrame:
     prewarmed replicas planned at its start and the instances it held on average."""
     rows = []
     for name, line in result.timeline.items():
-        n = min(len(line["t"]), len(line["avg"]))
+        n = _windows_seen(line)
         starts = np.asarray(line["t"][:n])
         held = _time_weighted_mean(line["instances_t"], line["instances"], starts, window_s)
         rows.append(pd.DataFrame({
@@ -81,6 +81,11 @@ def timeline_frame(result: SimResult, window_s: float) -> pd.DataFrame:
             "forecast_avg": line["forecast_avg"][:n], "forecast_peak": line["forecast_peak"][:n],
             "prewarmed": line["prewarms"][:n], "instances_mean": held}))
     return pd.concat(rows, ignore_index=True)
+
+
+def _windows_seen(line: dict[str, list]) -> int:
+    """The windows of a timeline seen to their end (the last one started may not be)."""
+    return min(len(line["t"]), len(line["avg"]))
 
 
 def _time_weighted_mean(change_t: list[float], values: list[int], starts: np.ndarray,
@@ -111,7 +116,7 @@ def plot_timeline(path: Path, workload: Workload, result: SimResult) -> Path:
     end = result.duration_s
     for ax, name in zip(axes[:, 0], models, strict=True):
         line = result.timeline[name]
-        n = min(len(line["t"]), len(line["avg"]))  # the windows seen to their end
+        n = _windows_seen(line)
         starts = line["t"][:n]
         _steps(ax, starts, line["avg"][:n], end, label="average concurrency",
                color="tab:blue", alpha=0.6)
