@@ -56,3 +56,15 @@ def test_errors_are_clear(tmp_path):
     result = runner.invoke(app, ["serve", "--policy", "fastest"])
     output = " ".join(result.output.split())
     assert result.exit_code == 2 and "the live system runs warmserve, warmserve-goodput" in output
+
+
+def test_bench_refuses_bad_options_before_contacting_the_endpoint():
+    """Nothing listens on the URL: each bad option is named before a connection is tried."""
+    for args, message in ((["--slo", "-1"], "the TTFT SLO must be a finite number"),
+                          (["--slo", "nan"], "the TTFT SLO must be a finite number"),
+                          (["--max-input-tokens", "0"], "--max-input-tokens"),
+                          (["--max-output-tokens", "-3"], "--max-output-tokens"),
+                          (["--duration", "inf"], "duration_s=inf must be a finite number")):
+        result = runner.invoke(app, ["bench", "--url", "http://127.0.0.1:9", *args])
+        output = " ".join(result.output.split())
+        assert result.exit_code == 2 and message in output, (args, output)

@@ -59,6 +59,8 @@ def test_empty_file_gives_defaults(tmp_path):
          "models.0.max_context"),
         ({"policy": {"scale_down_ratio": 0.9}}, "scale_down_ratio=0.9 must be below"),
         ({"policy": {"instance_capacity": 0}}, "policy.instance_capacity"),
+        ({"policy": {"ttft_slo_s": float("inf")}}, "policy.ttft_slo_s"),
+        ({"policy": {"keep_alive_s": float("nan")}}, "policy.keep_alive_s"),
         ({"engine": {"block_size_tokens": "big"}}, "engine.block_size_tokens"),
         ({"server": {"port": 70000}}, "(got 70000)"),
         ({"polcy": {}}, "polcy"),

@@ -49,15 +49,22 @@ def test_simulate_errors():
 
 def test_zero_is_an_error_not_the_preset_default():
     """A zero GPU count, window or rate is refused by name, not silently replaced by the
-    preset's value; so is a cluster whose nodes cannot hold a model's tensor-parallel group."""
+    preset's value, and so is an infinite or NaN one (they used to crash or run); so is a
+    cluster whose nodes cannot hold a model's tensor-parallel group."""
     for args, message in ((["--gpus", "0"], "a cluster needs GPUs: 0 GPUs"),
-                          (["--rate", "0"], "total_rate_rps=0.0 must be > 0"),
-                          (["--duration", "0"], "duration_s=0.0 must be > 0"),
+                          (["--rate", "0"], "total_rate_rps=0.0 must be a finite number > 0"),
+                          (["--rate", "inf"], "total_rate_rps=inf must be a finite number"),
+                          (["--rate", "nan"], "total_rate_rps=nan must be a finite number"),
+                          (["--duration", "0"], "duration_s=0.0 must be a finite number > 0"),
+                          (["--duration", "inf"], "duration_s=inf must be a finite number"),
+                          (["--time-scale", "inf"], "time_scale=inf must be a finite number"),
                           (["--gpus-per-node", "2"], "'llama-2-70b' runs on 4 GPUs of one node")):
         result = runner.invoke(app, ["simulate", "--workload", "paper", *args])
         assert result.exit_code == 2 and message in " ".join(result.output.split()), args
-    result = runner.invoke(app, ["predict", "--workload", "paper", "--window", "0"])
-    assert result.exit_code == 2 and "window_s=0.0 must be > 0" in result.output
+    for window in ("0", "nan"):
+        result = runner.invoke(app, ["predict", "--workload", "paper", "--window", window])
+        assert result.exit_code == 2 and f"window_s={float(window)} must be a finite number > 0" \
+            in " ".join(result.output.split())
 
 
 def test_bad_profile_slo_and_out_are_refused_before_any_run(tmp_path):
@@ -71,6 +78,8 @@ def test_bad_profile_slo_and_out_are_refused_before_any_run(tmp_path):
     for args, message in ((["--profile", "nope"], "cost profile 'nope' is neither a file"),
                           (["--profile", str(bad)], "missing key models.a.weight_gb"),
                           (["--slo", "-1"], "--slo"),
+                          (["--slo", "inf"], "inf: the TTFT SLO must be a finite number"),
+                          (["--slo", "0"], "0.0: the TTFT SLO must be a finite number"),
                           (["--out", str(afile)], "exists and is not a folder")):
         result = runner.invoke(app, ["simulate", "--workload", "paper", "--duration", "30",
                                      *args])

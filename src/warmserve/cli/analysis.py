@@ -13,6 +13,7 @@ from rich.table import Table
 from warmserve.cli.common import (
     ArrivalsOpt,
     RepeatDayOpt,
+    SloOpt,
     TimeScaleOpt,
     VerbLogLevel,
     WorkloadOpt,
@@ -43,7 +44,7 @@ def simulate(
     arrivals: ArrivalsOpt = None,
     repeat_day: RepeatDayOpt = False,
     seed: Annotated[int | None, typer.Option(help="Workload seed.")] = None,
-    slo: Annotated[float | None, typer.Option(min=0.001, help="TTFT SLO in seconds.")] = None,
+    slo: SloOpt = None,
     profile: Annotated[str, typer.Option(help="Cost profile name or YAML file.")] = "h100",
     jobs: Annotated[int, typer.Option(min=1, help="Policies simulated in parallel.")] = 2,
     out: Annotated[Path | None, typer.Option(help="Write CSVs and plots here.")] = None,

@@ -5,6 +5,7 @@ This is the only module of the package that reads environment variables.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Annotated
@@ -86,6 +87,15 @@ TimeScaleOpt = Annotated[float | None, typer.Option(
 ArrivalsOpt = Annotated[str | None, typer.Option(
     help="Arrival process (preset only): clients (ServeGen's per-client processes) or azure "
     "(the Azure LLM trace's arrival times thinned to the rate shape).")]
+
+
+def _finite_slo(value: float | None) -> float | None:
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise typer.BadParameter(f"{value}: the TTFT SLO must be a finite number of seconds > 0")
+    return value
+
+
+SloOpt = Annotated[float | None, typer.Option(callback=_finite_slo, help="TTFT SLO in seconds.")]
 RepeatDayOpt = Annotated[bool, typer.Option(
     "--repeat-day", help="Preset only: every earlier day of history replays the simulated "
     "day drawn again, so that days repeat (the load forecasting is built for).")]

@@ -10,6 +10,7 @@ import typer
 
 from warmserve.cli.common import (
     ConfigOpt,
+    SloOpt,
     VerbLogLevel,
     WorkloadOpt,
     app,
@@ -90,9 +91,10 @@ def bench(
         help="Comma-separated served models for workload models 0, 1, … (default: /v1/models).")
     ] = None,
     api_key: Annotated[str | None, typer.Option(help="Bearer key.")] = None,
-    max_input_tokens: int = 1024,
-    max_output_tokens: int = 512,
-    slo: Annotated[float, typer.Option(help="TTFT SLO in seconds.")] = 1.0,
+    max_input_tokens: Annotated[int, typer.Option(min=1, help="Cap on a prompt's tokens.")] = 1024,
+    max_output_tokens: Annotated[int, typer.Option(
+        min=1, help="Cap on a request's output tokens.")] = 512,
+    slo: SloOpt = 1.0,
     seed: Annotated[int | None, typer.Option()] = None,
     config: Annotated[str, typer.Option("--config", "-c")] = "h100-node",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,

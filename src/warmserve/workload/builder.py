@@ -78,8 +78,8 @@ class WorkloadSpec:
         for name, value in (("total_rate_rps", self.total_rate_rps),
                             ("duration_s", self.duration_s), ("time_scale", self.time_scale),
                             ("window_s", self.window_s)):
-            if value <= 0:
-                raise ValueError(f"{name}={value} must be > 0")
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name}={value} must be a finite number > 0")
         if self.shape not in ("servegen", "functions", "mixed", "flat"):
             raise ValueError(f"shape={self.shape!r}: one of servegen, functions, mixed, flat")
         if self.arrivals not in ("azure", "clients"):
