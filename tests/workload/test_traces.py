@@ -123,3 +123,20 @@ def test_request_file_sorts_counts_skips_and_ignores_extra_columns(tmp_path):
     assert requests.arrival_s.tolist() == [1.0, 2.0]
     assert requests.model == ["a", "b"]
     assert requests.skipped == 2
+
+
+def test_skipped_rows_are_reported_with_the_first_ones_line_and_reason(tmp_path, caplog):
+    path = tmp_path / "r.csv"
+    path.write_text("arrival_s,model,input_tokens,output_tokens\n"
+                    "1.0,a,20,7\n-2.0,a,5,5\n3.0,a,5,0\n")
+    with caplog.at_level("WARNING", logger="warmserve.workload.traces"):
+        assert load_request_file(path).skipped == 2
+    assert "skipped 2 unusable rows (the first, line 3: arrival_s -2.0 is negative)" \
+        in caplog.text
+    path.write_text("arrival_s,model,input_tokens,output_tokens\n4.0,,5,5\n5.0,a,0,1\n")
+    with pytest.raises(TraceError, match=r"no usable requests \(2 rows skipped; the first, "
+                                         r"line 2: no model\)"):
+        load_request_file(path)
+    path.write_text("arrival_s,model,input_tokens,output_tokens\n")
+    with pytest.raises(TraceError, match=r"no usable requests \(no data rows\)"):
+        load_request_file(path)

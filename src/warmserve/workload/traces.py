@@ -70,7 +70,7 @@ def load_azure_llm(kind_or_path: str | Path) -> LLMTrace:
     """The Azure LLM inference trace 2023 (`conv`, `code`, or a path to a file like them)."""
     path = shipped(AZURE_LLM_FILES[kind_or_path]) if kind_or_path in AZURE_LLM_FILES else Path(
         kind_or_path)
-    times, inputs, outputs, skipped = [], [], [], 0
+    times, inputs, outputs, skips = [], [], [], _Skips(path)
     for line, row in _rows(path, ("TIMESTAMP", "ContextTokens", "GeneratedTokens")):
         try:
             stamp = datetime.fromisoformat(row["TIMESTAMP"][:26])
@@ -80,18 +80,16 @@ def load_azure_llm(kind_or_path: str | Path) -> LLMTrace:
         n_in = _number(path, line, row, "ContextTokens", int)
         n_out = _number(path, line, row, "GeneratedTokens", int)
         if n_in <= 0 or n_out <= 0:
-            skipped += 1
+            skips.add(line, f"token counts {n_in}, {n_out} (both must be > 0)")
             continue
         times.append(stamp.timestamp())
         inputs.append(n_in)
         outputs.append(n_out)
-    if not times:
-        raise TraceError(f"{path}: no usable requests")
+    skips.report(usable=len(times))
     order = np.argsort(times, kind="stable")
     t = np.asarray(times)[order]
-    _report_skipped(path, skipped)
     return LLMTrace(t - t[0], np.asarray(inputs)[order], np.asarray(outputs)[order], str(path),
-                    skipped)
+                    skips.count)
 
 
 def load_servegen_rates(path: Path | None = None) -> dict[str, np.ndarray]:
@@ -194,24 +192,26 @@ def load_azure_functions(path: Path | None = None, top: int | None = None) -> np
 
 def load_request_file(path: Path) -> RequestFile:
     """A CSV with header `arrival_s,model,input_tokens,output_tokens`."""
-    times, models, inputs, outputs, skipped = [], [], [], [], 0
+    times, models, inputs, outputs, skips = [], [], [], [], _Skips(path)
     for line, row in _rows(path, ("arrival_s", "model", "input_tokens", "output_tokens")):
         t = _number(path, line, row, "arrival_s", float)
         n_in = _number(path, line, row, "input_tokens", int)
         n_out = _number(path, line, row, "output_tokens", int)
-        if not row["model"] or t < 0 or n_in <= 0 or n_out <= 0:
-            skipped += 1
-            continue
-        times.append(t)
-        models.append(row["model"])
-        inputs.append(n_in)
-        outputs.append(n_out)
-    if not times:
-        raise TraceError(f"{path}: no usable requests")
+        if not row["model"]:
+            skips.add(line, "no model")
+        elif t < 0:
+            skips.add(line, f"arrival_s {t} is negative")
+        elif n_in <= 0 or n_out <= 0:
+            skips.add(line, f"token counts {n_in}, {n_out} (both must be > 0)")
+        else:
+            times.append(t)
+            models.append(row["model"])
+            inputs.append(n_in)
+            outputs.append(n_out)
+    skips.report(usable=len(times))
     order = np.argsort(times, kind="stable")
-    _report_skipped(path, skipped)
     return RequestFile(np.asarray(times)[order], [models[i] for i in order],
-                       np.asarray(inputs)[order], np.asarray(outputs)[order], skipped)
+                       np.asarray(inputs)[order], np.asarray(outputs)[order], skips.count)
 
 
 def _number(path: Path, line: int, row: dict, column: str, kind: type[int] | type[float]):
@@ -268,6 +268,23 @@ def _checked(reader: csv.DictReader, path: Path):
         yield row
 
 
-def _report_skipped(path: Path, skipped: int) -> None:
-    if skipped:
-        log.warning("%s: skipped %d unusable rows", path, skipped)
+class _Skips:
+    """The rows of a file left out, counted, with the first one's line and reason."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.count = 0
+        self.first = ""
+
+    def add(self, line: int, why: str) -> None:
+        self.count += 1
+        if not self.first:
+            self.first = f"the first, line {line}: {why}"
+
+    def report(self, usable: int) -> None:
+        """Warn of the skipped rows; with no usable row left, raise an error saying why."""
+        if not usable:
+            why = f"{self.count} rows skipped; {self.first}" if self.count else "no data rows"
+            raise TraceError(f"{self.path}: no usable requests ({why})")
+        if self.count:
+            log.warning("%s: skipped %d unusable rows (%s)", self.path, self.count, self.first)
