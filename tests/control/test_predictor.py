@@ -181,6 +181,18 @@ def test_evaluate_reports_all_keys():
     assert 0 <= report["overall"]["peak_mre"] < 1
 
 
+def test_a_window_the_span_cuts_short_is_not_scored():
+    """630 s of 60-s windows: the eleventh window holds 30 s, and its peak and average are
+    not comparable with a whole window's forecast."""
+    whole = evaluate_forecasts(build_workload(WorkloadSpec(("a",), 20.0, 600.0, window_s=60.0)))
+    cut = evaluate_forecasts(build_workload(WorkloadSpec(("a",), 20.0, 630.0, window_s=60.0)))
+    assert (whole["models"]["a"]["windows"], cut["models"]["a"]["windows"]) == (10, 11)
+    assert whole["models"]["a"]["windows_scored"] == cut["models"]["a"]["windows_scored"] == 9
+    short = evaluate_forecasts(build_workload(WorkloadSpec(("a",), 20.0, 90.0, window_s=60.0)))
+    assert short["models"]["a"]["windows_scored"] == 0
+    assert short["models"]["a"]["peak_mre"] is None and short["overall"]["peak_mre"] is None
+
+
 def test_without_history_the_forecast_is_never_flagged():
     """The forecast is then the last window's value, so `predict` must score it exactly as
     that naive predictor and never mark it worse."""

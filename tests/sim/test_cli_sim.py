@@ -111,6 +111,25 @@ def test_predict_scores_an_oracle_over_replays_and_refuses_it_for_a_request_file
     assert result.exit_code != 0 and "--oracle-replays needs a preset" in result.output
 
 
+def test_predict_json_is_strict_json_where_a_model_has_no_load(tmp_path):
+    """A model of the config with no request in the file has no error to report: None, not
+    NaN, which is not JSON."""
+    path = tmp_path / "req.csv"
+    path.write_text("arrival_s,model,input_tokens,output_tokens\n"
+                    + "".join(f"{i * 0.5:.1f},llama-2-7b-a,100,50\n" for i in range(400)))
+    result = runner.invoke(app, ["predict", "--workload", str(path), "--window", "20", "--json"])
+    assert result.exit_code == 0, result.output
+
+    def refuse(constant):
+        raise ValueError(f"{constant} in the JSON")
+
+    report = json.loads(result.stdout, parse_constant=refuse)
+    assert report["models"]["llama-2-70b"]["peak_mre"] is None
+    assert report["models"]["llama-2-7b-a"]["peak_mre"] is not None
+    result = runner.invoke(app, ["predict", "--workload", str(path), "--window", "1000"])
+    assert result.exit_code == 0 and "nothing scored" in result.output
+
+
 def test_predict_in_real_time_uses_the_given_time_scale_and_refuses_it_for_a_request_file(
         tmp_path):
     """--time-scale 1 replays the traces' days in real time: an hour in 5-minute windows is 12

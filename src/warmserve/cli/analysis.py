@@ -155,5 +155,8 @@ def predict(
         mark = " [red](worse than both naive)[/red]" if row["worse_than_both_naive"] else ""
         table.add_row(name + mark, *(fmt(row[k]) for k in keys))
     Console().print(table)
+    if not any(row["windows_scored"] for row in report["models"].values()):
+        console.print("[yellow]nothing scored: the span holds no whole window after the "
+                      "first; give a shorter --window or a longer --duration[/yellow]")
     for note in scenario.workload.notes:
         console.print(f"[dim]{note}[/dim]")

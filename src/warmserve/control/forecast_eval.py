@@ -16,7 +16,9 @@ def evaluate_forecasts(workload: Workload, error_windows: int = 10,
     relative errors of the peak and average concurrency forecasts, and of two naive peak
     predictors (last window; same slot of the previous day, where there is one), and
     `worse_than_both_naive` where the peak forecast loses to every naive one. Every
-    predictor is scored on the same windows: all but the first, which has no last window.
+    predictor is scored on the same windows: the whole ones (a last window that the span
+    cuts short is not comparable with a forecast for a whole one) but the first, which has
+    no last window. An error is None where no scored window carries load.
     `with_history` averages over the models that have earlier days only, so that all four
     errors there cover the same models.
 
@@ -25,6 +27,7 @@ def evaluate_forecasts(workload: Workload, error_windows: int = 10,
     (`oracle_peak_mre`, `oracle_avg_mre`) are the floor no forecaster gets below.
     """
     models = {}
+    scored = slice(1, _whole_windows(workload))
     for name in workload.models:
         actual = workload.actual[name]
         n = workload.num_windows
@@ -40,18 +43,19 @@ def evaluate_forecasts(workload: Workload, error_windows: int = 10,
             peak_pred[w], avg_pred[w] = forecast.peak_concurrency, forecast.avg_concurrency
             forecaster.observe(actual.avg_concurrency[0, w], actual.peak_concurrency[0, w],
                                actual.rate_rps[0, w])
-        peak, avg = actual.peak_concurrency[0, 1:], actual.avg_concurrency[0, 1:]
+        peak, avg = actual.peak_concurrency[0], actual.avg_concurrency[0]
+        previous = slice(scored.start - 1, scored.stop - 1)
         entry = {
-            "peak_mre": mean_relative_error(peak_pred[1:], peak),
-            "avg_mre": mean_relative_error(avg_pred[1:], avg),
-            "naive_last_window_peak_mre": mean_relative_error(
-                actual.peak_concurrency[0, :-1], peak),
+            "peak_mre": _mre(peak_pred[scored], peak[scored]),
+            "avg_mre": _mre(avg_pred[scored], avg[scored]),
+            "naive_last_window_peak_mre": _mre(peak[previous], peak[scored]),
             "naive_same_slot_yesterday_peak_mre": (
-                mean_relative_error(history.peak_concurrency[-1, 1:], peak)
+                _mre(history.peak_concurrency[-1, scored], peak[scored])
                 if history is not None else None),
-            **(_oracle(workload, replays, name) if replays else {}),
+            **(_oracle(workload, replays, name, scored) if replays else {}),
             "has_history": history is not None,
             "windows": n,
+            "windows_scored": max(0, scored.stop - scored.start),
             "mean_peak_concurrency": float(actual.peak_concurrency[0].mean()),
         }
         entry["worse_than_both_naive"] = _worse_than_both_naive(entry)
@@ -103,22 +107,34 @@ def evaluate_series(values: np.ndarray, windows_per_period: int, skip_periods: i
     return out
 
 
+def _whole_windows(workload: Workload) -> int:
+    """Windows that the simulated span holds whole."""
+    whole = int(np.floor(workload.spec.duration_s / workload.window_s + 1e-9))
+    return min(workload.num_windows, whole)
+
+
+def _mre(predicted: np.ndarray, actual: np.ndarray) -> float | None:
+    """The mean relative error, or None where no window carries load (JSON has no NaN)."""
+    value = mean_relative_error(predicted, actual)
+    return None if np.isnan(value) else value
+
+
 def _worse_than_both_naive(row: dict) -> bool:
     """Is the peak forecast worse than every naive predictor that applies (the same slot
     yesterday needs a yesterday)? The goal is never to be."""
     naive = [row[k] for k in ("naive_last_window_peak_mre", "naive_same_slot_yesterday_peak_mre")
-             if row[k] is not None and not np.isnan(row[k])]
+             if row[k] is not None]
     peak = row["peak_mre"]
-    return bool(naive) and peak is not None and not np.isnan(peak) and peak > max(naive)
+    return bool(naive) and peak is not None and peak > max(naive)
 
 
-def _oracle(workload: Workload, replays: list[Workload], name: str) -> dict:
+def _oracle(workload: Workload, replays: list[Workload], name: str, scored: slice) -> dict:
     out = {}
     for metric, key in (("peak_concurrency", "oracle_peak_mre"),
                         ("avg_concurrency", "oracle_avg_mre")):
         actual = getattr(workload.actual[name], metric)[0]
         expected = np.mean([getattr(w.actual[name], metric)[0] for w in replays], axis=0)
-        out[key] = mean_relative_error(expected[1:], actual[1:])
+        out[key] = _mre(expected[scored], actual[scored])
     return out
 
 
@@ -129,7 +145,7 @@ def _overall(models: dict) -> dict:
         keys += ("oracle_peak_mre", "oracle_avg_mre")
     overall = {}
     for key in keys:
-        values = [m[key] for m in models.values() if m[key] is not None and not np.isnan(m[key])]
+        values = [m[key] for m in models.values() if m[key] is not None]
         overall[key] = float(np.mean(values)) if values else None
     overall["worse_than_both_naive"] = _worse_than_both_naive(overall)
     with_history = [m for m in models.values() if m["has_history"]]
