@@ -305,3 +305,14 @@ def test_window_means_of_a_step_function():
     assert means.tolist() == [2.0, 2.5, 2.0]
     # before the first change the count is 0
     assert _time_weighted_mean([30.0], [4], np.array([0.0]), 60.0).tolist() == [2.0]
+
+
+def test_the_timeline_plots_the_busiest_models_first():
+    from warmserve.sim.report import busiest_models
+
+    spec = WorkloadSpec(("a", "b", "c"), 1.0, 10.0, shape="flat")
+    index = np.array([2, 0, 2, 1, 2, 0], dtype=np.int32)
+    w = Workload(spec, spec.models, np.arange(6.0), index, np.ones(6, np.int32),
+                 np.ones(6, np.int32))
+    assert busiest_models(w, 2) == ["c", "a"]
+    assert busiest_models(w, 8) == ["c", "a", "b"]

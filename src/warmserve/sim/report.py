@@ -11,6 +11,8 @@ import pandas as pd
 from warmserve.sim.simulator import SimResult
 from warmserve.workload.builder import Workload
 
+TIMELINE_MODELS = 8  # models plotted per timeline; its CSV holds every one
+
 
 def write_outputs(out: Path, workload: Workload, results: dict[str, SimResult],
                   summary: dict[str, dict]) -> list[Path]:
@@ -102,15 +104,16 @@ def _time_weighted_mean(change_t: list[float], values: list[int], starts: np.nda
     return out
 
 
-def plot_timeline(path: Path, workload: Workload, result: SimResult) -> Path:
-    """Per model (the first eight): the load of each window against the forecast made for
-    it, and the instances and prewarmed replicas over time."""
+def plot_timeline(path: Path, workload: Workload, result: SimResult,
+                  most: int = TIMELINE_MODELS) -> Path:
+    """Per model (the `most` with the most requests, busiest first): the load of each window
+    against the forecast made for it, and the instances and prewarmed replicas over time."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    models = list(workload.models)[:8]
+    models = busiest_models(workload, most)
     fig, axes = plt.subplots(len(models), 1, figsize=(7.0, 1.8 * len(models)), sharex=True,
                              squeeze=False)
     end = result.duration_s
@@ -134,14 +137,23 @@ def plot_timeline(path: Path, workload: Workload, result: SimResult) -> Path:
         twin.yaxis.get_major_locator().set_params(integer=True)
         ax.set_ylabel(name, fontsize=7)
         twin.set_ylabel("replicas", fontsize=7)
-    axes[0, 0].legend(loc="upper left", fontsize=7)
-    twin.legend(loc="upper right", fontsize=7)
+    handles = [h for axis in (axes[-1, 0], twin) for h in axis.get_legend_handles_labels()[0]]
+    fig.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=7,
+               bbox_to_anchor=(0.5, 1 - 0.35 / fig.get_figheight()), frameon=False)
     axes[-1, 0].set_xlabel("simulated time (s)")
-    fig.suptitle(f"{result.system}: load, forecast and replicas per model", fontsize=9)
-    fig.tight_layout()
+    shown = (f"the {len(models)} of {len(workload.models)} models with the most requests"
+             if len(models) < len(workload.models) else "each model")
+    fig.suptitle(f"{result.system}: load, forecast and replicas of {shown}", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.55 / fig.get_figheight()))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def busiest_models(workload: Workload, most: int) -> list[str]:
+    """The `most` models with the most requests, busiest first (ties: in workload order)."""
+    requests = np.bincount(workload.model_index, minlength=len(workload.models))
+    return [workload.models[i] for i in np.argsort(-requests, kind="stable")[:most]]
 
 
 def _steps(axis, starts: list[float], values: list[float], end: float, **style) -> None:
