@@ -58,6 +58,7 @@ def test_zero_is_an_error_not_the_preset_default():
                           (["--duration", "0"], "duration_s=0.0 must be a finite number > 0"),
                           (["--duration", "inf"], "duration_s=inf must be a finite number"),
                           (["--time-scale", "inf"], "time_scale=inf must be a finite number"),
+                          (["--seed", "-1"], "seed=-1 must be >= 0"),
                           (["--gpus-per-node", "2"], "'llama-2-70b' runs on 4 GPUs of one node")):
         result = runner.invoke(app, ["simulate", "--workload", "paper", *args])
         assert result.exit_code == 2 and message in " ".join(result.output.split()), args
@@ -145,6 +146,8 @@ def test_predict_in_real_time_uses_the_given_time_scale_and_refuses_it_for_a_req
     assert result.exit_code == 2 and "given: time scale" in result.output
     result = runner.invoke(app, ["simulate", "--workload", str(path), "--rate", "5"])
     assert result.exit_code == 2 and "(given: rate)" in result.output
+    result = runner.invoke(app, ["simulate", "--workload", str(path), "--seed", "3"])
+    assert result.exit_code == 2 and "(given: seed)" in " ".join(result.output.split())
 
 
 def test_predict_where_days_repeat_beats_yesterday_and_names_bad_arrivals(tmp_path):

@@ -48,7 +48,7 @@ def build_scenario(spec: str, config: WarmServeConfig, profile: DeviceProfile,
                    num_gpus: int | None = None, gpus_per_node: int | None = None,
                    time_scale: float | None = None, *, arrivals: str | None = None,
                    repeat_day: bool = False) -> Scenario:
-    """A preset, or a request file (CSV) whose models come from `config`. `rate_rps`,
+    """A preset, or a request file (CSV) whose models come from `config`. `seed`, `rate_rps`,
     `time_scale` (trace seconds per simulated second), `arrivals` (clients or azure) and
     `repeat_day` (earlier days replay the simulated one) change a preset's workload only."""
     if spec in PRESETS:
@@ -67,12 +67,13 @@ def build_scenario(spec: str, config: WarmServeConfig, profile: DeviceProfile,
         raise WorkloadError(f"workload {spec!r} is neither a preset ({', '.join(PRESETS)}) "
                             f"nor a request file")
     given = [name for name, value in (("rate", rate_rps), ("time scale", time_scale),
-                                      ("arrivals", arrivals), ("repeat day", repeat_day or None))
+                                      ("arrivals", arrivals), ("repeat day", repeat_day or None),
+                                      ("seed", seed))
              if value is not None]
     if given:
         raise WorkloadError(f"{spec}: a request file replays its own arrivals; a rate, a "
-                            f"time scale, arrivals or a repeated day apply to presets only "
-                            f"(given: {', '.join(given)})")
+                            f"time scale, arrivals, a repeated day or a seed apply to presets "
+                            f"only (given: {', '.join(given)})")
     return _csv_scenario(path, config, profile, duration_s, window_s, num_gpus, gpus_per_node)
 
 

@@ -80,6 +80,8 @@ class WorkloadSpec:
                             ("window_s", self.window_s)):
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name}={value} must be a finite number > 0")
+        if self.seed < 0:
+            raise ValueError(f"seed={self.seed} must be >= 0")
         if self.shape not in ("servegen", "functions", "mixed", "flat"):
             raise ValueError(f"shape={self.shape!r}: one of servegen, functions, mixed, flat")
         if self.arrivals not in ("azure", "clients"):
