@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from importlib import resources
+
 import numpy as np
 import pytest
 
@@ -29,6 +31,35 @@ def test_profile_has_sources_and_sane_costs():
     assert PROFILE.model("llama-2-70b").weight_bytes_per_gpu == 138e9 // 4
     with pytest.raises(KeyError, match="no cost profile"):
         PROFILE.model("gpt-9")
+
+
+@pytest.mark.parametrize(("path", "value", "message"), [
+    (("models", "llama-2-7b", "weight_gb"), -13.5, "llama-2-7b.weight_gb = -13.5 must be > 0"),
+    (("models", "llama-2-7b", "decode_base_ms"), "fast", "decode_base_ms = 'fast' is not a finite"),
+    (("models", "llama-2-7b", "prefill_us_per_token"), float("nan"), "= nan is not a finite"),
+    (("models", "llama-2-7b", "tp"), 1.5, "models.llama-2-7b.tp = 1.5 is not a whole number"),
+    (("models", "llama-2-7b"), [1, 2], "models.llama-2-7b is not a mapping"),
+    (("pool_fraction",), 1.5, "pool_fraction = 1.5 must be at most 1"),
+    (("h2d_gbps",), 0, "h2d_gbps = 0 must be > 0"),
+    (("tensor_parallel", "efficiency"), True, "tensor_parallel.efficiency = True is not a finite"),
+    (("models",), [], "its models a mapping"),
+])
+def test_a_bad_profile_value_is_named(tmp_path, path, value, message):
+    import yaml
+
+    from warmserve.sim.profiles import ProfileError
+
+    shipped = resources.files("warmserve.sim").joinpath("profiles", "h100.yaml")
+    data = yaml.safe_load(shipped.read_text())
+    section = data
+    for key in path[:-1]:
+        section = section[key]
+    section[path[-1]] = value
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(data))
+    with pytest.raises(ProfileError) as err:
+        load_profile(str(bad))
+    assert message in str(err.value) and str(bad) in str(err.value)
 
 
 def test_deterministic(paper_short):

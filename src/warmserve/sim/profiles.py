@@ -193,24 +193,50 @@ def load_profile(name_or_path: str = "h100") -> DeviceProfile:
 
 
 def _profile_from(data: dict) -> DeviceProfile:
-    if not isinstance(data, dict):
-        raise ValueError("a profile is a mapping of keys (device, memory_gb, models, ...)")
+    if not isinstance(data, dict) or not isinstance(data.get("models"), dict):
+        raise ValueError("a profile is a mapping of keys (device, memory_gb, models, ...), its "
+                         "models a mapping of shape names to costs")
     gb = 1e9
     tp = data.get("tensor_parallel", {})
-    scaling = TpScaling(tp.get("hbm_gbps", 3000) * gb, tp.get("allreduce_ms", 0.0) / 1e3,
-                        tp.get("efficiency", 1.0), data.get("kv_read_overhead", 1.0))
+    scaling = TpScaling(_number(tp, "hbm_gbps", "tensor_parallel.", 3000, positive=True) * gb,
+                        _number(tp, "allreduce_ms", "tensor_parallel.", 0.0) / 1e3,
+                        _number(tp, "efficiency", "tensor_parallel.", 1.0, positive=True),
+                        _number(data, "kv_read_overhead", "", 1.0, positive=True))
     models = {}
     for name, m in data["models"].items():
-        try:
-            models[name] = ModelCost(
-                name, int(m["tp"]), int(m["weight_gb"] * gb), int(m["kv_bytes_per_token"]),
-                m["decode_base_ms"] / 1e3, m["decode_per_seq_ms"] / 1e3,
-                m["prefill_us_per_token"] / 1e6, m["prefill_base_ms"] / 1e3, scaling)
-        except KeyError as exc:
-            raise KeyError(f"models.{name}.{exc.args[0]}") from None
-        if models[name].tp < 1:
-            raise ValueError(f"models.{name}.tp = {models[name].tp} must be >= 1")
-    return DeviceProfile(data["device"], int(data["memory_gb"] * gb), data["pool_fraction"],
-                         data["h2d_gbps"] * gb, data["ssd_gbps"] * gb, data["engine_init_s"],
-                         data["activation_s"], data["evict_s"], models,
-                         data.get("runner_build_s", 0.0))
+        where = f"models.{name}."
+        if not isinstance(m, dict):
+            raise ValueError(f"{where[:-1]} is not a mapping of costs")
+        tp_degree = _number(m, "tp", where, positive=True)
+        if tp_degree != int(tp_degree):
+            raise ValueError(f"{where}tp = {m['tp']} is not a whole number of GPUs")
+        models[name] = ModelCost(
+            name, int(tp_degree), int(_number(m, "weight_gb", where, positive=True) * gb),
+            int(_number(m, "kv_bytes_per_token", where, positive=True)),
+            _number(m, "decode_base_ms", where) / 1e3, _number(m, "decode_per_seq_ms", where) / 1e3,
+            _number(m, "prefill_us_per_token", where) / 1e6,
+            _number(m, "prefill_base_ms", where) / 1e3, scaling)
+    fraction = _number(data, "pool_fraction", "", positive=True)
+    if fraction > 1:
+        raise ValueError(f"pool_fraction = {fraction} must be at most 1")
+    memory = int(_number(data, "memory_gb", "", positive=True) * gb)
+    return DeviceProfile(str(data["device"]), memory, fraction,
+                         _number(data, "h2d_gbps", "", positive=True) * gb,
+                         _number(data, "ssd_gbps", "", positive=True) * gb,
+                         _number(data, "engine_init_s", ""), _number(data, "activation_s", ""),
+                         _number(data, "evict_s", ""), models,
+                         _number(data, "runner_build_s", "", 0.0))
+
+
+def _number(section: dict, key: str, where: str, default: float | None = None, *,
+            positive: bool = False) -> float:
+    """A cost of the profile: a finite number, >= 0 (> 0 where `positive`); `where` prefixes
+    its key in errors. Without a default a missing key is a KeyError naming it."""
+    if key not in section and default is None:
+        raise KeyError(f"{where}{key}")
+    value = section.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{where}{key} = {value!r} is not a finite number")
+    if value < 0 or (positive and value == 0):
+        raise ValueError(f"{where}{key} = {value} must be {'> 0' if positive else '>= 0'}")
+    return float(value)
