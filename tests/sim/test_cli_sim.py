@@ -59,9 +59,13 @@ def test_zero_is_an_error_not_the_preset_default():
                           (["--duration", "inf"], "duration_s=inf must be a finite number"),
                           (["--time-scale", "inf"], "time_scale=inf must be a finite number"),
                           (["--seed", "-1"], "seed=-1 must be >= 0"),
+                          (["--rate", "1e7"], "is 1.2e+10 requests, more than the 50,000,000"),
                           (["--gpus-per-node", "2"], "'llama-2-70b' runs on 4 GPUs of one node")):
         result = runner.invoke(app, ["simulate", "--workload", "paper", *args])
         assert result.exit_code == 2 and message in " ".join(result.output.split()), args
+    result = runner.invoke(app, ["predict", "--workload", "paper", "--window", "1e-6"])
+    assert result.exit_code == 2 and "is 1.2e+09 forecast windows, more than the 20,000" in \
+        " ".join(result.output.split())
     for window in ("0", "nan"):
         result = runner.invoke(app, ["predict", "--workload", "paper", "--window", window])
         assert result.exit_code == 2 and f"window_s={float(window)} must be a finite number > 0" \

@@ -39,6 +39,10 @@ from warmserve.workload.traces import (
 
 DAY_S = 86400.0
 SERVEGEN_SERIES = ("m-large", "m-mid", "m-small")
+# The most requests (rate x duration) a workload may hold: 23x `scale`, some 11 minutes of
+# simulation per policy; beyond it a typo in a rate would exhaust memory before saying so
+MAX_REQUESTS = 50_000_000
+MAX_WINDOWS = 20_000  # forecast windows in the span: a day in 5-second windows is 17,280
 # (model index, input tokens, output tokens) -> how long a request stays in the system (s)
 ServiceTime = Callable[[int, np.ndarray, np.ndarray], np.ndarray]
 
@@ -80,6 +84,14 @@ class WorkloadSpec:
                             ("window_s", self.window_s)):
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name}={value} must be a finite number > 0")
+        if self.total_rate_rps * self.duration_s > MAX_REQUESTS:
+            raise ValueError(f"total_rate_rps={self.total_rate_rps} x duration_s="
+                             f"{self.duration_s} is {self.total_rate_rps * self.duration_s:.3g} "
+                             f"requests, more than the {MAX_REQUESTS:,} a workload may hold")
+        if self.duration_s / self.window_s > MAX_WINDOWS:
+            raise ValueError(f"duration_s={self.duration_s} / window_s={self.window_s} is "
+                             f"{self.duration_s / self.window_s:.3g} forecast windows, more "
+                             f"than the {MAX_WINDOWS:,} a workload may have")
         if self.seed < 0:
             raise ValueError(f"seed={self.seed} must be >= 0")
         if self.shape not in ("servegen", "functions", "mixed", "flat"):
