@@ -52,6 +52,7 @@ def test_zero_is_an_error_not_the_preset_default():
     preset's value, and so is an infinite or NaN one (they used to crash or run); so is a
     cluster whose nodes cannot hold a model's tensor-parallel group."""
     for args, message in ((["--gpus", "0"], "a cluster needs GPUs: 0 GPUs"),
+                          (["--gpus", "10000000"], "10,000,000 GPUs: the simulator holds at most"),
                           (["--rate", "0"], "total_rate_rps=0.0 must be a finite number > 0"),
                           (["--rate", "inf"], "total_rate_rps=inf must be a finite number"),
                           (["--rate", "nan"], "total_rate_rps=nan must be a finite number"),

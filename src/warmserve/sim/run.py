@@ -28,6 +28,7 @@ from warmserve.workload.presets import PRESETS, get_preset
 from warmserve.workload.traces import load_request_file
 
 SERVICE_BATCH = 16  # the batch at which a request's "ideal" duration is costed
+MAX_GPUS = 131_072  # a cluster this large simulates a minute in seconds; 8x more, in a minute
 
 
 class WorkloadError(ValueError):
@@ -82,6 +83,8 @@ def _check_cluster(models: Sequence[str], costs: Sequence[ModelCost], num_gpus: 
     """Every model's instance must fit within one node of the cluster."""
     if num_gpus < 1 or gpus_per_node < 1:
         raise WorkloadError(f"a cluster needs GPUs: {num_gpus} GPUs, {gpus_per_node} per node")
+    if num_gpus > MAX_GPUS:
+        raise WorkloadError(f"{num_gpus:,} GPUs: the simulator holds at most {MAX_GPUS:,}")
     room = min(num_gpus, gpus_per_node)
     for name, cost in zip(models, costs, strict=True):
         if cost.tp > room:
