@@ -76,6 +76,15 @@ def test_truncated_row_names_file_and_line(tmp_path):
         load_azure_llm(path)
 
 
+def test_bytes_that_are_not_utf8_name_their_line_and_a_bom_is_dropped(tmp_path):
+    path = tmp_path / "r.csv"
+    path.write_bytes(b"arrival_s,model,input_tokens,output_tokens\n1.0,a,10,5\n2.0,\xe9,10,5\n")
+    with pytest.raises(TraceError, match=r"r\.csv:3: not UTF-8 text \(byte 0xe9 at column 5\)"):
+        load_request_file(path)
+    path.write_bytes(b"\xef\xbb\xbfarrival_s,model,input_tokens,output_tokens\n1.0,a,10,5\n")
+    assert load_request_file(path).model == ["a"]
+
+
 _MINUTES = "HashFunction," + ",".join(f"minute_{m}" for m in range(1, 1441))
 
 

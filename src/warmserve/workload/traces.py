@@ -232,14 +232,11 @@ def _number(path: Path, line: int, row: dict, column: str, kind: type[int] | typ
 def _rows(path: Path, required: tuple[str, ...]):
     """Yield (line number, row dict); errors name the file and line."""
     try:
-        if path.suffix == ".gz":
-            handle = gzip.open(path, "rt", newline="")  # noqa: SIM115 (closed below)
-        else:
-            handle = open(path, newline="")  # noqa: SIM115 (closed below, generator)
-    except OSError as exc:
+        handle = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")  # noqa: SIM115
+    except OSError as exc:  # closed below, when the generator ends
         raise TraceError(f"{path}: cannot open: {exc.strerror}") from None
     with handle:
-        reader = csv.DictReader(handle)
+        reader = csv.DictReader(_text_lines(handle, path))
         try:
             fieldnames = reader.fieldnames
         except (OSError, EOFError, csv.Error) as exc:
@@ -266,6 +263,17 @@ def _checked(reader: csv.DictReader, path: Path):
         except (OSError, EOFError, csv.Error) as exc:
             raise TraceError(f"{path}:{reader.line_num + 1}: unreadable: {exc}") from None
         yield row
+
+
+def _text_lines(handle, path: Path):
+    """The file's lines as text, decoded one by one so that bad bytes name their line (a
+    byte-order mark before the header, as spreadsheets write, is dropped)."""
+    for number, raw in enumerate(handle, 1):
+        try:
+            yield raw.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError as exc:
+            raise TraceError(f"{path}:{number}: not UTF-8 text (byte {raw[exc.start]:#04x} at "
+                             f"column {exc.start + 1})") from None
 
 
 class _Skips:
