@@ -178,6 +178,11 @@ def test_seed_history_from_csv(tmp_path):
     path.write_text("model,avg_concurrency,peak_concurrency,rate_rps\nzz,1,1,1\n")
     with pytest.raises(TraceError, match=r"h\.csv:2: model 'zz' is not served"):
         ctl.seed_history(path)
+    for bad, message in (("nan", "peak_concurrency 'nan' is not a finite number"),
+                         ("-2", "negative value -2.0")):
+        path.write_text(f"model,avg_concurrency,peak_concurrency,rate_rps\nm,1,{bad},1\n")
+        with pytest.raises(TraceError, match=rf"h\.csv:2: {message}"):
+            ctl.seed_history(path)
 
 
 class KVWorker(FakeWorker):

@@ -465,18 +465,15 @@ def model_weight_bytes(model: ModelConfig, cache_dir: Path) -> int:
 
 def load_history(path: Path, models: set[str]) -> dict[str, list[tuple[float, float, float]]]:
     """Rows of a history CSV by model; errors name the file and line."""
-    from warmserve.workload.traces import TraceError, _rows
+    from warmserve.workload.traces import TraceError, _number, _rows
 
     out: dict[str, list[tuple[float, float, float]]] = {}
     for line, row in _rows(path, ("model", "avg_concurrency", "peak_concurrency", "rate_rps")):
         if row["model"] not in models:
             raise TraceError(f"{path}:{line}: model {row['model']!r} is not served "
                              f"({', '.join(sorted(models))})")
-        try:
-            values = tuple(float(row[k]) for k in ("avg_concurrency", "peak_concurrency",
-                                                   "rate_rps"))
-        except ValueError as exc:
-            raise TraceError(f"{path}:{line}: {exc}") from None
+        values = tuple(_number(path, line, row, k, float)  # finite, or the error names it
+                       for k in ("avg_concurrency", "peak_concurrency", "rate_rps"))
         if min(values) < 0:
             raise TraceError(f"{path}:{line}: negative value {min(values)}")
         out.setdefault(row["model"], []).append(values)
