@@ -45,6 +45,8 @@ def test_simulate_errors():
     assert result.exit_code == 2 and "neither a preset" in result.output
     result = runner.invoke(app, ["simulate", "--policies", "fastest", "--duration", "60"])
     assert result.exit_code == 2 and "unknown policy 'fastest'" in result.output
+    result = runner.invoke(app, ["simulate", "--policies", " , ", "--duration", "60"])
+    assert result.exit_code == 2 and "name one or more policy sets" in result.output
 
 
 def test_zero_is_an_error_not_the_preset_default():

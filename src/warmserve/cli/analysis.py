@@ -62,9 +62,11 @@ def simulate(
     from warmserve.sim.systems import ABLATIONS, DEFAULT_SYSTEMS, VARIANTS
     from warmserve.workload.traces import TraceError
 
-    names = [p.strip() for p in policies.split(",") if p.strip()]
+    names = list(dict.fromkeys(p.strip() for p in policies.split(",") if p.strip()))
     if names == ["all"]:
         names = list(DEFAULT_SYSTEMS) + list(VARIANTS) + list(ABLATIONS)
+    if not names:
+        raise fail(f"--policies {policies!r}: name one or more policy sets, or 'all'")
     if out is not None and out.exists() and not out.is_dir():
         raise fail(f"--out {out}: exists and is not a folder")
     try:
