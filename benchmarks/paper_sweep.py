@@ -3,6 +3,7 @@
     python benchmarks/paper_sweep.py [--seeds 0,1,2,3,4] [--rates 20,40,60,80]
                                      [--policies warmserve,serverlessllm,muxserve,dedicated]
                                      [--workload paper] [--jobs 2]
+                                     [--profile h100] [--set engine_init_s=0.5 ...]
 
 For every (rate, seed) it simulates the policies on the same workload and prints one line;
 then, per rate, the median over seeds of each policy's P99 TTFT, the median ratio
@@ -11,7 +12,8 @@ of requests within the TTFT SLO, WarmServe / MuxServe; then each policy's median
 the SLO per rate, and its median SLO attainment. Last, each policy's capacity: the highest
 total rate at which the median SLO attainment (requests within the TTFT SLO over all requests)
 stays at or above 90% and 99%, interpolated linearly between the rates swept (">" when it holds
-at the highest rate, "<" when not even at the lowest). Asserts nothing.
+at the highest rate, "<" when not even at the lowest). `--set KEY=VALUE` replaces a top-level
+cost of the profile (how the comparisons depend on it). Asserts nothing.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import argparse
 import statistics
 
 from warmserve.config import load_config
-from warmserve.sim.profiles import load_profile
+from warmserve.sim.profiles import ProfileError, load_profile
 from warmserve.sim.run import build_scenario, simulate, summaries
 from warmserve.sim.systems import get_system
 
@@ -47,8 +49,17 @@ def main() -> None:
     ap.add_argument("--rates", type=_listed(float), default="20,40,60,80")
     ap.add_argument("--policies", default="warmserve,serverlessllm,muxserve,dedicated")
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--profile", default="h100", help="cost profile name or YAML file")
+    ap.add_argument("--set", type=_setting, action="append", default=[], metavar="KEY=VALUE",
+                    help="replace a top-level cost of the profile (repeatable)")
     args = ap.parse_args()
-    config, profile = load_config("h100-node"), load_profile("h100")
+    config = load_config("h100-node")
+    try:
+        profile = load_profile(args.profile, dict(args.set))
+    except ProfileError as exc:
+        ap.error(str(exc))
+    if args.set:
+        print("profile " + args.profile + ", " + ", ".join(f"{k} = {v:g}" for k, v in args.set))
     policies = args.policies.split(",")
     for name in policies:
         try:
@@ -115,6 +126,14 @@ def main() -> None:
     for p in policies:
         print(f"| {p} | {_capacity(rates, attainment[p], 0.90)} | "
               f"{_capacity(rates, attainment[p], 0.99)} |")
+
+
+def _setting(text: str) -> tuple[str, float]:
+    key, _, value = text.partition("=")
+    try:
+        return key.strip(), float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=NUMBER") from None
 
 
 def _capacity(rates: list[float], attainment: list[float], bar: float) -> str:

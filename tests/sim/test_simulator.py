@@ -62,6 +62,19 @@ def test_a_bad_profile_value_is_named(tmp_path, path, value, message):
     assert message in str(err.value) and str(bad) in str(err.value)
 
 
+def test_a_profile_value_can_be_overridden_by_name():
+    from warmserve.sim.profiles import ProfileError
+
+    changed = load_profile("h100", {"engine_init_s": 0.5, "h2d_gbps": 26})
+    assert (changed.engine_init_s, changed.h2d_bytes_per_s) == (0.5, 26e9)
+    assert changed.models == PROFILE.models and PROFILE.engine_init_s == 2.0
+    for key in ("nope", "models"):
+        with pytest.raises(ProfileError, match=f"no top-level cost '{key}' to override"):
+            load_profile("h100", {key: 1.0})
+    with pytest.raises(ProfileError, match="h2d_gbps = 0 must be > 0"):
+        load_profile("h100", {"h2d_gbps": 0})
+
+
 def test_deterministic(paper_short):
     a = simulate(paper_short, ["warmserve"], CONFIG, PROFILE)["warmserve"]
     b = simulate(paper_short, ["warmserve"], CONFIG, PROFILE)["warmserve"]

@@ -171,8 +171,10 @@ def shipped_profiles() -> list[str]:
                   if p.name.endswith(".yaml"))
 
 
-def load_profile(name_or_path: str = "h100") -> DeviceProfile:
-    """A shipped profile by name (`h100`), or a YAML file like it."""
+def load_profile(name_or_path: str = "h100", overrides: dict[str, float] | None = None
+                 ) -> DeviceProfile:
+    """A shipped profile by name (`h100`), or a YAML file like it. `overrides` replace
+    top-level values of the file (`engine_init_s`, `h2d_gbps`, ...) before it is read."""
     path = Path(name_or_path)
     if not path.is_file():
         shipped = shipped_profiles()
@@ -183,6 +185,10 @@ def load_profile(name_or_path: str = "h100") -> DeviceProfile:
                                                                   f"{name_or_path}.yaml")))
     try:
         data = yaml.safe_load(path.read_text())
+        for key, value in (overrides or {}).items():
+            if not isinstance(data, dict) or key not in data or key in ("device", "models"):
+                raise ValueError(f"no top-level cost {key!r} to override")
+            data[key] = value
         return _profile_from(data)
     except yaml.YAMLError as exc:
         raise ProfileError(f"{path}: not valid YAML: {exc}") from None
