@@ -119,6 +119,14 @@ def test_predict_scores_an_oracle_over_replays_and_refuses_it_for_a_request_file
     assert result.exit_code != 0 and "--oracle-replays needs a preset" in result.output
 
 
+def test_predict_shows_the_models_with_history_apart_where_some_have_none():
+    result = runner.invoke(app, ["predict", "--workload", "scale", "--duration", "600"])
+    assert result.exit_code == 0, result.output
+    assert "with history (32)" in result.output
+    result = runner.invoke(app, ["predict", "--workload", "paper"])
+    assert result.exit_code == 0 and "with history" not in result.output
+
+
 def test_predict_json_is_strict_json_where_a_model_has_no_load(tmp_path):
     """A model of the config with no request in the file has no error to report: None, not
     NaN, which is not JSON."""

@@ -153,6 +153,9 @@ def predict(
     for column in columns:
         table.add_column(column, justify="right")
     rows = [*report["models"].items(), ("overall", report["overall"])]
+    with_history = report["with_history"]
+    if with_history and with_history["models"] < report["overall"]["models"]:
+        rows.append((f"with history ({with_history['models']})", with_history))
     for name, row in rows:
         mark = " [red](worse than both naive)[/red]" if row["worse_than_both_naive"] else ""
         table.add_row(name + mark, *(fmt(row[k]) for k in keys))
