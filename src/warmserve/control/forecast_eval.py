@@ -27,7 +27,7 @@ def evaluate_forecasts(workload: Workload, error_windows: int = 10,
     (`oracle_peak_mre`, `oracle_avg_mre`) are the floor no forecaster gets below.
     """
     models = {}
-    scored = slice(1, _whole_windows(workload))
+    scored = slice(1, max(1, _whole_windows(workload)))  # empty where there is no second
     for name in workload.models:
         actual = workload.actual[name]
         n = workload.num_windows
@@ -55,7 +55,7 @@ def evaluate_forecasts(workload: Workload, error_windows: int = 10,
             **(_oracle(workload, replays, name, scored) if replays else {}),
             "has_history": history is not None,
             "windows": n,
-            "windows_scored": max(0, scored.stop - scored.start),
+            "windows_scored": scored.stop - scored.start,
             "mean_peak_concurrency": float(actual.peak_concurrency[0].mean()),
         }
         entry["worse_than_both_naive"] = _worse_than_both_naive(entry)
