@@ -4,6 +4,7 @@
                                      [--policies warmserve,serverlessllm,muxserve,dedicated]
                                      [--workload paper] [--jobs 2]
                                      [--profile h100] [--set engine_init_s=0.5 ...]
+                                     [--plot attainment.png]
 
 For every (rate, seed) it simulates the policies on the same workload and prints one line;
 then, per rate, the median over seeds of each policy's P99 TTFT, the median ratio
@@ -13,13 +14,15 @@ the SLO per rate, and its median SLO attainment. Last, each policy's capacity: t
 total rate at which the median SLO attainment (requests within the TTFT SLO over all requests)
 stays at or above 90% and 99%, interpolated linearly between the rates swept (">" when it holds
 at the highest rate, "<" when not even at the lowest). `--set KEY=VALUE` replaces a top-level
-cost of the profile (how the comparisons depend on it). Asserts nothing.
+cost of the profile (how the comparisons depend on it). `--plot FILE` draws each policy's
+median SLO attainment against the rate, with the 90% and 99% bars. Asserts nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+from pathlib import Path
 
 from warmserve.config import load_config
 from warmserve.sim.profiles import ProfileError, load_profile
@@ -52,7 +55,10 @@ def main() -> None:
     ap.add_argument("--profile", default="h100", help="cost profile name or YAML file")
     ap.add_argument("--set", type=_setting, action="append", default=[], metavar="KEY=VALUE",
                     help="replace a top-level cost of the profile (repeatable)")
+    ap.add_argument("--plot", type=Path, help="write the attainment curves here (PNG)")
     args = ap.parse_args()
+    if args.plot is not None and not args.plot.parent.is_dir():
+        ap.error(f"--plot {args.plot}: no folder {args.plot.parent}")
     config = load_config("h100-node")
     try:
         profile = load_profile(args.profile, dict(args.set))
@@ -126,6 +132,30 @@ def main() -> None:
     for p in policies:
         print(f"| {p} | {_capacity(rates, attainment[p], 0.90)} | "
               f"{_capacity(rates, attainment[p], 0.99)} |")
+    if args.plot is not None:
+        _plot(args.plot, rates, attainment, f"{args.workload}, median over seeds {seed_list}")
+        print(f"\nwrote {args.plot}")
+
+
+def _plot(path: Path, rates: list[float], attainment: dict[str, list[float]], title: str
+          ) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for policy, values in attainment.items():
+        ax.plot(rates, [100 * v for v in values], marker="o", markersize=3, label=policy)
+    for bar in (90, 99):
+        ax.axhline(bar, color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("total request rate (requests/s)")
+    ax.set_ylabel("requests within the TTFT SLO (%)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _setting(text: str) -> tuple[str, float]:

@@ -21,9 +21,20 @@ def test_capacity_interpolates_between_the_rates_where_attainment_crosses_the_ba
     (["--workload", "nope"], "neither a preset"),
     (["--set", "engine_init_s"], "'engine_init_s' is not KEY=NUMBER"),
     (["--set", "warp_speed=9"], "no top-level cost 'warp_speed' to override"),
+    (["--plot", "no/such/folder/a.png"], "no folder no/such/folder"),
 ])
 def test_bad_arguments_are_refused_by_name(monkeypatch, capsys, args, message):
     monkeypatch.setattr("sys.argv", ["paper_sweep.py", "--rates", "20", "--seeds", "0", *args])
     with pytest.raises(SystemExit) as exit_info:
         main()
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_plot_is_written_with_the_tables(monkeypatch, capsys, tmp_path):
+    plot = tmp_path / "attainment.png"
+    monkeypatch.setattr("sys.argv", ["paper_sweep.py", "--rates", "4,8", "--seeds", "0",
+                                     "--policies", "dedicated", "--plot", str(plot)])
+    main()
+    out = capsys.readouterr().out
+    assert "| dedicated | > 8 | > 8 |" in out and f"wrote {plot}" in out
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
