@@ -86,6 +86,8 @@ def test_bad_profile_slo_and_out_are_refused_before_any_run(tmp_path):
     for args, message in ((["--profile", "nope"], "cost profile 'nope' is neither a file"),
                           (["--profile", str(bad)], "missing key models.a.weight_gb"),
                           (["--slo", "-1"], "--slo"),
+                          (["--profile-set", "engine_init_s"], "expected KEY=NUMBER"),
+                          (["--profile-set", "warp=1"], "no top-level cost 'warp' to override"),
                           (["--slo", "inf"], "inf: the TTFT SLO must be a finite number"),
                           (["--slo", "0"], "0.0: the TTFT SLO must be a finite number"),
                           (["--out", str(afile)], "exists and is not a folder")):
@@ -190,3 +192,17 @@ def test_predict_where_days_repeat_beats_yesterday_and_names_bad_arrivals(tmp_pa
                                  "--arrivals", "azure"])
     assert result.exit_code == 2 and "(given: arrivals, repeat day)" in " ".join(
         result.output.split())
+
+
+def test_a_profile_cost_set_on_the_command_line_changes_the_baseline_alone():
+    """The engine start is charged to cold starts (ServerlessLLM's); WarmServe starts none."""
+    def p99(*extra):
+        result = runner.invoke(app, ["simulate", "--workload", "paper", "--duration", "300",
+                                     "--policies", "warmserve,serverlessllm", "--json", *extra])
+        assert result.exit_code == 0, result.output
+        summary = json.loads(result.stdout)
+        return summary["warmserve"]["ttft_p99_s"], summary["serverlessllm"]["ttft_p99_s"]
+
+    ws, sllm = p99()
+    ws_slow, sllm_slow = p99("--profile-set", "engine_init_s=30")
+    assert ws_slow == ws and sllm_slow > sllm

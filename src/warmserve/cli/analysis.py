@@ -46,6 +46,10 @@ def simulate(
     seed: Annotated[int | None, typer.Option(help="Workload seed.")] = None,
     slo: SloOpt = None,
     profile: Annotated[str, typer.Option(help="Cost profile name or YAML file.")] = "h100",
+    profile_set: Annotated[list[str] | None, typer.Option(
+        "--profile-set", metavar="KEY=VALUE",
+        help="Replace a top-level cost of the profile, e.g. engine_init_s=0 (repeatable).")
+    ] = None,
     jobs: Annotated[int, typer.Option(min=1, help="Policies simulated in parallel.")] = 2,
     out: Annotated[Path | None, typer.Option(help="Write CSVs and plots here.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
@@ -69,9 +73,16 @@ def simulate(
         raise fail(f"--policies {policies!r}: name one or more policy sets, or 'all'")
     if out is not None and out.exists() and not out.is_dir():
         raise fail(f"--out {out}: exists and is not a folder")
+    overrides = {}
+    for setting in profile_set or []:
+        key, _, value = setting.partition("=")
+        try:
+            overrides[key.strip()] = float(value)
+        except ValueError:
+            raise fail(f"--profile-set {setting!r}: expected KEY=NUMBER") from None
     try:
         cfg = load_config(config)
-        prof = load_profile(profile)
+        prof = load_profile(profile, overrides)
         scenario = build_scenario(workload, cfg, prof, duration, seed, None, rate, gpus,
                                   gpus_per_node, time_scale, arrivals=arrivals,
                                   repeat_day=repeat_day)
