@@ -3,7 +3,7 @@
     python benchmarks/paper_sweep.py [--seeds 0,1,2,3,4] [--rates 20,40,60,80]
                                      [--policies warmserve,serverlessllm,muxserve,dedicated]
                                      [--workload paper] [--jobs 2]
-                                     [--profile h100] [--set engine_init_s=0.5 ...]
+                                     [--profile h100] [--profile-set engine_init_s=0.5 ...]
                                      [--plot attainment.png]
 
 For every (rate, seed) it simulates the policies on the same workload and prints one line;
@@ -13,9 +13,9 @@ of requests within the TTFT SLO, WarmServe / MuxServe; then each policy's median
 the SLO per rate, and its median SLO attainment. Last, each policy's capacity: the highest
 total rate at which the median SLO attainment (requests within the TTFT SLO over all requests)
 stays at or above 90% and 99%, interpolated linearly between the rates swept (">" when it holds
-at the highest rate, "<" when not even at the lowest). `--set KEY=VALUE` replaces a top-level
-cost of the profile (how the comparisons depend on it). `--plot FILE` draws each policy's
-median SLO attainment against the rate, with the 90% and 99% bars. Asserts nothing.
+at the highest rate, "<" when not even at the lowest). `--profile-set KEY=VALUE` replaces a
+top-level cost of the profile (how the comparisons depend on it). `--plot FILE` draws each
+policy's median SLO attainment against the rate, with the 90% and 99% bars. Asserts nothing.
 """
 
 from __future__ import annotations
@@ -53,8 +53,9 @@ def main() -> None:
     ap.add_argument("--policies", default="warmserve,serverlessllm,muxserve,dedicated")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--profile", default="h100", help="cost profile name or YAML file")
-    ap.add_argument("--set", type=_setting, action="append", default=[], metavar="KEY=VALUE",
-                    help="replace a top-level cost of the profile (repeatable)")
+    ap.add_argument("--profile-set", dest="set", type=_setting, action="append", default=[],
+                    metavar="KEY=VALUE", help="replace a top-level cost of the profile "
+                    "(repeatable)")
     ap.add_argument("--plot", type=Path, help="write the attainment curves here (PNG)")
     args = ap.parse_args()
     if args.plot is not None and not args.plot.parent.is_dir():

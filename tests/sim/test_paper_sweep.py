@@ -19,8 +19,8 @@ def test_capacity_interpolates_between_the_rates_where_attainment_crosses_the_ba
     (["--seeds", ""], "give one or more"),
     (["--policies", "warmserve,fastest"], "unknown policy 'fastest'"),
     (["--workload", "nope"], "neither a preset"),
-    (["--set", "engine_init_s"], "'engine_init_s' is not KEY=NUMBER"),
-    (["--set", "warp_speed=9"], "no top-level cost 'warp_speed' to override"),
+    (["--profile-set", "engine_init_s"], "'engine_init_s' is not KEY=NUMBER"),
+    (["--profile-set", "warp_speed=9"], "no top-level cost 'warp_speed' to override"),
     (["--plot", "no/such/folder/a.png"], "no folder no/such/folder"),
 ])
 def test_bad_arguments_are_refused_by_name(monkeypatch, capsys, args, message):
