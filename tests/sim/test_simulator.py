@@ -7,6 +7,7 @@ from importlib import resources
 import numpy as np
 import pytest
 
+import warmserve.sim.run as run_module
 from warmserve.config import PolicyConfig, load_config
 from warmserve.sim.profiles import load_profile, service_time_fn
 from warmserve.sim.run import build_scenario, simulate, summaries
@@ -360,3 +361,41 @@ def test_the_timeline_plots_the_busiest_models_first():
                  np.ones(6, np.int32))
     assert busiest_models(w, 2) == ["c", "a"]
     assert busiest_models(w, 8) == ["c", "a", "b"]
+
+
+def _muxserve_breaks(args):
+    """run._run_one, except that muxserve's run fails (module level: the pool pickles it)."""
+    if args[1] == "muxserve":
+        raise RuntimeError("muxserve broke")
+    return _RUN_ONE(args)
+
+
+_RUN_ONE = run_module._run_one
+
+
+def test_a_failed_run_stops_the_parallel_runs_and_is_raised(paper_short, monkeypatch):
+    monkeypatch.setattr(run_module, "_run_one", _muxserve_breaks)
+    with pytest.raises(RuntimeError, match="muxserve broke"):
+        simulate(paper_short, ["warmserve", "muxserve", "dedicated"], CONFIG, PROFILE, jobs=2)
+
+
+def test_ctrl_c_stops_a_parallel_simulation_at_once():
+    """The workers ignore the interrupt; the parent stops them. Before, a policy already
+    queued to a worker ran to its end first: 14-24 s on `scale`, against about 1 s now."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    command = [sys.executable, "-m", "warmserve.cli", "simulate", "--workload", "scale",
+               "--jobs", "2", "--json"]
+    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             start_new_session=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    time.sleep(8)  # past the workload's build, into the runs
+    assert child.poll() is None
+    os.killpg(child.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole group
+    started = time.monotonic()
+    child.wait(timeout=60)
+    assert child.returncode == 130 and time.monotonic() - started < 10

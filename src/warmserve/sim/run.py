@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import functools
+import multiprocessing
+import signal
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, wait
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from multiprocessing import Manager
@@ -147,6 +148,10 @@ def _store(reached: dict, name: str, simulated_s: float) -> None:
     reached[name] = simulated_s
 
 
+def _ignore_interrupts() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def simulate(scenario: Scenario, policies: list[str], config: WarmServeConfig,
              profile: DeviceProfile, jobs: int = 1,
              on_progress: Callable[[str, float], None] | None = None) -> dict[str, SimResult]:
@@ -165,17 +170,27 @@ def simulate(scenario: Scenario, policies: list[str], config: WarmServeConfig,
             tasks = [(scenario, name, config, profile, cache,
                       None if reached is None else functools.partial(_store, reached, name))
                      for name in policies]
-            with ProcessPoolExecutor(max_workers=min(jobs, len(policies))) as pool:
-                pending = {pool.submit(_run_one, task) for task in tasks}
-                while pending:
-                    done, pending = wait(pending, timeout=0.5)
-                    for future in done:
-                        name, results[name] = future.result()
+            # The workers ignore Ctrl-C: this process stops them all at once (terminate), so
+            # that neither an interrupt nor a failed run waits for the runs still going.
+            pool = multiprocessing.Pool(min(jobs, len(policies)), _ignore_interrupts)
+            try:
+                runs = [pool.apply_async(_run_one, (task,)) for task in tasks]
+                while runs:
+                    runs[0].wait(0.5)
+                    for run in [r for r in runs if r.ready()]:
+                        name, results[name] = run.get()  # a run's error is raised here
+                        runs.remove(run)
                         if reached is not None:
                             reached[name] = duration
                     if on_progress and reached is not None:  # both or neither
                         for name, simulated_s in reached.items():
                             on_progress(name, simulated_s)
+                pool.close()
+            except BaseException:
+                pool.terminate()
+                raise
+            finally:
+                pool.join()
         return {name: results[name] for name in policies}
     for name in policies:
         report = functools.partial(on_progress, name) if on_progress else None
