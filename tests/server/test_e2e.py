@@ -498,3 +498,66 @@ def test_rebalancing_frees_a_worker_for_a_model_without_room(tmp_path, cache_dir
             thread.join(60)
         srv.close()
     assert not failures and done
+
+
+def test_a_worker_ends_with_the_process_that_started_it(tmp_path, cache_dir, tiny_checkpoint):
+    """Its standard input stays open while that process lives; closing it is what that
+    process's end, however abrupt (SIGKILL too), looks like to the worker."""
+    import yaml
+
+    from warmserve.cluster.local import LocalWorkerProcess
+
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(_config()))
+    worker = LocalWorkerProcess(str(path), "local", 0, cache_dir)
+    try:
+        worker.process.stdin.close()
+        worker.process.wait(timeout=30)
+    finally:
+        worker.close()
+    assert worker.process.returncode == 0
+
+
+def test_sigterm_stops_serve_with_its_workers(tmp_path, cache_dir, tiny_checkpoint):
+    """A process manager stops a server with SIGTERM: it drains, closes its workers and exits
+    143. (uvicorn raises the signal again after its graceful stop, which used to end the
+    process before it closed its workers, and they lived on.)"""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import yaml
+
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(_config()))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve = subprocess.Popen([sys.executable, "-m", "warmserve.cli", "--cache-dir",
+                              str(cache_dir), "serve", "--config", str(path), "--port",
+                              str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(240):
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.25)
+        children = [pid for task in Path(f"/proc/{serve.pid}/task").iterdir()
+                    for pid in (task / "children").read_text().split()]
+        assert len(children) == 2  # one worker per device
+        serve.send_signal(signal.SIGTERM)
+        assert serve.wait(timeout=60) == 143
+    finally:
+        serve.kill()
+    for pid in map(int, children):
+        for _ in range(40):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.25)
+        else:
+            os.kill(pid, signal.SIGKILL)
+            raise AssertionError(f"worker {pid} outlived the server")

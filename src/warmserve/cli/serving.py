@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 from typing import Annotated
 
@@ -71,6 +72,9 @@ def serve(
             cluster.close()
             raise fail(str(exc)) from None
     controller.start()
+    # uvicorn stops gracefully on SIGTERM and then raises it again: this handler turns that
+    # into an exit that runs the `finally` below (the workers closed), not an abrupt one
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         uvicorn.run(create_app(cluster, cfg, controller), host=host or cfg.server.host,
                     port=cfg.server.port if port is None else port,
@@ -79,6 +83,10 @@ def serve(
         controller.stop()
         cluster.close()
 
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 @app.command()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import subprocess
 import sys
@@ -26,8 +27,10 @@ class LocalWorkerProcess:
              "--cache-dir", str(cache_dir), "--log-level", log_level],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )
+        # The key, then standard input stays open for the worker's life: the worker exits
+        # when it closes, so that no worker outlives this process, however this one ends.
         self.process.stdin.write(authkey.hex() + "\n")
-        self.process.stdin.close()
+        self.process.stdin.flush()
         self._wait_ready(start_timeout_s)
         self.client = WorkerClient(self.socket, authkey)
 
@@ -38,6 +41,7 @@ class LocalWorkerProcess:
     def kill(self) -> None:
         self.process.kill()
         self.process.wait()
+        self._close_stdin()
 
     def close(self, timeout_s: float = 10.0) -> None:
         if self.alive:
@@ -46,7 +50,12 @@ class LocalWorkerProcess:
                 self.process.wait(timeout_s)
             except subprocess.TimeoutExpired:
                 self.kill()
+        self._close_stdin()
         self._dir.cleanup()
+
+    def _close_stdin(self) -> None:
+        with contextlib.suppress(OSError):  # a dead worker's pipe may refuse the flush
+            self.process.stdin.close()
 
     def _wait_ready(self, timeout_s: float) -> None:
         line: list[str] = []

@@ -7,7 +7,10 @@ means the socket accepts calls.
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -41,6 +44,16 @@ class _CacheProgressBar:
                 self._progress.stop()
 
 
+def _exit_with_parent() -> None:
+    """Standard input stays open while the process that started this worker lives (see
+    cluster/local.py): at its end, however it ended, the worker ends too, and the device
+    memory it holds is freed."""
+    sys.stdin.read()
+    logging.getLogger("warmserve.worker").warning("the process that started this worker is "
+                                                  "gone; exiting")
+    os._exit(0)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m warmserve.worker")
     ap.add_argument("--config", required=True)
@@ -52,6 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     setup_logging(args.log_level)
     authkey = bytes.fromhex(sys.stdin.readline().strip())
+    threading.Thread(target=_exit_with_parent, daemon=True, name="parent-watch").start()
     config = load_config(args.config)
     node = next(n for n in config.cluster.nodes if n.name == args.node)
     devices = [g for g in node.devices for _ in range(g.count)]
