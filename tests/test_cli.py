@@ -68,3 +68,28 @@ def test_bench_refuses_bad_options_before_contacting_the_endpoint():
         result = runner.invoke(app, ["bench", "--url", "http://127.0.0.1:9", *args])
         output = " ".join(result.output.split())
         assert result.exit_code == 2 and message in output, (args, output)
+
+
+def test_serve_refuses_a_busy_port_and_a_bad_history_before_starting_workers(tmp_path):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = runner.invoke(app, ["serve", "--port", str(port)])
+    output = " ".join(result.output.split())
+    assert result.exit_code == 2 and f"cannot listen on 127.0.0.1:{port}" in output
+    assert "starting" not in output
+    history = tmp_path / "h.csv"
+    history.write_text("model,avg_concurrency,peak_concurrency,rate_rps\nnope,1,2,3\n")
+    result = runner.invoke(app, ["serve", "--history", str(history)])
+    output = " ".join(result.output.split())
+    assert result.exit_code == 2 and "model 'nope' is not served" in output
+    assert "starting" not in output
+
+
+def test_an_error_message_is_printed_as_it_is():
+    """No rich markup or emoji codes in what the user typed: '[bold]' and ':-1:' stay."""
+    result = runner.invoke(app, ["simulate", "--workload", "x:-1:[bold]y"])
+    assert result.exit_code == 2 and "workload 'x:-1:[bold]y' is neither" in result.output

@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from warmserve import __version__
@@ -50,7 +51,8 @@ def verb_log_level(level: str | None) -> None:
 
 
 def fail(message: str) -> typer.Exit:
-    console.print(f"[red]error:[/red] {message}")
+    """Print an error (its text as it is: no markup, no emoji codes) and the exit to raise."""
+    console.print(f"[red]error:[/red] {escape(message)}", emoji=False)
     return typer.Exit(code=2)
 
 

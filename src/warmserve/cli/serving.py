@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 from pathlib import Path
 from typing import Annotated
 
@@ -30,7 +31,8 @@ from warmserve.logs import current_log_level
 def serve(
     config: ConfigOpt = None,
     host: Annotated[str | None, typer.Option(help="Address (default: the config's).")] = None,
-    port: Annotated[int | None, typer.Option(help="Port (default: the config's).")] = None,
+    port: Annotated[int | None, typer.Option(
+        min=0, max=65535, help="Port (default: the config's).")] = None,
     policy: Annotated[str, typer.Option(
         help="warmserve, warmserve-goodput, warmserve-no-handover, serverlessllm, muxserve or "
              "dedicated: the same policy sets as the simulator, live.")] = "warmserve",
@@ -44,16 +46,22 @@ def serve(
     import uvicorn
 
     from warmserve.cluster.manager import LocalCluster, NoCapacity
-    from warmserve.controller.loop import Controller
+    from warmserve.controller.loop import Controller, load_history
     from warmserve.server.app import create_app
     from warmserve.sim.systems import get_live_system
+    from warmserve.workload.traces import TraceError
 
     source = config or "cpu-local"
     try:
         cfg = load_config(source)
         system = get_live_system(policy)
-    except (ConfigError, ValueError) as exc:
+        if history is not None:  # read now: a bad file is named before any worker starts
+            load_history(history, {m.name for m in cfg.models})
+    except (ConfigError, ValueError, TraceError) as exc:
         raise fail(str(exc)) from None
+    host = host or cfg.server.host
+    port = cfg.server.port if port is None else port
+    _check_can_listen(host, port)
     cluster = LocalCluster(source, cfg, checkpoint_cache())
     console.print(f"starting {len(cluster.workers)} workers for {len(cfg.models)} models ...")
     cluster.start()
@@ -64,25 +72,31 @@ def serve(
         raise fail(str(exc)) from None
     controller = Controller(cluster, cfg, system=system)
     if history is not None:
-        from warmserve.workload.traces import TraceError
-
-        try:
-            console.print(f"forecaster seeded with {controller.seed_history(history)} windows")
-        except TraceError as exc:
-            cluster.close()
-            raise fail(str(exc)) from None
+        console.print(f"forecaster seeded with {controller.seed_history(history)} windows")
     controller.start()
     # uvicorn stops gracefully on SIGTERM and then raises it again: this handler turns that
     # into an exit that runs the `finally` below (the workers closed), not an abrupt one
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
-        uvicorn.run(create_app(cluster, cfg, controller), host=host or cfg.server.host,
-                    port=cfg.server.port if port is None else port,
+        uvicorn.run(create_app(cluster, cfg, controller), host=host, port=port,
                     log_level=current_log_level(), timeout_graceful_shutdown=30)
     finally:
         controller.stop()
         cluster.close()
 
+
+
+def _check_can_listen(host: str, port: int) -> None:
+    """Fail before any worker starts, not after, where the address cannot be listened on."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port,
+                                                             type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind(address)
+    except (OSError, OverflowError) as exc:
+        raise fail(f"cannot listen on {host}:{port}: {getattr(exc, 'strerror', None) or exc}"
+                   ) from None
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:
