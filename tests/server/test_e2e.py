@@ -289,6 +289,22 @@ def test_bench_replays_open_loop_with_simulate_keys(server):
     assert 0 < live["ttft_p50_s"] < 5
 
 
+def test_bench_checks_the_endpoint_before_sending_a_request(server):
+    from typer.testing import CliRunner
+
+    from warmserve.cli import app
+
+    def bench(*args: str) -> str:
+        result = CliRunner().invoke(app, ["bench", "--url", server.url, "--duration", "3",
+                                          *args])
+        assert result.exit_code == 2, result.output
+        return " ".join(result.output.split())
+
+    assert "does not serve nope (it serves: tiny-a, tiny-b)" in bench(
+        "--api-key", KEY, "--models", "tiny-a,nope")
+    assert f"{server.url}/v1/models: Client error '401 Unauthorized'" in bench()  # no key
+
+
 def test_shutdown_drains_in_flight_requests(tmp_path, cache_dir, tiny_checkpoint):
     srv = _Server(_config(), tmp_path, cache_dir)
     try:

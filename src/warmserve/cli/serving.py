@@ -137,11 +137,19 @@ def bench(
     try:
         cfg = load_config(config)
         scenario = build_scenario(workload, cfg, load_profile("h100"), duration, seed, None, rate)
-        served = models.split(",") if models else [
-            m["id"] for m in httpx.get(f"{url}/v1/models", headers=headers).json()["data"]]
-    except (ConfigError, WorkloadError, TraceError, ValueError, KeyError, OSError,
-            httpx.HTTPError) as exc:
+    except (ConfigError, WorkloadError, TraceError, ValueError, KeyError, OSError) as exc:
         raise fail(reason(exc)) from None
+    try:  # the endpoint answers, and serves the models asked for, before any request is sent
+        answer = httpx.get(f"{url}/v1/models", headers=headers, timeout=30)
+        answer.raise_for_status()
+        offered = [m["id"] for m in answer.json()["data"]]
+    except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+        raise fail(f"{url}/v1/models: {reason(exc) or type(exc).__name__}") from None
+    served = [m.strip() for m in models.split(",") if m.strip()] if models else offered
+    missing = [m for m in served if m not in offered]
+    if missing or not served:
+        raise fail(f"{url} does not serve {', '.join(missing) or 'any model'} "
+                   f"(it serves: {', '.join(offered) or 'none'})")
     w = scenario.workload
     span = duration or float(w.arrival_s.max(initial=0.0))
     console.print(f"replaying {int((w.arrival_s < span).sum())} requests over {span:.0f} s "
