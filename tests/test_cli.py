@@ -46,6 +46,11 @@ def test_errors_are_clear(tmp_path):
     assert result.exit_code == 2 and "neither a file nor a built-in name" in result.output
     result = runner.invoke(app, ["models", "generate", "nope"])
     assert result.exit_code == 2 and "unknown model 'nope'" in result.output
+    for device, message in (("tpu", "device 'tpu': expected cpu or cuda[:N]"),
+                            ("cuda:64", "device 'cuda:64': ")):  # no CUDA, or not 64 devices
+        result = runner.invoke(app, ["--cache-dir", str(tmp_path), "models", "generate",
+                                     "--device", device])
+        assert result.exit_code == 2 and message in " ".join(result.output.split()), device
     result = runner.invoke(app, ["models", "import", "synth:tiny"])
     assert result.exit_code == 2 and "expected gguf:FILE or package:NAME" in result.output
     result = runner.invoke(app, ["--cache-dir", str(tmp_path), "models", "synth", "gpt-9"])

@@ -110,15 +110,17 @@ def models_generate(
     verb_log_level(log_level)
     from warmserve.engine.checkpoint import CheckpointError, resolve_checkpoint
     from warmserve.engine.engine import create_engine
+    from warmserve.engine.loader import checked_device
     from warmserve.engine.loop import EngineLoop
     from warmserve.engine.sampling import InvalidRequestError, SamplingParams
 
     try:
+        checked_device(device)  # before a checkpoint is read or converted
         cfg = load_config(config)
         spec = cfg.model(model) if model else cfg.models[0]
         path = resolve_checkpoint(spec.checkpoint, checkpoint_cache())
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature)
-    except (ConfigError, CheckpointError, InvalidRequestError, IndexError) as exc:
+    except (ConfigError, CheckpointError, InvalidRequestError, IndexError, ValueError) as exc:
         raise fail(str(exc) or "the config has no models") from None
     start = time.perf_counter()
     engine = create_engine(path, cfg.engine, spec.dtype, device, spec.max_context)

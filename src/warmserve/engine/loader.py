@@ -38,6 +38,26 @@ class TensorProvider(Protocol):
     # A provider may set `filled = True`: its weights already hold the checkpoint's values.
 
 
+def checked_device(text: str | torch.device) -> torch.device:
+    """`text` as a device this process can use (cpu, or a CUDA device that exists); a
+    ValueError that names it otherwise."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise ValueError(f"device {str(text)!r}: expected cpu or cuda[:N]") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise ValueError(f"device {str(text)!r}: expected cpu or cuda[:N]")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise ValueError(f"device {str(text)!r}: no CUDA device here (this torch build or "
+                         f"machine has none)")
+    if device.index is not None and device.index >= count:
+        raise ValueError(f"device {str(text)!r}: this machine has {count} CUDA device(s)")
+    return device
+
+
 class TorchProvider:
     """The default provider: plain framework allocations on one device.
 
