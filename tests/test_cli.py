@@ -98,3 +98,14 @@ def test_an_error_message_is_printed_as_it_is():
     """No rich markup or emoji codes in what the user typed: '[bold]' and ':-1:' stay."""
     result = runner.invoke(app, ["simulate", "--workload", "x:-1:[bold]y"])
     assert result.exit_code == 2 and "workload 'x:-1:[bold]y' is neither" in result.output
+
+
+def test_serve_refuses_a_config_whose_cuda_devices_this_machine_lacks(tmp_path):
+    config = tmp_path / "big.yaml"
+    config.write_text("cluster:\n  nodes:\n    - name: n\n      devices:\n"
+                      "        - {type: cuda, count: 64, memory_gib: 80}\n"
+                      "models:\n  - {name: t, checkpoint: 'synth:tiny'}\n")
+    result = runner.invoke(app, ["serve", "--config", str(config)])
+    output = " ".join(result.output.split())
+    assert result.exit_code == 2 and "a node of 64 CUDA device(s), and this machine has" in output
+    assert "starting" not in output  # no worker was started to crash

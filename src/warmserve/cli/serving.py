@@ -45,7 +45,7 @@ def serve(
     verb_log_level(log_level)
     import uvicorn
 
-    from warmserve.cluster.manager import LocalCluster, NoCapacity
+    from warmserve.cluster.manager import LocalCluster, MissingDevices, NoCapacity
     from warmserve.controller.loop import Controller, load_history
     from warmserve.server.app import create_app
     from warmserve.sim.systems import get_live_system
@@ -63,6 +63,10 @@ def serve(
     port = cfg.server.port if port is None else port
     _check_can_listen(host, port)
     cluster = LocalCluster(source, cfg, checkpoint_cache())
+    try:
+        cluster.check_devices()
+    except MissingDevices as exc:
+        raise fail(str(exc)) from None
     console.print(f"starting {len(cluster.workers)} workers for {len(cfg.models)} models ...")
     cluster.start()
     try:

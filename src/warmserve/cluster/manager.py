@@ -9,6 +9,7 @@ load). A supervisor thread polls every worker's stats and replaces a worker that
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import threading
 import time
@@ -29,6 +30,10 @@ log = logging.getLogger(__name__)
 
 class NoCapacity(RuntimeError):
     """No worker can serve the model right now (all refused or gone)."""
+
+
+class MissingDevices(RuntimeError):
+    """The config names devices this machine does not have; the message says which."""
 
 
 @dataclass(eq=False)
@@ -86,6 +91,7 @@ class LocalCluster:
     # --- life cycle --------------------------------------------------------------------------
 
     def start(self) -> None:
+        self.check_devices()
         for model in self.config.models:  # convert or synthesize once, before any worker
             resolve_checkpoint(model.checkpoint, self.cache_dir)
         threads = [threading.Thread(target=self._launch, args=(w,)) for w in self.workers]
@@ -95,6 +101,23 @@ class LocalCluster:
             t.join()
         self.refresh()
         self._supervisor.start()
+
+    def check_devices(self) -> None:
+        """Every worker runs on this machine, a node's CUDA devices numbered from 0 here:
+        they must exist, and CUDA virtual memory needs NVIDIA's driver bindings."""
+        wanted = max((sum(g.count for g in node.devices if g.type == "cuda")
+                      for node in self.config.cluster.nodes), default=0)
+        if not wanted:
+            return
+        import torch
+
+        have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if wanted > have:
+            raise MissingDevices(f"config {self.config_source!r}: a node of {wanted} CUDA "
+                                 f"device(s), and this machine has {have}")
+        if importlib.util.find_spec("cuda.bindings") is None:
+            raise MissingDevices("CUDA devices need NVIDIA's cuda-bindings package (the driver "
+                                 "API of the page pool), matching this machine's CUDA")
 
     def warm_up(self, system: SystemSpec | None = None) -> None:
         """The starting placement of a policy set. warmserve: one active instance per model on
