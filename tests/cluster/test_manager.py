@@ -97,3 +97,37 @@ def test_the_supervisor_survives_a_worker_that_cannot_answer():
     finally:
         cluster._stop.set()
         cluster._supervisor.join(2)
+
+
+def test_a_worker_that_cannot_start_is_tried_again_later_and_later(monkeypatch):
+    """1, 2, 4, ... seconds up to a minute between tries, and the supervisor does not try
+    before then: a worker that cannot start used to be restarted at every poll."""
+    import time
+
+    import warmserve.cluster.manager as manager
+    from warmserve.worker.rpc import WorkerGone
+
+    starts = []
+
+    def cannot_start(*args, **kwargs):
+        starts.append(time.monotonic())
+        raise WorkerGone("worker for device did not start (exit code 1)")
+
+    monkeypatch.setattr(manager, "LocalWorkerProcess", cannot_start)
+    cluster = _cluster()
+    w0, w1 = cluster.workers
+    waits = []
+    for _ in range(9):
+        cluster._launch(w0)
+        waits.append(round(w0.next_start - starts[-1]))
+    assert waits == [1, 2, 4, 8, 16, 32, 60, 60, 60] and w0.failed_starts == 9
+    w0.process = None  # gone, and its next try a minute away
+    cluster.poll_interval_s = 0.02
+    before = len(starts)
+    cluster._supervisor.start()
+    try:
+        time.sleep(0.3)  # some 15 polls
+    finally:
+        cluster._stop.set()
+        cluster._supervisor.join(2)
+    assert len(starts) == before and w1.alive

@@ -28,6 +28,9 @@ from warmserve.worker.worker import Refused
 log = logging.getLogger(__name__)
 
 
+MAX_RESTART_WAIT_S = 60.0  # the longest wait between tries to start a worker that fails
+
+
 class NoCapacity(RuntimeError):
     """No worker can serve the model right now (all refused or gone)."""
 
@@ -43,6 +46,8 @@ class WorkerHandle:
     process: LocalWorkerProcess | None = None
     stats: dict = field(default_factory=dict)
     inflight: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    failed_starts: int = 0  # in a row: the supervisor waits longer before each next try
+    next_start: float = 0.0  # time.monotonic() before which it does not try again
 
     @property
     def name(self) -> str:
@@ -300,13 +305,20 @@ class LocalCluster:
     # --- supervision ---------------------------------------------------------------------------
 
     def _launch(self, worker: WorkerHandle) -> None:
+        """Start the worker's process; where it fails, the next try waits 1, 2, 4, ... up to
+        MAX_RESTART_WAIT_S seconds, so a worker that cannot start does not spin."""
         try:
             worker.process = LocalWorkerProcess(self.config_source, worker.node,
                                                 worker.device_index, self.cache_dir,
                                                 self.log_level)
+            worker.failed_starts = 0
         except WorkerGone as exc:
-            log.error("worker %s did not start: %s", worker.name, exc)
             worker.process = None
+            wait_s = min(MAX_RESTART_WAIT_S, 2.0 ** worker.failed_starts)
+            worker.failed_starts += 1
+            worker.next_start = time.monotonic() + wait_s
+            log.error("worker %s did not start (%d time(s) in a row): %s; next try in %.0f s",
+                      worker.name, worker.failed_starts, exc, wait_s)
 
     def _supervise(self) -> None:
         while not self._stop.wait(self.poll_interval_s):
@@ -314,6 +326,8 @@ class LocalCluster:
                 if self._stop.is_set():
                     return
                 if not worker.alive:
+                    if time.monotonic() < worker.next_start:
+                        continue  # it failed to start a moment ago
                     log.warning("worker %s is gone; starting a new one", worker.name)
                     if worker.process is not None:
                         worker.process.close()
