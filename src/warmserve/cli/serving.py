@@ -89,7 +89,6 @@ def serve(
         cluster.close()
 
 
-
 def _check_can_listen(host: str, port: int) -> None:
     """Fail before any worker starts, not after, where the address cannot be listened on."""
     try:
