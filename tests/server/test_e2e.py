@@ -122,6 +122,11 @@ def test_errors_are_openai_objects(server, client):
     headers = {"authorization": f"Bearer {KEY}", "content-type": "application/json"}
     bad = httpx.post(server.url + "/v1/chat/completions", content=b"{nope", headers=headers)
     assert bad.status_code == 400 and "not valid JSON" in bad.json()["error"]["message"]
+    for field, value in (("stream", "yes"), ("max_tokens", "5"), ("temperature", True)):
+        # types as OpenAI's API takes them: no string for a flag or a count
+        loose = httpx.post(server.url + "/v1/chat/completions", headers=headers, json={
+            "model": "tiny-a", "messages": [{"role": "user", "content": "x"}], field: value})
+        assert loose.status_code == 400 and loose.json()["error"]["param"] == field, field
     big = httpx.post(server.url + "/v1/completions", headers=headers,
                      json={"model": "tiny-a", "prompt": "x" * 10_000})
     assert big.status_code == 413 and "exceeds" in big.json()["error"]["message"]
