@@ -1,7 +1,8 @@
 """Entry point of one worker process: `python -m warmserve.worker ...` (see cluster/local.py).
 
-The RPC key arrives on standard input, never on the command line. "READY" on standard output
-means the socket accepts calls.
+The RPC key arrives on standard input, never on the command line, and standard input then
+stays open: its end means the process that started the worker is gone, and the worker exits.
+"READY" on standard output means the socket accepts calls.
 """
 
 from __future__ import annotations
