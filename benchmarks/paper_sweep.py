@@ -25,7 +25,7 @@ import statistics
 from pathlib import Path
 
 from warmserve.config import load_config
-from warmserve.sim.profiles import ProfileError, load_profile
+from warmserve.sim.profiles import ProfileError, load_profile, parse_override
 from warmserve.sim.run import build_scenario, simulate, summaries
 from warmserve.sim.systems import get_system
 
@@ -160,11 +160,10 @@ def _plot(path: Path, rates: list[float], attainment: dict[str, list[float]], ti
 
 
 def _setting(text: str) -> tuple[str, float]:
-    key, _, value = text.partition("=")
-    try:
-        return key.strip(), float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=NUMBER") from None
+    parsed = parse_override(text)
+    if parsed is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=NUMBER")
+    return parsed
 
 
 def _capacity(rates: list[float], attainment: list[float], bar: float) -> str:

@@ -59,7 +59,7 @@ def simulate(
     verb_log_level(log_level)
     from rich.progress import Progress
 
-    from warmserve.sim.profiles import load_profile
+    from warmserve.sim.profiles import load_profile, parse_override
     from warmserve.sim.report import write_outputs
     from warmserve.sim.run import WorkloadError, build_scenario, summaries
     from warmserve.sim.run import simulate as run_sim
@@ -75,11 +75,10 @@ def simulate(
         raise fail(f"--out {out}: exists and is not a folder")
     overrides = {}
     for setting in profile_set or []:
-        key, _, value = setting.partition("=")
-        try:
-            overrides[key.strip()] = float(value)
-        except ValueError:
-            raise fail(f"--profile-set {setting!r}: expected KEY=NUMBER") from None
+        parsed = parse_override(setting)
+        if parsed is None:
+            raise fail(f"--profile-set {setting!r}: expected KEY=NUMBER")
+        overrides[parsed[0]] = parsed[1]
     try:
         cfg = load_config(config)
         prof = load_profile(profile, overrides)

@@ -55,8 +55,8 @@ def serve(
     try:
         cfg = load_config(source)
         system = get_live_system(policy)
-        if history is not None:  # read now: a bad file is named before any worker starts
-            load_history(history, {m.name for m in cfg.models})
+        # read now: a bad file is named before any worker starts
+        rows = None if history is None else load_history(history, {m.name for m in cfg.models})
     except (ConfigError, ValueError, TraceError) as exc:
         raise fail(str(exc)) from None
     host = host or cfg.server.host
@@ -75,8 +75,8 @@ def serve(
         cluster.close()
         raise fail(str(exc)) from None
     controller = Controller(cluster, cfg, system=system)
-    if history is not None:
-        console.print(f"forecaster seeded with {controller.seed_history(history)} windows")
+    if rows is not None:
+        console.print(f"forecaster seeded with {controller.seed_rows(rows)} windows")
     controller.start()
     # uvicorn stops gracefully on SIGTERM and then raises it again: this handler turns that
     # into an exit that runs the `finally` below (the workers closed), not an abrupt one

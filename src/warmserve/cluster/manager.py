@@ -21,6 +21,7 @@ from pathlib import Path
 from warmserve.cluster.local import LocalWorkerProcess
 from warmserve.config import WarmServeConfig
 from warmserve.engine.checkpoint import resolve_checkpoint
+from warmserve.engine.loader import cuda_device_count
 from warmserve.sim.systems import SystemSpec, get_system
 from warmserve.worker.rpc import RemoteError, WorkerClient, WorkerGone
 from warmserve.worker.worker import Refused
@@ -114,9 +115,7 @@ class LocalCluster:
                       for node in self.config.cluster.nodes), default=0)
         if not wanted:
             return
-        import torch
-
-        have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        have = cuda_device_count()
         if wanted > have:
             raise MissingDevices(f"config {self.config_source!r}: a node of {wanted} CUDA "
                                  f"device(s), and this machine has {have}")

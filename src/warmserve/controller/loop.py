@@ -132,7 +132,10 @@ class Controller:
         """Feed the forecasters earlier windows from a CSV with header
         `model,avg_concurrency,peak_concurrency,rate_rps` (one row per window, oldest first,
         whole days of `window_s` windows). Returns the rows used."""
-        rows = load_history(path, set(self.models))
+        return self.seed_rows(load_history(path, set(self.models)))
+
+    def seed_rows(self, rows: dict[str, list[tuple[float, float, float]]]) -> int:
+        """seed_history for rows already read (load_history). Returns the rows used."""
         for model, values in rows.items():
             forecaster = self.forecasters[model]
             for avg, peak, rate in values:

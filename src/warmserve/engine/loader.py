@@ -38,6 +38,11 @@ class TensorProvider(Protocol):
     # A provider may set `filled = True`: its weights already hold the checkpoint's values.
 
 
+def cuda_device_count() -> int:
+    """CUDA devices this process can use: 0 without CUDA (a CPU build of torch, say)."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def checked_device(text: str | torch.device) -> torch.device:
     """`text` as a device this process can use (cpu, or a CUDA device that exists); a
     ValueError that names it otherwise."""
@@ -49,7 +54,7 @@ def checked_device(text: str | torch.device) -> torch.device:
         return device
     if device.type != "cuda":
         raise ValueError(f"device {str(text)!r}: expected cpu or cuda[:N]")
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    count = cuda_device_count()
     if count == 0:
         raise ValueError(f"device {str(text)!r}: no CUDA device here (this torch build or "
                          f"machine has none)")

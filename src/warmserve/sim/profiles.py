@@ -171,6 +171,15 @@ def shipped_profiles() -> list[str]:
                   if p.name.endswith(".yaml"))
 
 
+def parse_override(text: str) -> tuple[str, float] | None:
+    """`KEY=NUMBER` (a load_profile override) as (key, number); None where it is not that."""
+    key, sep, value = text.partition("=")
+    try:
+        return (key.strip(), float(value)) if sep and key.strip() else None
+    except ValueError:
+        return None
+
+
 def load_profile(name_or_path: str = "h100", overrides: dict[str, float] | None = None
                  ) -> DeviceProfile:
     """A shipped profile by name (`h100`), or a YAML file like it. `overrides` replace
