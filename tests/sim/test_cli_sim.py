@@ -189,9 +189,27 @@ def test_predict_where_days_repeat_beats_yesterday_and_names_bad_arrivals(tmp_pa
     path = tmp_path / "req.csv"
     path.write_text("arrival_s,model,input_tokens,output_tokens\n0.5,llama-2-7b-a,100,50\n")
     result = runner.invoke(app, ["simulate", "--workload", str(path), "--repeat-day",
-                                 "--arrivals", "azure"])
-    assert result.exit_code == 2 and "(given: arrivals, repeat day)" in " ".join(
+                                 "--arrivals", "azure", "--history-days", "7"])
+    assert result.exit_code == 2 and "(given: arrivals, repeat day, history days)" in " ".join(
         result.output.split())
+
+
+def test_predict_takes_the_days_of_history_asked_for():
+    """--history-days sets the seasonal baseline's depth; the load forecast is the same
+    one (the naive last window does not move), and more days than ServeGen holds, or a
+    negative count, is refused by name."""
+    overall = {}
+    for days in ("1", "7"):
+        result = runner.invoke(app, ["predict", "--workload", "paper", "--repeat-day",
+                                     "--history-days", days, "--json"])
+        assert result.exit_code == 0, result.output
+        overall[days] = json.loads(result.stdout)["overall"]
+    assert overall["1"]["naive_last_window_peak_mre"] == overall["7"][
+        "naive_last_window_peak_mre"]
+    assert overall["1"]["peak_mre"] != overall["7"]["peak_mre"]
+    for bad in ("14", "-1"):
+        result = runner.invoke(app, ["predict", "--workload", "paper", "--history-days", bad])
+        assert result.exit_code == 2 and "--history-days" in result.output
 
 
 def test_a_profile_cost_set_on_the_command_line_changes_the_baseline_alone():

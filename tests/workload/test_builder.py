@@ -141,10 +141,31 @@ def test_repeat_day_replays_the_simulated_day_as_history():
         assert np.array_equal(getattr(plain, field), getattr(periodic, field))
 
 
+def test_days_of_history_change_the_history_alone():
+    """The last three days are drawn as they always were and older ones on a stream of their
+    own: a week of history keeps the three-day history as its last three rows, and the
+    requests simulated are the same however many days come before them."""
+    def spec(days):
+        return WorkloadSpec(("a", "b"), 20.0, 600.0, window_s=60.0, arrivals="clients",
+                            history_periods=days)
+    week, three, one = (build_workload(spec(d)) for d in (7, 3, 1))
+    for name in ("a", "b"):
+        assert week.history[name].rate_rps.shape == (7, 10)
+        assert np.array_equal(week.history[name].rate_rps[-3:], three.history[name].rate_rps)
+        assert np.array_equal(one.history[name].rate_rps, three.history[name].rate_rps[-1:])
+        # the older days are other days of the trace, not copies of the recent ones
+        assert not np.array_equal(week.history[name].rate_rps[0], week.history[name].rate_rps[4])
+    for w in (one, three):
+        for field in ("arrival_s", "model_index", "input_tokens", "output_tokens"):
+            assert np.array_equal(getattr(week, field), getattr(w, field))
+    assert build_workload(spec(0)).history == {}
+
+
 @pytest.mark.parametrize("bad", [{"total_rate_rps": 0}, {"duration_s": -1}, {"shape": "x"},
                                  {"models": ()}, {"arrivals": "poisson"}, {"lengths": "chat"},
                                  {"arrivals": "clients", "shape": "functions"},
-                                 {"arrivals": "clients", "shape": "flat"}])
+                                 {"arrivals": "clients", "shape": "flat"},
+                                 {"history_periods": -1}, {"history_periods": 14}])
 def test_bad_spec(bad):
     fields = {"models": ("a",), "total_rate_rps": 1.0, "duration_s": 10.0} | bad
     with pytest.raises(ValueError):

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from warmserve.cli.common import (
     ArrivalsOpt,
+    HistoryDaysOpt,
     RepeatDayOpt,
     SloOpt,
     TimeScaleOpt,
@@ -43,6 +44,7 @@ def simulate(
     time_scale: TimeScaleOpt = None,
     arrivals: ArrivalsOpt = None,
     repeat_day: RepeatDayOpt = False,
+    history_days: HistoryDaysOpt = None,
     seed: Annotated[int | None, typer.Option(help="Workload seed.")] = None,
     slo: SloOpt = None,
     profile: Annotated[str, typer.Option(help="Cost profile name or YAML file.")] = "h100",
@@ -84,7 +86,7 @@ def simulate(
         prof = load_profile(profile, overrides)
         scenario = build_scenario(workload, cfg, prof, duration, seed, None, rate, gpus,
                                   gpus_per_node, time_scale, arrivals=arrivals,
-                                  repeat_day=repeat_day)
+                                  repeat_day=repeat_day, history_days=history_days)
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)  # before the runs, not after
         with Progress(console=console, transient=True, disable=as_json) as progress:
@@ -117,6 +119,7 @@ def predict(
     time_scale: TimeScaleOpt = None,
     arrivals: ArrivalsOpt = None,
     repeat_day: RepeatDayOpt = False,
+    history_days: HistoryDaysOpt = None,
     config: Annotated[str, typer.Option("--config", "-c")] = "h100-node",
     profile: Annotated[str, typer.Option(help="Cost profile name or YAML file.")] = "h100",
     seed: Annotated[int | None, typer.Option()] = None,
@@ -137,7 +140,8 @@ def predict(
     try:
         cfg = load_config(config)
         prof = load_profile(profile)
-        options = {"time_scale": time_scale, "arrivals": arrivals, "repeat_day": repeat_day}
+        options = {"time_scale": time_scale, "arrivals": arrivals, "repeat_day": repeat_day,
+                   "history_days": history_days}
         scenario = build_scenario(workload, cfg, prof, duration, seed, window, **options)
         if oracle_replays and workload not in PRESETS:
             raise WorkloadError(f"--oracle-replays needs a preset: a request file such as "

@@ -98,6 +98,9 @@ def _finite_slo(value: float | None) -> float | None:
 
 
 SloOpt = Annotated[float | None, typer.Option(callback=_finite_slo, help="TTFT SLO in seconds.")]
+HistoryDaysOpt = Annotated[int | None, typer.Option(  # max: workload.builder.MAX_HISTORY_DAYS
+    min=0, max=13, help="Preset only: earlier days of each model's history, the forecast's "
+    "seasonal baseline (the presets hold 3; ServeGen's 14 days allow 13).")]
 RepeatDayOpt = Annotated[bool, typer.Option(
     "--repeat-day", help="Preset only: every earlier day of history replays the simulated "
     "day drawn again, so that days repeat (the load forecasting is built for).")]

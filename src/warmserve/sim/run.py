@@ -49,14 +49,15 @@ def build_scenario(spec: str, config: WarmServeConfig, profile: DeviceProfile,
                    window_s: float | None = None, rate_rps: float | None = None,
                    num_gpus: int | None = None, gpus_per_node: int | None = None,
                    time_scale: float | None = None, *, arrivals: str | None = None,
-                   repeat_day: bool = False) -> Scenario:
+                   repeat_day: bool = False, history_days: int | None = None) -> Scenario:
     """A preset, or a request file (CSV) whose models come from `config`. `seed`, `rate_rps`,
-    `time_scale` (trace seconds per simulated second), `arrivals` (clients or azure) and
-    `repeat_day` (earlier days replay the simulated one) change a preset's workload only."""
+    `time_scale` (trace seconds per simulated second), `arrivals` (clients or azure),
+    `repeat_day` (earlier days replay the simulated one) and `history_days` (how many earlier
+    days) change a preset's workload only."""
     if spec in PRESETS:
         preset = get_preset(spec).with_overrides(duration_s, seed, window_s, num_gpus,
                                                  gpus_per_node, time_scale, arrivals,
-                                                 repeat_day or None)
+                                                 repeat_day or None, history_days)
         wspec = preset.workload
         if rate_rps is not None:
             wspec = replace(wspec, total_rate_rps=rate_rps)
@@ -70,12 +71,12 @@ def build_scenario(spec: str, config: WarmServeConfig, profile: DeviceProfile,
                             f"nor a request file")
     given = [name for name, value in (("rate", rate_rps), ("time scale", time_scale),
                                       ("arrivals", arrivals), ("repeat day", repeat_day or None),
-                                      ("seed", seed))
+                                      ("history days", history_days), ("seed", seed))
              if value is not None]
     if given:
         raise WorkloadError(f"{spec}: a request file replays its own arrivals; a rate, a "
-                            f"time scale, arrivals, a repeated day or a seed apply to presets "
-                            f"only (given: {', '.join(given)})")
+                            f"time scale, arrivals, days of history or a seed apply to "
+                            f"presets only (given: {', '.join(given)})")
     return _csv_scenario(path, config, profile, duration_s, window_s, num_gpus, gpus_per_node)
 
 

@@ -42,6 +42,8 @@ SERVEGEN_SERIES = ("m-large", "m-mid", "m-small")
 # The most requests (rate x duration) a workload may hold: 23x `scale`, some 11 minutes of
 # simulation per policy; beyond it a typo in a rate would exhaust memory before saying so
 MAX_REQUESTS = 50_000_000
+RECENT_DAYS = 3  # days of history drawn from the workload's own stream (the presets' default)
+MAX_HISTORY_DAYS = 13  # ServeGen's 14 days, less the simulated one
 MAX_WINDOWS = 20_000  # forecast windows in the span: a day in 5-second windows is 17,280
 # (model index, input tokens, output tokens) -> how long a request stays in the system (s)
 ServiceTime = Callable[[int, np.ndarray, np.ndarray], np.ndarray]
@@ -66,6 +68,7 @@ class WorkloadSpec:
     shape: str = "servegen"  # servegen | functions | mixed (alternating) | flat
     time_scale: float = 72.0  # trace seconds per simulated second (72: a day in 20 minutes)
     start_hour: float = 6.0  # time of day (trace) at which the simulated period starts
+    # earlier days of each model's history (ServeGen's 14 days hold 13 before any day)
     history_periods: int = 3
     # every earlier period replays the simulated period's own trace day (with fresh
     # randomness): a load whose days repeat, to study forecasting where it can work. With
@@ -103,6 +106,9 @@ class WorkloadSpec:
                              f"shape='servegen' or 'mixed', not {self.shape!r}")
         if self.lengths not in ("conv", "code"):
             raise ValueError(f"lengths={self.lengths!r}: one of conv, code")
+        if not 0 <= self.history_periods <= MAX_HISTORY_DAYS:
+            raise ValueError(f"history_periods={self.history_periods}: from 0 to "
+                             f"{MAX_HISTORY_DAYS} earlier days (ServeGen holds 14 days)")
 
     @property
     def period_s(self) -> float:
@@ -197,6 +203,7 @@ def build_workload(spec: WorkloadSpec, service_time: ServiceTime = default_servi
     shapes = _Shapes(spec)
     rng = np.random.default_rng(spec.seed)
     history_rng = np.random.default_rng([spec.seed, 1])  # the repeated days' draws
+    older_rng = np.random.default_rng([spec.seed, 2])  # days before the last three
     shares = spec.shares()
     parts, history, actual = [], {}, {}
     for i, name in enumerate(spec.models):
@@ -207,12 +214,18 @@ def build_workload(spec: WorkloadSpec, service_time: ServiceTime = default_servi
         parts.append((t, np.full(len(t), i, np.int32), n_in, n_out))
         actual[name] = _window_series([(t, n_in, n_out)], spec, service_time, i)
         if shapes.has_history(i) and spec.history_periods:
-            past = [requests(base, shapes, i, -p, rate, spec, rng)
-                    for p in range(spec.history_periods, 0, -1)]
-            if spec.repeat_day:  # drawn above all the same, so that the requests simulated
-                # do not depend on repeat_day; the history is the simulated day drawn again
+            # The last three days are drawn from `rng` however many are kept, and older ones
+            # from a stream of their own, so that the requests simulated do not depend on
+            # the number of days of history (from one up) nor on repeat_day
+            recent = [requests(base, shapes, i, -p, rate, spec, rng)
+                      for p in range(RECENT_DAYS, 0, -1)]
+            if spec.repeat_day:  # the history is the simulated day drawn again
                 past = [requests(base, shapes, i, 0, rate, spec, history_rng)
                         for _ in range(spec.history_periods)]
+            else:
+                past = [requests(base, shapes, i, -p, rate, spec, older_rng)
+                        for p in range(spec.history_periods, RECENT_DAYS, -1)]
+                past += recent[max(0, RECENT_DAYS - spec.history_periods):]
             history[name] = _window_series(past, spec, service_time, i)
     arrival = np.concatenate([p[0] for p in parts])
     order = np.argsort(arrival, kind="stable")

@@ -19,7 +19,8 @@ class Preset:
     def with_overrides(self, duration_s: float | None = None, seed: int | None = None,
                        window_s: float | None = None, num_gpus: int | None = None,
                        gpus_per_node: int | None = None, time_scale: float | None = None,
-                       arrivals: str | None = None, repeat_day: bool | None = None) -> Preset:
+                       arrivals: str | None = None, repeat_day: bool | None = None,
+                       history_days: int | None = None) -> Preset:
         """None keeps the preset's value; anything else, zero included, replaces it (and is
         validated where it is used)."""
         def pick(value, default):
@@ -30,7 +31,8 @@ class Preset:
                        seed=pick(seed, spec.seed), window_s=pick(window_s, spec.window_s),
                        time_scale=pick(time_scale, spec.time_scale),
                        arrivals=pick(arrivals, spec.arrivals),
-                       repeat_day=pick(repeat_day, spec.repeat_day))
+                       repeat_day=pick(repeat_day, spec.repeat_day),
+                       history_periods=pick(history_days, spec.history_periods))
         return replace(self, workload=spec, num_gpus=pick(num_gpus, self.num_gpus),
                        gpus_per_node=pick(gpus_per_node, self.gpus_per_node))
 
