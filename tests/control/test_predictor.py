@@ -93,6 +93,57 @@ def test_periodic_series_is_predicted_exactly():
         f.observe(value, value, value)
 
 
+def _noisy_days(levels, n=48, seed=0):
+    """Days of one shape, each scaled by its level and drawn with Poisson noise."""
+    rng = np.random.default_rng(seed)
+    shape = 30 + 20 * np.sin(np.arange(n) / n * 2 * np.pi)
+    avg = rng.poisson(np.outer(levels, shape)).astype(float)
+    peak = avg + rng.poisson(np.outer(levels, shape) * 0.5)
+    return {"avg_concurrency": avg, "peak_concurrency": peak, "rate_rps": avg}
+
+
+def test_where_days_repeat_the_backtest_keeps_the_same_slot_mean_alone():
+    """Days that differ only in their draw: on the earlier days the corrections and the
+    blend with the last window lose to the same slot's mean, clearly, so seed() keeps the
+    mean alone and today is forecast with it. Where days differ in level the corrections
+    win and stay on; with one earlier day there is nothing to backtest."""
+    repeating = ModelForecaster(48)
+    repeating.seed({m: v[:6] for m, v in _noisy_days([1.0] * 7).items()})
+    assert repeating.seasonal_only
+    days = _noisy_days([1.0] * 7)
+    slot_mean = days["peak_concurrency"][:6, 0].mean()
+    assert repeating.forecast().peak_concurrency == pytest.approx(slot_mean)
+
+    levelled = ModelForecaster(48)
+    levelled.seed({m: v[:6] for m, v in _noisy_days([0.6, 1.4, 0.8, 1.3, 0.7, 1.2, 1]).items()})
+    assert not levelled.seasonal_only
+
+    for short in (ModelForecaster(48), ModelForecaster(48, extensions=False)):
+        short.seed({m: v[:1] for m, v in _noisy_days([1.0] * 7).items()})
+        assert not short.seasonal_only
+    published = ModelForecaster(48, extensions=False)
+    published.seed({m: v[:6] for m, v in _noisy_days([1.0] * 7).items()})
+    assert not published.seasonal_only
+
+
+def test_the_backtest_beats_the_extended_forecaster_where_days_repeat():
+    """Scored on a seventh day like the six before it, the mean alone that the backtest chose
+    errs less than the extended forecaster would have."""
+    days = _noisy_days([1.0] * 7, seed=1)
+    chosen, extended = ModelForecaster(48), ModelForecaster(48)
+    chosen.seed({m: v[:6] for m, v in days.items()})
+    extended._feed({m: v[:6] for m, v in days.items()})  # seeded without the backtest
+    assert chosen.seasonal_only and not extended.seasonal_only
+    errors = {"chosen": [], "extended": []}
+    for w in range(48):
+        actual = days["peak_concurrency"][6, w]
+        for name, f in (("chosen", chosen), ("extended", extended)):
+            errors[name].append(abs(f.forecast().peak_concurrency - actual) / actual)
+            f.observe(*(days[m][6, w] for m in ("avg_concurrency", "peak_concurrency",
+                                                 "rate_rps")))
+    assert np.mean(errors["chosen"]) < np.mean(errors["extended"])
+
+
 def test_ensemble_leans_on_the_better_predictor():
     f = SeriesForecaster(windows_per_period=4)
     for value in [1, 1, 1, 1]:  # a useless history ...

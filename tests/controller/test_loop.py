@@ -7,6 +7,7 @@ from collections import defaultdict
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import pytest
 
 from warmserve.config import parse_config
@@ -164,8 +165,6 @@ def test_static_policies_do_not_scale():
 
 
 def test_seed_history_from_csv(tmp_path):
-    import pytest
-
     from warmserve.workload.traces import TraceError
 
     path = tmp_path / "h.csv"
@@ -175,6 +174,15 @@ def test_seed_history_from_csv(tmp_path):
     ctl = Controller(FakeCluster(), CONFIG)
     assert ctl.seed_history(path) == len(day)
     assert ctl.forecasters["m"].forecast().peak_concurrency == 8  # the same slot yesterday
+    # three days that differ in their draw alone: the backtest keeps the same slot's mean
+    rng = np.random.default_rng(0)
+    days = rng.poisson(np.tile(np.linspace(10, 40, 8640), 3)).astype(float)
+    path.write_text("model,avg_concurrency,peak_concurrency,rate_rps\n"
+                    + "".join(f"m,{a},{a + 5},1\n" for a in days))
+    ctl = Controller(FakeCluster(), CONFIG)
+    ctl.seed_history(path)
+    assert ctl.forecasters["m"].seasonal_only
+    assert ctl.forecasters["m"].forecast().avg_concurrency == pytest.approx(days[::8640].mean())
     path.write_text("model,avg_concurrency,peak_concurrency,rate_rps\nzz,1,1,1\n")
     with pytest.raises(TraceError, match=r"h\.csv:2: model 'zz' is not served"):
         ctl.seed_history(path)

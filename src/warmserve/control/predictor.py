@@ -18,6 +18,13 @@ errors rather than their weighted mean (one client's burst in one window would o
 pull the next forecasts up by half its size). Without history every forecast stays the last
 window's value.
 
+Where days repeat, though, the corrections and the blend only add the noise of the windows
+they learn from, and the same slot's mean alone is the better forecast. `seed` tells the two
+kinds of load apart on the history itself: it forecasts each of the last earlier days from
+the ones before it both ways, and keeps the mean alone for the day only where it wins by
+more than twice the standard error of the difference (on ServeGen's own days, which differ
+in level, that never happens).
+
 The forecaster learns online: `observe` appends each closed window. No clock, no I/O: windows
 are integers handed in by the caller.
 """
@@ -30,6 +37,8 @@ import numpy as np
 
 METRICS = ("avg_concurrency", "peak_concurrency", "rate_rps")
 RATIO_WINDOWS = 30  # windows whose peak/average ratios set the ratio member's median
+BACKTEST_PERIODS = 3  # earlier periods on which seed() scores the forecaster against the mean
+BACKTEST_MAX_WINDOWS = 2_000  # and at most this many windows of them (the last ones)
 
 
 @dataclass
@@ -107,6 +116,7 @@ class ModelForecaster:
                  extensions: bool = True) -> None:
         """`extensions=False`: the published forecaster alone (seasonal baseline plus the
         weighted error correction, for every metric; no blends, no medians)."""
+        self.windows_per_period = windows_per_period
         self.series = {m: SeriesForecaster(windows_per_period, error_windows,
                                            ensemble=extensions,
                                            robust=extensions and m == "peak_concurrency")
@@ -115,13 +125,23 @@ class ModelForecaster:
         self.error_windows = error_windows or 1
         self._peak_abs_errors: list[float] = []  # of the peak series' own forecast
         self._ratio_abs_errors: list[float] = []  # of avg forecast x peak/avg ratio
+        self.seasonal_only = False  # set by seed() where the days' backtest says so
 
     @property
     def num_windows(self) -> int:
         return len(self.series["rate_rps"].values)
 
     def seed(self, history: dict[str, np.ndarray]) -> None:
-        """Feed earlier periods: each metric a [periods, windows_per_period] array."""
+        """Feed earlier periods: each metric a [periods, windows_per_period] array (or the
+        same values flat, oldest first). With two or more whole periods, the extended
+        forecaster backtests itself on the last of them against the same slot's mean
+        alone, and forecasts by that mean alone where it clearly wins (`seasonal_only`)."""
+        self._feed(history)
+        if self.extensions:
+            self.seasonal_only = _clearly_better(_backtest(
+                history, self.windows_per_period, self.series["peak_concurrency"].error_windows))
+
+    def _feed(self, history: dict[str, np.ndarray]) -> None:
         for metric, rows in history.items():
             for value in np.asarray(rows).ravel():
                 self.series[metric].observe(float(value))
@@ -151,6 +171,9 @@ class ModelForecaster:
 
     def forecast(self, window: int | None = None) -> Forecast:
         window = self.num_windows if window is None else window
+        if self.seasonal_only:
+            avg, peak, rate = (self.series[m].baseline(window) for m in METRICS)
+            return Forecast(avg, max(peak, avg), rate)
         avg, peak, rate = (self.series[m].forecast(window) for m in METRICS)
         ratio = self._ratio_peak(window)
         periodic = bool(self.series["peak_concurrency"].same_slot(window))
@@ -169,6 +192,59 @@ class ModelForecaster:
         if not ratios:
             return None
         return self.series["avg_concurrency"].forecast(window) * float(np.median(ratios))
+
+
+def _window_errors(forecaster: ModelForecaster, window: int, forecast: Forecast,
+                   avg_actual: float, peak_actual: float) -> np.ndarray:
+    """[extended, seasonal mean alone]: the relative errors of one window's average and
+    peak concurrency forecasts, summed over those that are at least 1 (as `predict`
+    scores)."""
+    avg = forecaster.series["avg_concurrency"].baseline(window)
+    peak = max(forecaster.series["peak_concurrency"].baseline(window), avg)
+    errors = np.zeros(2)
+    for actual, ours, alone in ((avg_actual, forecast.avg_concurrency, avg),
+                                (peak_actual, forecast.peak_concurrency, peak)):
+        if actual >= 1.0:
+            errors += (abs(ours - actual) / actual, abs(alone - actual) / actual)
+    return errors
+
+
+def _backtest(history: dict[str, np.ndarray], windows_per_period: int,
+              error_windows: int) -> list[float]:
+    """How the extended forecaster and the same slot's mean alone forecast the last
+    `BACKTEST_PERIODS` periods of `history`, each period from the ones before it: per
+    window with load, the mean alone's error less the extended one's (`_window_errors`).
+
+    Where days repeat, the extended forecaster's corrections and its blend with the last
+    window only add the noise of the windows they learn from; where days differ in level
+    they are what follows today. The earlier days tell which kind of load this is."""
+    columns = {m: np.asarray(history[m], dtype=float).ravel() for m in METRICS}
+    periods = len(columns["peak_concurrency"]) // windows_per_period
+    first = periods * windows_per_period - BACKTEST_MAX_WINDOWS  # the windows scored
+    diffs = []
+    for p in range(max(1, periods - BACKTEST_PERIODS), periods):
+        start, end = p * windows_per_period, (p + 1) * windows_per_period
+        if end <= first:
+            continue
+        forecaster = ModelForecaster(windows_per_period, error_windows)
+        forecaster._feed({m: v[:start] for m, v in columns.items()})
+        for w in range(start, end):
+            if w >= first:
+                e = _window_errors(forecaster, w, forecaster.forecast(),
+                                   columns["avg_concurrency"][w], columns["peak_concurrency"][w])
+                if e.any():
+                    diffs.append(float(e[1] - e[0]))
+            forecaster.observe(*(columns[m][w] for m in METRICS))
+    return diffs
+
+
+def _clearly_better(diffs: list[float]) -> bool:
+    """Whether the mean of the differences lies below 0 by more than 2 standard errors:
+    a win of the seasonal mean that the backtest's noise does not explain."""
+    if len(diffs) < 3:
+        return False
+    spread = float(np.std(diffs, ddof=1)) / np.sqrt(len(diffs))
+    return float(np.mean(diffs)) + 2.0 * spread < 0.0
 
 
 def _blend(a: float, a_errors: list[float], b: float, b_errors: list[float], k: int) -> float:

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from warmserve.cluster.manager import LocalCluster, NoCapacity
 from warmserve.config import ModelConfig, WarmServeConfig
 from warmserve.control.policies import (
@@ -137,10 +139,9 @@ class Controller:
     def seed_rows(self, rows: dict[str, list[tuple[float, float, float]]]) -> int:
         """seed_history for rows already read (load_history). Returns the rows used."""
         for model, values in rows.items():
-            forecaster = self.forecasters[model]
-            for avg, peak, rate in values:
-                forecaster.observe(avg, peak, rate)
-            forecaster.forget_errors()
+            avg, peak, rate = np.asarray(values, dtype=float).reshape(-1, 3).T
+            self.forecasters[model].seed({"avg_concurrency": avg, "peak_concurrency": peak,
+                                          "rate_rps": rate})
         return sum(len(v) for v in rows.values())
 
     def record_arrival(self, model: str) -> None:
