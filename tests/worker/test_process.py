@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+
 import pytest
 import yaml
 
@@ -49,6 +53,16 @@ def test_errors_cross_the_wire(process):
     with pytest.raises(InvalidRequestError, match="not empty"):
         list(client.generate("a", [], GREEDY))
     assert client.call("ping") == "pong"  # the worker is fine
+
+
+def test_a_ctrl_c_at_the_terminal_leaves_the_worker_to_its_parent(process):
+    """Ctrl-C reaches every process of the terminal's foreground group, workers too: each
+    printed a KeyboardInterrupt traceback while `serve` was still shutting down. A worker
+    ignores it; the process that started it closes it."""
+    os.kill(process.process.pid, signal.SIGINT)
+    time.sleep(0.5)
+    assert process.alive
+    assert process.client.call("ping") == "pong"
 
 
 def test_killed_worker_fails_calls_fast(tmp_path, cache_dir, process):

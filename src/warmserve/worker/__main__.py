@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -64,6 +65,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cache-dir", required=True)
     ap.add_argument("--log-level", default="info")
     args = ap.parse_args(argv)
+    # A Ctrl-C at the terminal reaches the whole foreground process group: the process that
+    # started this worker decides when it stops (it closes the worker, or its end does)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     setup_logging(args.log_level)
     authkey = bytes.fromhex(sys.stdin.readline().strip())
     threading.Thread(target=_exit_with_parent, daemon=True, name="parent-watch").start()
