@@ -32,7 +32,10 @@ class _CacheProgressBar:
         from rich.console import Console
         from rich.progress import Progress
 
-        self._progress = Progress(console=Console(stderr=True), transient=True)
+        console = Console(stderr=True)  # not a terminal (a log file, a journal): no bar,
+        # which would leave a blank line there
+        self._progress = Progress(console=console, transient=True,
+                                  disable=not console.is_terminal)
         self._tasks: dict[str, int] = {}
 
     def __call__(self, key: str, done: int, total: int) -> None:
