@@ -197,16 +197,28 @@ def test_predict_where_days_repeat_beats_yesterday_and_names_bad_arrivals(tmp_pa
 def test_predict_takes_the_days_of_history_asked_for():
     """--history-days sets the seasonal baseline's depth; the load forecast is the same
     one (the naive last window does not move), and more days than ServeGen holds, or a
-    negative count, is refused by name."""
-    overall = {}
+    negative count, is refused by name. The models forecast by the same slot's mean alone
+    are named."""
+    overall, models = {}, {}
     for days in ("1", "7"):
         result = runner.invoke(app, ["predict", "--workload", "paper", "--repeat-day",
                                      "--history-days", days, "--json"])
         assert result.exit_code == 0, result.output
         overall[days] = json.loads(result.stdout)["overall"]
+        models[days] = json.loads(result.stdout)["models"]
     assert overall["1"]["naive_last_window_peak_mre"] == overall["7"][
         "naive_last_window_peak_mre"]
     assert overall["1"]["peak_mre"] != overall["7"]["peak_mre"]
+    # with a week of repeating days the backtest finds them repeating for some model, and
+    # the table says which; on the preset's own days, for none
+    alone = [m for m, row in models["7"].items() if row["same_slot_mean_alone"]]
+    assert alone
+    result = runner.invoke(app, ["predict", "--workload", "paper", "--repeat-day",
+                                 "--history-days", "7"])
+    assert "same slot's mean alone" in result.output and alone[0] in result.output
+    result = runner.invoke(app, ["predict", "--workload", "paper", "--json"])
+    assert not any(row["same_slot_mean_alone"]
+                   for row in json.loads(result.stdout)["models"].values())
     for bad in ("14", "-1"):
         result = runner.invoke(app, ["predict", "--workload", "paper", "--history-days", bad])
         assert result.exit_code == 2 and "--history-days" in result.output

@@ -177,5 +177,9 @@ def predict(
     if not any(row["windows_scored"] for row in report["models"].values()):
         console.print("[yellow]nothing scored: the span holds no whole window after the "
                       "first; give a shorter --window or a longer --duration[/yellow]")
+    alone = [n for n, row in report["models"].items() if row["same_slot_mean_alone"]]
+    if alone:
+        console.print(f"[dim]forecast by the same slot's mean alone, where a backtest on the "
+                      f"earlier days found them repeating: {', '.join(alone)}[/dim]")
     for note in scenario.workload.notes:
         console.print(f"[dim]{note}[/dim]")

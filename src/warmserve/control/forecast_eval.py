@@ -54,6 +54,8 @@ def evaluate_forecasts(workload: Workload, error_windows: int = 10,
                 if history is not None else None),
             **(_oracle(workload, replays, name, scored) if replays else {}),
             "has_history": history is not None,
+            # the backtest on the earlier days found them repeating (ModelForecaster.seed)
+            "same_slot_mean_alone": forecaster.seasonal_only,
             "windows": n,
             "windows_scored": scored.stop - scored.start,
             "mean_peak_concurrency": float(actual.peak_concurrency[0].mean()),
