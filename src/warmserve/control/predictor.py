@@ -243,7 +243,7 @@ def _clearly_better(diffs: list[float]) -> bool:
     a win of the seasonal mean that the backtest's noise does not explain."""
     if len(diffs) < 3:
         return False
-    spread = float(np.std(diffs, ddof=1)) / np.sqrt(len(diffs))
+    spread = float(np.std(diffs, ddof=1) / np.sqrt(len(diffs)))
     return float(np.mean(diffs)) + 2.0 * spread < 0.0
 
 
