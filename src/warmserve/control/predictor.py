@@ -219,22 +219,23 @@ def _backtest(history: dict[str, np.ndarray], windows_per_period: int,
     window only add the noise of the windows they learn from; where days differ in level
     they are what follows today. The earlier days tell which kind of load this is."""
     columns = {m: np.asarray(history[m], dtype=float).ravel() for m in METRICS}
-    periods = len(columns["peak_concurrency"]) // windows_per_period
-    first = periods * windows_per_period - BACKTEST_MAX_WINDOWS  # the windows scored
+    end = len(columns["peak_concurrency"]) // windows_per_period * windows_per_period
+    first = max(end - BACKTEST_MAX_WINDOWS, windows_per_period)  # the first window scored
+    start = max(first // windows_per_period, end // windows_per_period - BACKTEST_PERIODS
+                ) * windows_per_period  # the start of its period: history before it
+    first = max(first, start)
+    forecaster = ModelForecaster(windows_per_period, error_windows)
+    forecaster._feed({m: v[:start] for m, v in columns.items()})
     diffs = []
-    for p in range(max(1, periods - BACKTEST_PERIODS), periods):
-        start, end = p * windows_per_period, (p + 1) * windows_per_period
-        if end <= first:
-            continue
-        forecaster = ModelForecaster(windows_per_period, error_windows)
-        forecaster._feed({m: v[:start] for m, v in columns.items()})
-        for w in range(start, end):
-            if w >= first:
-                e = _window_errors(forecaster, w, forecaster.forecast(),
-                                   columns["avg_concurrency"][w], columns["peak_concurrency"][w])
-                if e.any():
-                    diffs.append(float(e[1] - e[0]))
-            forecaster.observe(*(columns[m][w] for m in METRICS))
+    for w in range(start, end):
+        if w % windows_per_period == 0:
+            forecaster.forget_errors()  # each day learns anew, as after seed()
+        if w >= first:
+            e = _window_errors(forecaster, w, forecaster.forecast(),
+                               columns["avg_concurrency"][w], columns["peak_concurrency"][w])
+            if e.any():
+                diffs.append(float(e[1] - e[0]))
+        forecaster.observe(*(columns[m][w] for m in METRICS))
     return diffs
 
 
