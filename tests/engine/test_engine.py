@@ -51,6 +51,29 @@ def test_requests_joining_mid_decode_match(make_engine):
     assert tokens == alone
 
 
+def test_every_step_hands_attention_tables_of_one_width(make_engine):
+    """The decode kernels compile a variant per table width; eager steps (a prompt beside the
+    decodes) must use the graphs' width whatever the contexts, or a live step compiles."""
+    engine = make_engine()
+    forward, widths = engine.runner.model.forward, set()
+
+    def spy(ids, positions, kv_cache, meta):
+        if meta.num_decodes:
+            widths.add(meta.decode_block_tables.shape[1])
+        return forward(ids, positions, kv_cache, meta)
+
+    engine.runner.model.forward = spy
+    tokens: dict[str, list[int]] = {}
+    pending = list(PROMPTS.items())  # contexts of 2 to 14 blocks, joining mid-decode
+    while pending or engine.has_work():
+        if pending:
+            engine.add_request(*pending.pop(0), GREEDY)
+        for out in engine.step():
+            tokens.setdefault(out.request_id, []).extend(out.token_ids)
+    assert widths == {engine.runner.max_blocks_per_seq}
+    assert tokens == _alone(make_engine)
+
+
 @pytest.mark.parametrize(
     ("prompt", "params", "message"),
     [

@@ -11,6 +11,7 @@ import logging
 import threading
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -89,18 +90,25 @@ class ModelRunner:
             ids.extend(seq.token_ids(start, start + n))
             positions.extend(range(start, start + n))
             row_of[seq.request_id] = len(ids) - 1
-        tables = [seq.block_table for seq in out.decodes]
-        width = max((len(t) for t in tables), default=1)
         meta = AttentionMetadata(
             slot_mapping=self._slots(list(out.decodes) + [s for s, _ in out.prefills], out),
             num_decodes=len(out.decodes),
-            decode_block_tables=self._tensor(
-                [t + [self.scratch_block] * (width - len(t)) for t in tables], torch.int32),
+            decode_block_tables=self._decode_tables(out.decodes),
             decode_context_lens=self._tensor(
                 [s.num_computed_tokens + 1 for s in out.decodes], torch.int32),
             prefills=spans,
         )
         return self._tensor(ids), self._tensor(positions), meta, row_of
+
+    def _decode_tables(self, decodes: list[Sequence]) -> torch.Tensor:
+        """[B, max_blocks_per_seq] int32, padded with the scratch block. As wide as the
+        graphs' tables whatever the contexts: Triton compiles a variant of the decode kernels
+        per width class (its partition count, and the width's divisibility), each in the first
+        step that needs it; at one width, the capture compiled the only one."""
+        tables = np.full((len(decodes), self.max_blocks_per_seq), self.scratch_block, np.int32)
+        for row, seq in zip(tables, decodes, strict=True):
+            row[: len(seq.block_table)] = seq.block_table
+        return torch.from_numpy(tables).to(self.device, non_blocking=True)
 
     def _slots(self, seqs: list[Sequence], out: SchedulerOutput) -> torch.Tensor:
         chunk = {s.request_id: n for s, n in out.prefills}
