@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+import torch
 
 from tests.engine.conftest import run_all
 from warmserve.engine.sampling import InvalidRequestError, SamplingParams
@@ -52,14 +53,15 @@ def test_requests_joining_mid_decode_match(make_engine):
 
 
 def test_every_step_hands_attention_tables_of_one_width(make_engine):
-    """The decode kernels compile a variant per table width; eager steps (a prompt beside the
-    decodes) must use the graphs' width whatever the contexts, or a live step compiles."""
+    """The decode kernels compile a variant per table width and dtype; eager steps (a prompt
+    beside the decodes) must use the graphs' whatever the contexts, or a live step compiles."""
     engine = make_engine()
     forward, widths = engine.runner.model.forward, set()
 
     def spy(ids, positions, kv_cache, meta):
-        if meta.num_decodes:
-            widths.add(meta.decode_block_tables.shape[1])
+        if meta.num_decodes:  # the graphs' buffers: int64, max_blocks_per_seq wide
+            tables, lens = meta.decode_block_tables, meta.decode_context_lens
+            widths.add((tables.shape[1], tables.dtype, lens.dtype))
         return forward(ids, positions, kv_cache, meta)
 
     engine.runner.model.forward = spy
@@ -70,7 +72,7 @@ def test_every_step_hands_attention_tables_of_one_width(make_engine):
             engine.add_request(*pending.pop(0), GREEDY)
         for out in engine.step():
             tokens.setdefault(out.request_id, []).extend(out.token_ids)
-    assert widths == {engine.runner.max_blocks_per_seq}
+    assert widths == {(engine.runner.max_blocks_per_seq, torch.int64, torch.int64)}
     assert tokens == _alone(make_engine)
 
 

@@ -94,18 +94,18 @@ class ModelRunner:
             slot_mapping=self._slots(list(out.decodes) + [s for s, _ in out.prefills], out),
             num_decodes=len(out.decodes),
             decode_block_tables=self._decode_tables(out.decodes),
-            decode_context_lens=self._tensor(
-                [s.num_computed_tokens + 1 for s in out.decodes], torch.int32),
+            decode_context_lens=self._tensor([s.num_computed_tokens + 1 for s in out.decodes]),
             prefills=spans,
         )
         return self._tensor(ids), self._tensor(positions), meta, row_of
 
     def _decode_tables(self, decodes: list[Sequence]) -> torch.Tensor:
-        """[B, max_blocks_per_seq] int32, padded with the scratch block. As wide as the
-        graphs' tables whatever the contexts: Triton compiles a variant of the decode kernels
-        per width class (its partition count, and the width's divisibility), each in the first
-        step that needs it; at one width, the capture compiled the only one."""
-        tables = np.full((len(decodes), self.max_blocks_per_seq), self.scratch_block, np.int32)
+        """[B, max_blocks_per_seq] int64, padded with the scratch block: the graphs' width and
+        dtype whatever the contexts. Triton compiles a variant of the decode kernels per width
+        class (its partition count, the width's divisibility) and per dtype, each in the first
+        step that needs it (0.1-1 s on an H200, docs/engine.md); so the capture compiles the
+        only one."""
+        tables = np.full((len(decodes), self.max_blocks_per_seq), self.scratch_block, np.int64)
         for row, seq in zip(tables, decodes, strict=True):
             row[: len(seq.block_table)] = seq.block_table
         return torch.from_numpy(tables).to(self.device, non_blocking=True)
