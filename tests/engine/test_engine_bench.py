@@ -28,3 +28,13 @@ def test_tpot_times_decode_steps_at_the_context_asked(make_engine):
     assert tpot(engine, batch=2, device="cpu", steps=8, context=100) > 0
     assert not engine.has_work()
     assert engine.stats().prompt_tokens == 2 * 100
+
+
+def test_first_steps_drives_every_request_to_its_end(make_engine):
+    from benchmarks.first_steps import drive
+
+    engine = make_engine(kv_cache_bytes=4 << 20, max_num_seqs=8, max_tokens_per_step=256)
+    result = drive(engine, "t", seed=0, num_requests=5, modules=(), slow_s=10.0)
+    assert not engine.has_work()
+    assert engine.stats().prompt_tokens > 0 and result["compiled"] == 0  # no Triton on a CPU
+    assert result["steps"] >= 5 and 0 < result["first_100_s"] <= result["all_s"]
