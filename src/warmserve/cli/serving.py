@@ -46,10 +46,10 @@ def serve(
     import uvicorn
 
     from warmserve.cluster.manager import LocalCluster, MissingDevices, NoCapacity
-    from warmserve.controller.loop import Controller, load_history
+    from warmserve.controller.loop import Controller
     from warmserve.server.app import create_app
     from warmserve.sim.systems import get_live_system
-    from warmserve.workload.traces import TraceError
+    from warmserve.workload.traces import TraceError, load_history
 
     source = config or "cpu-local"
     try:

@@ -57,6 +57,7 @@ from warmserve.engine.checkpoint import DTYPES, read_arch, resolve_checkpoint
 from warmserve.sim.systems import SystemSpec, get_system
 from warmserve.worker.rpc import WorkerGone
 from warmserve.worker.worker import Refused
+from warmserve.workload.traces import load_history
 
 log = logging.getLogger(__name__)
 KV_CHECK_S = 0.1  # how often workers lending KV are checked for blocked requests, between ticks
@@ -465,21 +466,3 @@ def model_weight_bytes(model: ModelConfig, cache_dir: Path) -> int:
     arch = (SYNTH_ARCHS[shape] if model.checkpoint.startswith("synth:")
             else read_arch(resolve_checkpoint(model.checkpoint, cache_dir)))
     return arch.num_parameters() * DTYPES[model.dtype].itemsize
-
-
-def load_history(path: Path, models: set[str]) -> dict[str, list[tuple[float, float, float]]]:
-    """Rows of a history CSV by model; errors name the file and line."""
-    from warmserve.workload.traces import TraceError, _number, _rows
-
-    out: dict[str, list[tuple[float, float, float]]] = {}
-    for line, row in _rows(path, ("model", "avg_concurrency", "peak_concurrency", "rate_rps")):
-        if row["model"] not in models:
-            raise TraceError(f"{path}:{line}: model {row['model']!r} is not served "
-                             f"({', '.join(sorted(models))})")
-        values = tuple(_number(path, line, row, k, float)  # finite, or the error names it
-                       for k in ("avg_concurrency", "peak_concurrency", "rate_rps"))
-        if min(values) < 0:
-            raise TraceError(f"{path}:{line}: negative value {min(values)}")
-        out.setdefault(row["model"], []).append(values)
-    return out
-

@@ -214,6 +214,23 @@ def load_request_file(path: Path) -> RequestFile:
                        np.asarray(inputs)[order], np.asarray(outputs)[order], skips.count)
 
 
+def load_history(path: Path, models: set[str]) -> dict[str, list[tuple[float, float, float]]]:
+    """Rows of a history CSV (`model,avg_concurrency,peak_concurrency,rate_rps`, one row per
+    window, oldest first) by model, for the live controller's forecasters; errors name the
+    file and line."""
+    out: dict[str, list[tuple[float, float, float]]] = {}
+    for line, row in _rows(path, ("model", "avg_concurrency", "peak_concurrency", "rate_rps")):
+        if row["model"] not in models:
+            raise TraceError(f"{path}:{line}: model {row['model']!r} is not served "
+                             f"({', '.join(sorted(models))})")
+        values = tuple(_number(path, line, row, k, float)  # finite, or the error names it
+                       for k in ("avg_concurrency", "peak_concurrency", "rate_rps"))
+        if min(values) < 0:
+            raise TraceError(f"{path}:{line}: negative value {min(values)}")
+        out.setdefault(row["model"], []).append(values)
+    return out
+
+
 def _number(path: Path, line: int, row: dict, column: str, kind: type[int] | type[float]):
     """A row's numeric field; an error names the file, line, column and text."""
     if column not in row:
