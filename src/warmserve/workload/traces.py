@@ -1,4 +1,5 @@
-"""Loaders for the real traces, one function per source, and the generic request file.
+"""Loaders for the real traces, one function per source, the generic request file, and the
+live controller's history of windows.
 
 Every loader names the file and line of a malformed row. Rows that are well-formed but unusable
 (negative token counts, say) are skipped and counted in the result's `skipped`, never silently.
