@@ -50,6 +50,7 @@ def drive(engine, label: str, seed: int, num_requests: int, modules, slow_s: flo
     lengths = [n for n in PROMPT_TOKENS if n + most_out <= engine.max_context]
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     times, compiled, added = [], 0, 0
+    counts = kernel_variants(modules)
     while added < num_requests or engine.has_work():
         if added < num_requests and len(times) % 3 == 0:
             n = rng.choice(lengths)
@@ -58,15 +59,14 @@ def drive(engine, label: str, seed: int, num_requests: int, modules, slow_s: flo
                                SamplingParams(max_tokens=rng.randrange(10, most_out),
                                               ignore_eos=True))
             added += 1
-        before = kernel_variants(modules)
         sync()
         start = time.perf_counter()
         engine.step()
         sync()
         took = time.perf_counter() - start
         times.append(took)
-        new = {k: v - before.get(k, 0) for k, v in kernel_variants(modules).items()
-               if v != before.get(k, 0)}
+        before, counts = counts, kernel_variants(modules)
+        new = {k: v - before.get(k, 0) for k, v in counts.items() if v != before.get(k, 0)}
         compiled += sum(new.values())
         if took > slow_s or new:
             print(f"  {label} step {len(times) - 1:4d}: {took * 1e3:7.1f} ms  "
