@@ -38,3 +38,12 @@ def test_first_steps_drives_every_request_to_its_end(make_engine):
     assert not engine.has_work()
     assert engine.stats().prompt_tokens > 0 and result["compiled"] == 0  # no Triton on a CPU
     assert result["steps"] >= 5 and 0 < result["first_100_s"] <= result["all_s"]
+
+
+def test_step_inputs_bench_times_both_paths():
+    import random
+
+    from benchmarks.step_inputs import time_batch
+
+    graph_ms, eager_ms = time_batch(8, random.Random(0), context=300, prefill=64, repeat=2)
+    assert graph_ms > 0 and eager_ms > 0

@@ -75,50 +75,20 @@ class ModelRunner:
 
     def _prepare(self, out: SchedulerOutput
                  ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, dict[str, int]]:
-        ids: list[int] = []
-        positions: list[int] = []
-        row_of: dict[str, int] = {}
-        for seq in out.decodes:
-            pos = seq.num_computed_tokens
-            row_of[seq.request_id] = len(ids)
-            ids.append(seq.token_ids(pos, pos + 1)[0])
-            positions.append(pos)
-        spans = []
-        for seq, n in out.prefills:
-            start = seq.num_computed_tokens
-            spans.append(PrefillSpan(len(ids), n, start, self._tensor(seq.block_table)))
-            ids.extend(seq.token_ids(start, start + n))
-            positions.extend(range(start, start + n))
-            row_of[seq.request_id] = len(ids) - 1
+        host = step_inputs(out, self.block_size, self.scratch_block, self.max_blocks_per_seq)
+        spans = [PrefillSpan(row, n, seq.num_computed_tokens, self._tensor(seq.block_table))
+                 for row, (seq, n) in zip(host.prefill_rows, out.prefills, strict=True)]
         meta = AttentionMetadata(
-            slot_mapping=self._slots(list(out.decodes) + [s for s, _ in out.prefills], out),
+            slot_mapping=self._to_device(host.slots),
             num_decodes=len(out.decodes),
-            decode_block_tables=self._decode_tables(out.decodes),
-            decode_context_lens=self._tensor([s.num_computed_tokens + 1 for s in out.decodes]),
+            decode_block_tables=self._to_device(host.decode_tables),
+            decode_context_lens=self._to_device(host.decode_lens),
             prefills=spans,
         )
-        return self._tensor(ids), self._tensor(positions), meta, row_of
+        return self._to_device(host.ids), self._to_device(host.positions), meta, host.row_of
 
-    def _decode_tables(self, decodes: list[Sequence]) -> torch.Tensor:
-        """[B, max_blocks_per_seq] int64, padded with the scratch block: the graphs' width and
-        dtype whatever the contexts. Triton compiles a variant of the decode kernels per width
-        class (its partition count, the width's divisibility) and per dtype, each in the first
-        step that needs it (0.1-1 s on an H200, docs/engine.md); so the capture compiles the
-        only one."""
-        tables = np.full((len(decodes), self.max_blocks_per_seq), self.scratch_block, np.int64)
-        for row, seq in zip(tables, decodes, strict=True):
-            row[: len(seq.block_table)] = seq.block_table
-        return torch.from_numpy(tables).to(self.device, non_blocking=True)
-
-    def _slots(self, seqs: list[Sequence], out: SchedulerOutput) -> torch.Tensor:
-        chunk = {s.request_id: n for s, n in out.prefills}
-        slots = []
-        for seq in seqs:
-            start = seq.num_computed_tokens
-            for pos in range(start, start + chunk.get(seq.request_id, 1)):
-                slots.append(seq.block_table[pos // self.block_size] * self.block_size
-                             + pos % self.block_size)
-        return self._tensor(slots)
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(array).to(self.device, non_blocking=True)
 
     def _tensor(self, data: list, dtype: torch.dtype = torch.int64) -> torch.Tensor:
         return torch.tensor(data, dtype=dtype).to(self.device, non_blocking=True)
@@ -163,23 +133,71 @@ class ModelRunner:
         return self.model.compute_logits(hidden)
 
     def _fill_host(self, decodes: list[Sequence]) -> None:
-        """Decode inputs for `decodes`; the rows past them point at the scratch block."""
         n, w = self._ids.shape[0], self.max_blocks_per_seq
         host = self._host.numpy()
-        ids, pos, slots, lens = host[: 4 * n].reshape(4, n)
-        tables = host[4 * n:].reshape(n, w)
-        ids[:], pos[:], slots[:], lens[:] = 0, 0, self.scratch_block * self.block_size, 1
-        tables[:] = self.scratch_block
-        bs = self.block_size
-        for i, seq in enumerate(decodes):
-            p = seq.num_computed_tokens
-            ids[i] = seq.token_ids(p, p + 1)[0]
-            pos[i], lens[i] = p, p + 1
-            slots[i] = seq.block_table[p // bs] * bs + p % bs
-            tables[i, : len(seq.block_table)] = seq.block_table
+        fill_decode_inputs(host[: 4 * n].reshape(4, n), host[4 * n:].reshape(n, w), decodes,
+                           self.block_size, self.scratch_block)
 
     def _replay(self, decodes: list[Sequence], bucket: int) -> torch.Tensor:
         self._fill_host(decodes)
         self._static.copy_(self._host, non_blocking=True)
         self._graphs[bucket].graph.replay()
         return self._graphs[bucket].logits[: len(decodes)]
+
+
+@dataclass
+class StepInputs:
+    """An eager step's inputs in host memory (int64), the decodes' tokens first."""
+
+    ids: np.ndarray  # [T] token ids
+    positions: np.ndarray  # [T]
+    slots: np.ndarray  # [T] cache slot of each token: block * block_size + offset
+    decode_lens: np.ndarray  # [B] context lengths, the new token included
+    decode_tables: np.ndarray  # [B, max_blocks_per_seq], padded with the scratch block
+    prefill_rows: list[int]  # the first row of each prefill chunk
+    row_of: dict[str, int]  # request id -> the row whose hidden state samples its next token
+
+
+def step_inputs(out: SchedulerOutput, block_size: int, scratch_block: int, width: int
+                ) -> StepInputs:
+    """The inputs of a step that runs eagerly (a prompt beside the decodes, or more decodes
+    than the largest graph). The decodes' block tables have the graphs' width and dtype
+    whatever the contexts: Triton compiles a variant of the decode kernels per width class
+    (its partition count, the width's divisibility) and per dtype, each in the first step
+    that needs it (0.1-1 s on an H200, docs/engine.md); so the capture compiles the only one."""
+    num_decodes = len(out.decodes)
+    columns = np.empty((4, num_decodes), np.int64)
+    tables = np.empty((num_decodes, width), np.int64)
+    fill_decode_inputs(columns, tables, out.decodes, block_size, scratch_block)
+    ids, positions, slots = [columns[0]], [columns[1]], [columns[2]]
+    row_of = {seq.request_id: row for row, seq in enumerate(out.decodes)}
+    prefill_rows, row = [], num_decodes
+    for seq, n in out.prefills:
+        start = seq.num_computed_tokens
+        pos = np.arange(start, start + n)
+        ids.append(np.asarray(seq.token_ids(start, start + n), np.int64))
+        positions.append(pos)
+        slots.append(np.asarray(seq.block_table, np.int64)[pos // block_size] * block_size
+                     + pos % block_size)
+        prefill_rows.append(row)
+        row += n
+        row_of[seq.request_id] = row - 1
+    return StepInputs(np.concatenate(ids), np.concatenate(positions), np.concatenate(slots),
+                      columns[3], tables, prefill_rows, row_of)
+
+
+def fill_decode_inputs(columns: np.ndarray, tables: np.ndarray, decodes: list[Sequence],
+                       block_size: int, scratch_block: int) -> None:
+    """Write one decode token's inputs per sequence: `columns` [4, N] takes token ids,
+    positions, cache slots and context lengths, `tables` [N, W] the block tables padded with
+    the scratch block. Rows past `decodes` (a graph's padding) decode a dummy token into the
+    scratch block."""
+    ids, pos, slots, lens = columns
+    ids[:], pos[:], slots[:], lens[:] = 0, 0, scratch_block * block_size, 1
+    tables[:] = scratch_block
+    for i, seq in enumerate(decodes):
+        p = seq.num_computed_tokens
+        ids[i] = seq.token_ids(p, p + 1)[0]
+        pos[i], lens[i] = p, p + 1
+        slots[i] = seq.block_table[p // block_size] * block_size + p % block_size
+        tables[i, : len(seq.block_table)] = seq.block_table

@@ -59,10 +59,14 @@ class Sequence:
         return self.status is SequenceStatus.FINISHED
 
     def token_ids(self, start: int, end: int) -> list[int]:
+        """Tokens [start, end) of prompt + output, without joining the two (a decode reads
+        one token a step; joining copied the whole context)."""
         prompt_len = len(self.prompt_token_ids)
         if end <= prompt_len:
             return self.prompt_token_ids[start:end]
-        return (self.prompt_token_ids + self.output_token_ids)[start:end]
+        if start >= prompt_len:
+            return self.output_token_ids[start - prompt_len:end - prompt_len]
+        return self.prompt_token_ids[start:] + self.output_token_ids[:end - prompt_len]
 
     def finish(self, reason: FinishReason) -> None:
         self.status = SequenceStatus.FINISHED
