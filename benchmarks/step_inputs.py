@@ -1,27 +1,34 @@
-"""Host time to build one engine step's inputs: the Python and numpy work before the GPU runs
-(a step's sampling syncs with the host, so none of it overlaps the GPU's work).
+"""The host's share of one engine step: building its inputs before the GPU runs, and
+detokenizing the tokens it sampled after (a step's sampling syncs with the host, so none of
+it overlaps the GPU's work).
 
     python benchmarks/step_inputs.py
     python benchmarks/step_inputs.py --batches 1,64,256 --context 4000 --prefill 2048
 
 For each batch of decoding sequences (contexts drawn up to `--context` tokens, as prompt plus
 output) it times the inputs of a graph replay (`fill_decode_inputs`, into the graph's buffer)
-and of an eager step with a `--prefill`-token prompt chunk beside the decodes (`step_inputs`).
-Needs no GPU. Prints a table; asserts nothing.
+and of an eager step with a `--prefill`-token prompt chunk beside the decodes (`step_inputs`),
+and detokenizing one new token of each sequence, whose outputs hold `--output` tokens
+(the synthetic checkpoints' byte-level tokenizer). Needs no GPU. Prints a table; asserts
+nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import random
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
+from warmserve.engine.arch import SYNTH_ARCHS
 from warmserve.engine.runner import fill_decode_inputs, step_inputs
 from warmserve.engine.sampling import SamplingParams
 from warmserve.engine.scheduler import SchedulerOutput
 from warmserve.engine.sequence import Sequence
+from warmserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer, write_byte_tokenizer
 
 BLOCK_SIZE = 16
 
@@ -64,20 +71,43 @@ def time_batch(batch: int, rng: random.Random, context: int, prefill: int, repea
             per_call_ms(repeat, step_inputs, out, BLOCK_SIZE, scratch, width))
 
 
+def time_detokenizing(batch: int, rng: random.Random, output: int, repeat: int) -> float:
+    """Ms to detokenize one new token of each of `batch` outputs already `output` long."""
+    arch = SYNTH_ARCHS["llama-3-8b"]
+    with tempfile.TemporaryDirectory() as tmp:
+        write_byte_tokenizer(Path(tmp), arch)
+        tokenizer = Tokenizer(Path(tmp), arch)
+    text_ids = tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 50,
+                                add_special_tokens=False)
+    streams = [IncrementalDetokenizer(tokenizer) for _ in range(batch)]
+    for stream in streams:
+        for token in text_ids[:output]:
+            stream.add(token)
+
+    def one_token_each() -> None:
+        token = text_ids[rng.randrange(len(text_ids))]
+        for stream in streams:
+            stream.add(token)
+
+    return per_call_ms(repeat, one_token_each)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", default="1,64,256")
     ap.add_argument("--context", type=int, default=4000, help="Longest decode context (tokens).")
     ap.add_argument("--prefill", type=int, default=2048, help="Prompt tokens of the eager step.")
+    ap.add_argument("--output", type=int, default=500, help="Output tokens before the timed one.")
     ap.add_argument("--repeat", type=int, default=50)
     args = ap.parse_args()
     rng = random.Random(0)
     print(f"| decodes | graph replay's inputs | eager step's, with a {args.prefill}-token "
-          "prompt chunk |")
-    print("|---|---|---|")
+          f"prompt chunk | detokenizing a token each (outputs of {args.output}) |")
+    print("|---|---|---|---|")
     for batch in (int(b) for b in args.batches.split(",")):
         graph_ms, eager_ms = time_batch(batch, rng, args.context, args.prefill, args.repeat)
-        print(f"| {batch} | {graph_ms:.2f} ms | {eager_ms:.2f} ms |")
+        detok_ms = time_detokenizing(batch, rng, args.output, args.repeat)
+        print(f"| {batch} | {graph_ms:.2f} ms | {eager_ms:.2f} ms | {detok_ms:.2f} ms |")
 
 
 if __name__ == "__main__":

@@ -43,7 +43,8 @@ def test_first_steps_drives_every_request_to_its_end(make_engine):
 def test_step_inputs_bench_times_both_paths():
     import random
 
-    from benchmarks.step_inputs import time_batch
+    from benchmarks.step_inputs import time_batch, time_detokenizing
 
     graph_ms, eager_ms = time_batch(8, random.Random(0), context=300, prefill=64, repeat=2)
     assert graph_ms > 0 and eager_ms > 0
+    assert time_detokenizing(4, random.Random(0), output=20, repeat=2) > 0

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from warmserve.engine.arch import SYNTH_ARCHS
 from warmserve.engine.tokenizer import ChatTemplateError, IncrementalDetokenizer, Tokenizer
@@ -27,6 +29,55 @@ def test_incremental_detokenizer_holds_back_partial_characters(tiny_tokenizer):
     deltas = [detok.add(t) for t in tiny_tokenizer.encode(text, add_special_tokens=False)]
     assert deltas == ["a", "", "", "", "🙂", "b"]
     assert "".join(deltas) == text
+
+
+def _whole_decode_stream(tokenizer: Tokenizer, ids: list[int]) -> list[str]:
+    """The reference: decode the whole output at every token, hold back a partial character."""
+    deltas, text = [], ""
+    for end in range(1, len(ids) + 1):
+        whole = tokenizer.decode(ids[:end])
+        if whole.endswith("\ufffd"):
+            deltas.append("")
+            continue
+        deltas.append(whole[len(text):] if whole.startswith(text) else "")
+        text = whole
+    return deltas
+
+
+def _stream(tokenizer: Tokenizer, ids: list[int]) -> list[str]:
+    detok = IncrementalDetokenizer(tokenizer)
+    deltas = [detok.add(t) for t in ids]
+    assert detok.text == "".join(deltas)
+    return deltas
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.text())
+def test_incremental_detokenizer_streams_any_text(tiny_tokenizer, text):
+    ids = tiny_tokenizer.encode(text, add_special_tokens=False)
+    assert "".join(_stream(tiny_tokenizer, ids)) == text
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer(smollm2_checkpoint):
+    from warmserve.engine.checkpoint import read_arch
+
+    return Tokenizer(smollm2_checkpoint, read_arch(smollm2_checkpoint))
+
+
+@settings(max_examples=200, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ids=st.lists(st.integers(0, 49_151), max_size=40))
+def test_windowed_detokenizing_equals_decoding_the_whole_output(smollm2_tokenizer, ids):
+    """Any ids, byte fragments and special tokens included: each delta is the one that
+    decoding the whole output at every token gives (a BPE tokenizer's real vocabulary)."""
+    assert _stream(smollm2_tokenizer, ids) == _whole_decode_stream(smollm2_tokenizer, ids)
+
+
+def test_windowed_detokenizing_of_real_text(smollm2_tokenizer):
+    text = "Héllo,  wörld — 你好 🙂🙂 naïve café\n\tend. A long answer " * 20
+    ids = smollm2_tokenizer.encode(text, add_special_tokens=False)
+    assert "".join(_stream(smollm2_tokenizer, ids)) == smollm2_tokenizer.decode(ids) == text
 
 
 def test_plain_chat_template(tiny_tokenizer):

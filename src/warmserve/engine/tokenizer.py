@@ -81,20 +81,32 @@ class Tokenizer:
 
 
 class IncrementalDetokenizer:
-    """Turns a growing list of output ids into text deltas; holds back incomplete UTF-8."""
+    """Turns a growing list of output ids into text deltas; holds back incomplete UTF-8.
+
+    A token decodes a short window, not the whole output (which made a sequence's n-th token
+    cost O(n), and a step of 256 sequences several ms): the delta is the text of
+    `ids[prefix:]` less that of `ids[prefix:read]`, where the ids before `read` are already in
+    `text` and those from `prefix` on give the decoder the context of the join (a leading
+    space that a decoder strips from a text's first token). Both bounds only move to a point
+    where the text was whole, so no window starts inside a character.
+    """
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self._tokenizer = tokenizer
         self._ids: list[int] = []
+        self._prefix = 0
+        self._read = 0
         self.text = ""
 
     def add(self, token_id: int) -> str:
         self._ids.append(token_id)
-        text = self._tokenizer.decode(self._ids)
-        if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
+        before = self._tokenizer.decode(self._ids[self._prefix:self._read])
+        after = self._tokenizer.decode(self._ids[self._prefix:])
+        if len(after) <= len(before) or after.endswith("\ufffd"):  # nothing whole yet
             return ""
-        delta = text[len(self.text):] if text.startswith(self.text) else ""
-        self.text = text
+        delta = after[len(before):]
+        self._prefix, self._read = self._read, len(self._ids)
+        self.text += delta
         return delta
 
 
