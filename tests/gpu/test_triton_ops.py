@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from warmserve.engine.arch import RopeScaling
-from warmserve.engine.layers import triton_ops
-from warmserve.engine.layers.attention import write_kv
+from warmserve.engine.layers import triton_decode, triton_ops
+from warmserve.engine.layers.attention import decode_reference, write_kv
 from warmserve.engine.layers.norm import RMSNorm
 from warmserve.engine.layers.rotary import RotaryEmbedding
 
@@ -68,3 +68,24 @@ def test_silu_mul(dtype):
     expected = torch.nn.functional.silu(g) * u
     torch.testing.assert_close(triton_ops.silu_mul(gate_up), expected, atol=TOL[dtype],
                                rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("heads", "kv_heads"), [(32, 8), (8, 8), (9, 3)])
+def test_paged_decode(dtype, heads, kv_heads):
+    """Contexts from one token to the table's width: most partitions of the short ones are
+    empty, their programs return at once and the merge must not read them."""
+    torch.manual_seed(heads * 7 + kv_heads)
+    num_blocks, block_size, dim = 300, 16, 64 if heads == 9 else 128
+    width, lens = (256, [1, 17, 513, 1500, 4000]) if DEVICE == "cuda" else (
+        64, [1, 17, 256, 257, 1000])  # the interpreter is slow
+    if DEVICE == "cpu" and heads == 32:
+        heads, kv_heads, dim = 8, 2, 32
+    cache = torch.randn(num_blocks, 2, block_size, kv_heads, dim, device=DEVICE, dtype=dtype)
+    lens = torch.tensor(lens, dtype=torch.int64, device=DEVICE)
+    tables = torch.stack([torch.randperm(num_blocks)[:width] for _ in lens]).to(DEVICE)
+    q = torch.randn(len(lens), heads, dim, device=DEVICE, dtype=dtype)
+    ref = decode_reference(q.float(), cache.float(), tables, lens, dim**-0.5)
+    out = triton_decode.paged_decode(q, cache, tables, lens, dim**-0.5)
+    err = (out.float() - ref).norm() / ref.norm()
+    assert err < (2e-2 if dtype == torch.bfloat16 else 1e-4)

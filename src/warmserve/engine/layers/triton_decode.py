@@ -4,6 +4,9 @@ One program per (sequence, KV head, partition of PARTITION_TOKENS tokens) comput
 attention of the KV head's query group against its partition, with an online softmax; a small
 reduction merges the partitions. The grid depends only on the batch and the block-table width,
 and each program reads only blocks below the sequence's length: the launch is CUDA-graph safe.
+The table is as wide as the longest context the engine allows, so most partitions of a short
+sequence are empty: their programs return at once and the merge, which counts a sequence's
+partitions from its length, never reads them.
 """
 
 from __future__ import annotations
@@ -48,6 +51,9 @@ if triton is not None:
         kv_head = tl.program_id(1)
         part = tl.program_id(2)
         context_len = tl.load(lens_ptr + seq)
+        first = part * PART_BLOCKS
+        if first * BLOCK_SIZE >= context_len:  # an empty partition: the merge skips it
+            return
         g = tl.arange(0, BLOCK_G)
         d = tl.arange(0, HEAD_DIM)
         t = tl.arange(0, BLOCK_SIZE)
@@ -58,7 +64,6 @@ if triton is not None:
         m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_G], tl.float32)
         acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
-        first = part * PART_BLOCKS
         last = tl.minimum(first + PART_BLOCKS, tl.cdiv(context_len, BLOCK_SIZE))
         for i in range(PART_BLOCKS):
             blk = first + i
@@ -89,11 +94,13 @@ if triton is not None:
 if triton is not None:
 
     @triton.jit
-    def _combine_kernel(partial_ptr, m_ptr, l_ptr, out_ptr, stride_pb, stride_ph, stride_pp,
-                        stride_mb, stride_mh, stride_ob, stride_oh, num_parts,
-                        HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr):
+    def _combine_kernel(partial_ptr, m_ptr, l_ptr, lens_ptr, out_ptr,
+                        stride_pb, stride_ph, stride_pp, stride_mb, stride_mh,
+                        stride_ob, stride_oh,
+                        HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr, PART_TOKENS: tl.constexpr):
         seq = tl.program_id(0)
         head = tl.program_id(1)
+        num_parts = tl.cdiv(tl.load(lens_ptr + seq), PART_TOKENS)  # the non-empty ones
         p = tl.arange(0, BLOCK_P)
         d = tl.arange(0, HEAD_DIM)
         p_mask = p < num_parts
@@ -137,9 +144,10 @@ def paged_decode(q: torch.Tensor, layer_cache: torch.Tensor, block_tables: torch
     )
     out = torch.empty_like(q) if out is None else out
     _combine_kernel[(batch, num_heads)](
-        partial, maxes, sums, out,
+        partial, maxes, sums, context_lens, out,
         partial.stride(0), partial.stride(1), partial.stride(2),
-        maxes.stride(0), maxes.stride(1), out.stride(0), out.stride(1), num_parts,
+        maxes.stride(0), maxes.stride(1), out.stride(0), out.stride(1),
         HEAD_DIM=head_dim, BLOCK_P=triton.next_power_of_2(num_parts),
+        PART_TOKENS=part_blocks * block_size,
     )
     return out
