@@ -7,7 +7,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from warmserve.engine.runner import fill_decode_inputs, step_inputs
+from warmserve.engine.runner import GraphInputs, fill_decode_inputs, step_inputs
 from warmserve.engine.sampling import SamplingParams
 from warmserve.engine.scheduler import SchedulerOutput
 from warmserve.engine.sequence import Sequence
@@ -79,3 +79,45 @@ def test_graph_padding_rows_decode_into_the_scratch_block():
     assert slots == [3 * BLOCK + 2, 40 * BLOCK + 3, SCRATCH * BLOCK, SCRATCH * BLOCK]
     assert tables[0, :2].tolist() == [0, 3] and tables[1, :1].tolist() == [40]
     assert set(tables[0, 2:]) | set(tables[1, 1:]) | set(tables[2:].ravel()) == {SCRATCH}
+
+
+@settings(max_examples=80, deadline=None)
+@given(ops=st.lists(st.tuples(st.sampled_from(["grow", "preempt", "finish", "admit", "swap"]),
+                              st.integers(0, 5)), max_size=40))
+def test_graph_inputs_rewritten_step_after_step_equal_a_fresh_fill(ops):
+    """GraphInputs rewrites only the blocks a row's table gained since the last step; after
+    any mix of growth, preemption (the table cleared and refilled), finishing, admissions and
+    reordering, its buffer equals one filled from scratch."""
+    rows, blocks = 6, iter(range(10_000))
+    graph = GraphInputs(np.empty((4, rows), np.int64), np.empty((rows, WIDTH), np.int64),
+                        BLOCK, SCRATCH)
+    running: list[Sequence] = []
+
+    def grow(seq: Sequence, tokens: int) -> None:
+        seq.output_token_ids += [7] * tokens
+        seq.num_computed_tokens = seq.num_tokens - 1
+        while len(seq.block_table) * BLOCK < seq.num_tokens:
+            seq.block_table.append(next(blocks))
+
+    for op, k in ops:
+        if op == "admit" and len(running) < rows:
+            seq = Sequence(f"s{k}", [1, 2], SamplingParams(), 0.0)
+            grow(seq, 0)
+            running.insert(k % (len(running) + 1), seq)
+        elif running:
+            seq = running[k % len(running)]
+            if op == "grow":
+                grow(seq, 1 + k)
+            elif op == "preempt":  # as the scheduler does: blocks freed, then reallocated
+                seq.block_table.clear()
+                seq.num_preemptions += 1
+                grow(seq, 0)
+            elif op == "finish":
+                running.remove(seq)
+            elif op == "swap":
+                running.append(running.pop(k % len(running)))
+        running = [s for s in running if s.num_tokens <= WIDTH * BLOCK]
+        graph.fill(running)
+        columns, tables = np.empty((4, rows), np.int64), np.empty((rows, WIDTH), np.int64)
+        fill_decode_inputs(columns, tables, running, BLOCK, SCRATCH)
+        assert (graph.columns == columns).all() and (graph.tables == tables).all()
