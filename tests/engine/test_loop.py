@@ -6,7 +6,8 @@ import asyncio
 
 import pytest
 
-from warmserve.engine.loop import EngineLoop
+from warmserve.engine.engine import RequestOutput
+from warmserve.engine.loop import EngineLoop, RequestStream
 from warmserve.engine.sampling import InvalidRequestError, SamplingParams
 from warmserve.engine.sequence import FinishReason
 
@@ -174,3 +175,14 @@ def test_slow_steps_are_reported_at_most_once_per_interval(loop, monkeypatch, ca
     stream.collect()
     assert loop.num_slow_steps >= 8
     assert caplog.text.count("a step took") == 1
+
+
+def test_a_forwarded_stream_hands_queued_then_new_outputs_to_its_sink():
+    stream = RequestStream("r", 3, lambda request_id: None)
+    first, second = (RequestOutput("r", [i], str(i)) for i in range(2))
+    stream.put(first)  # before anyone listens
+    got: list = []
+    stream.forward(got.append)
+    stream.put(second)
+    stream.end()
+    assert got == [first, second, None]

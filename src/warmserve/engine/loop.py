@@ -50,14 +50,40 @@ class RequestStream:
         with contextlib.suppress(RuntimeError):  # not inside an event loop: sync iteration
             self._loop = asyncio.get_running_loop()
             self._aqueue = asyncio.Queue()
+        self._sink: Callable[[RequestOutput | None], None] | None = None
+        self._sink_lock = threading.Lock()
 
     def put(self, item: RequestOutput | object) -> None:
         """Called by the loop thread."""
         if self._loop is not None and self._aqueue is not None:
             with contextlib.suppress(RuntimeError):  # the consumer's event loop has closed
                 self._loop.call_soon_threadsafe(self._aqueue.put_nowait, item)
-        else:
-            self._queue.put(item)
+            return
+        with self._sink_lock:
+            if self._sink is None:
+                self._queue.put(item)
+            else:
+                self._sink(None if item is _DONE else item)
+
+    def end(self) -> None:
+        """Called by the loop thread after the last output."""
+        self.put(_DONE)
+
+    def forward(self, sink: Callable[[RequestOutput | None], None]) -> None:
+        """Hand every output to `sink` on the loop thread, and None after the last, instead
+        of queueing it for an iterating thread (what is queued already goes first): a worker
+        streams many requests without a thread waiting on each. `sink` must be quick and
+        must not raise."""
+        if self._aqueue is not None:
+            raise RuntimeError("this stream was created inside an event loop; iterate it")
+        with self._sink_lock:
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                sink(None if item is _DONE else item)
+            self._sink = sink
 
     def abort(self) -> None:
         self._abort(self.request_id)
@@ -212,7 +238,7 @@ class EngineLoop:
             except InvalidRequestError as exc:
                 stream.put(RequestOutput(request_id, [], "", finished=True,
                                          finish_reason=FinishReason.ERROR, error=str(exc)))
-                stream.put(_DONE)
+                stream.end()
         elif kind == "abort":
             output = self.engine.abort_request(arg)
             if output is not None:
@@ -258,7 +284,7 @@ class EngineLoop:
             return
         stream.put(output)
         if output.finished:
-            stream.put(_DONE)
+            stream.end()
             del self._streams[output.request_id]
 
     def _fail_all(self, message: str) -> None:

@@ -1,22 +1,27 @@
 """A small RPC layer over `multiprocessing.connection` (standard library, Unix sockets).
 
-Messages are tuples. Client → server: `(call_id, verb, kwargs)`. Server → client:
+Client → server: one tuple per call, `(call_id, verb, kwargs)`. Server → client: replies
 `(call_id, "ok", result)`, `(call_id, "error", (kind, message))`, and for `generate` a series of
-`(call_id, "chunk", RequestOutput)` ending with `(call_id, "end", None)`. Each call runs on its
-own thread in the server, so a slow `activate` never blocks a `stats`.
+`(call_id, "chunk", RequestOutput)` ending with `(call_id, "end", None)`, sent in lists: what
+queues up while one message is on its way goes in the next (an engine step's chunks for all
+its requests, one pickle and one write rather than one each). Each call runs on its own
+thread in the server, so a slow `activate` never blocks a `stats`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import queue
+import socket
 import threading
 from collections.abc import Iterator
 from multiprocessing.connection import Client, Connection, Listener
 from typing import Any
 
 from warmserve.engine.engine import RequestOutput
+from warmserve.engine.loop import RequestStream
 from warmserve.engine.sampling import InvalidRequestError, SamplingParams
 from warmserve.worker.worker import Refused, UniversalWorker
 
@@ -52,18 +57,14 @@ class WorkerServer:
         self._listener.close()
 
     def _serve(self, conn: Connection) -> None:
-        send_lock = threading.Lock()
-
-        def send(message: tuple) -> None:
-            with send_lock:
-                conn.send(message)
-
+        outbox = _Outbox(conn)
         while True:
             try:
                 call_id, verb, kwargs = conn.recv()
             except (EOFError, OSError):
+                outbox.close()
                 return
-            threading.Thread(target=self._call, args=(send, call_id, verb, kwargs),
+            threading.Thread(target=self._call, args=(outbox.put, call_id, verb, kwargs),
                              daemon=True).start()
 
     def _call(self, send, call_id: int, verb: str, kwargs: dict) -> None:
@@ -73,9 +74,7 @@ class WorkerServer:
             if verb == "ping":
                 send((call_id, "ok", "pong"))
             elif verb == "generate":
-                for output in self.worker.generate(**kwargs):
-                    send((call_id, "chunk", output))
-                send((call_id, "end", None))
+                self._stream(send, call_id, self.worker.generate(**kwargs))
             else:
                 send((call_id, "ok", getattr(self.worker, verb)(**kwargs)))
         except (Refused, InvalidRequestError) as exc:
@@ -83,6 +82,64 @@ class WorkerServer:
         except Exception as exc:  # reported to the caller, the worker lives on
             log.exception("worker call %s failed", verb)
             send((call_id, "error", ("RemoteError", f"{verb}: {exc}")))
+
+
+    @staticmethod
+    def _stream(send, call_id: int, stream: RequestStream) -> None:
+        """Send a request's outputs as the engine loop delivers them (no thread waits on
+        the stream); if the client has gone, abort the request: nobody would read the rest."""
+        gone = False
+
+        def sink(output: RequestOutput | None) -> None:
+            nonlocal gone
+            if gone:
+                return
+            try:
+                send((call_id, "chunk", output) if output is not None else (call_id, "end", None))
+            except OSError:
+                gone = True
+                stream.abort()
+
+        stream.forward(sink)
+
+
+class _Outbox:
+    """The replies on one connection, sent by one thread in lists: whatever queues up while a
+    list is being sent goes in the next. `put` raises OSError once the connection is closed
+    or broken, so that a generation whose client has gone stops (as a failed send did)."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._pending: list[tuple] = []
+        self._ready = threading.Condition()
+        self._open = True
+        threading.Thread(target=self._send_all, daemon=True, name="worker-outbox").start()
+
+    def put(self, message: tuple) -> None:
+        with self._ready:
+            if not self._open:
+                raise OSError("the client's connection is closed")
+            self._pending.append(message)
+            self._ready.notify()
+
+    def close(self) -> None:
+        with self._ready:
+            self._open = False
+            self._ready.notify()
+
+    def _send_all(self) -> None:
+        while True:
+            with self._ready:
+                while self._open and not self._pending:
+                    self._ready.wait()
+                if not self._pending:
+                    return
+                batch, self._pending = self._pending, []
+            try:
+                self._conn.send(batch)
+            except OSError:
+                self.close()
+                return
 
 
 class WorkerClient:
@@ -120,7 +177,13 @@ class WorkerClient:
                 self._result(kind, payload)
 
     def close(self) -> None:
+        """Close the connection: the worker sees it at once (and stops this client's
+        generations), and so does the reader thread, blocked in its receive (closing the
+        descriptor alone would wake neither)."""
         self._alive = False
+        with contextlib.suppress(OSError), socket.fromfd(
+                self._conn.fileno(), socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
         self._conn.close()
 
     # verbs
@@ -188,14 +251,15 @@ class WorkerClient:
     def _read(self) -> None:
         while True:
             try:
-                call_id, kind, payload = self._conn.recv()
+                batch = self._conn.recv()
             except (EOFError, OSError):
                 break
-            replies = self._queues.get(call_id)
-            if replies is not None:
-                replies.put((kind, payload))
-                if kind in ("ok", "error", "end"):
-                    self._queues.pop(call_id, None)
+            for call_id, kind, payload in batch:
+                replies = self._queues.get(call_id)
+                if replies is not None:
+                    replies.put((kind, payload))
+                    if kind in ("ok", "error", "end"):
+                        self._queues.pop(call_id, None)
         self._alive = False
         for replies in list(self._queues.values()):  # fail every waiting call at once
             replies.put(("gone", f"worker at {self.address} died"))

@@ -1,0 +1,119 @@
+"""Throughput of the worker RPC for streamed tokens, and what it costs the worker process.
+
+    python benchmarks/rpc_bench.py
+    python benchmarks/rpc_bench.py --streams 1,64,256 --chunks 200
+
+A worker process serves `generate` from a stand-in engine loop that puts one output in every
+request's stream at each "step", as an engine step does for its batch (no model: this
+measures the RPC alone). The client, in this process, reads all streams at once, one thread
+each, as the server's relay does. Prints chunks per second delivered and the worker's CPU
+time per chunk (in an engine's process that CPU is taken from the engine's own Python).
+Asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from warmserve.engine.engine import RequestOutput
+from warmserve.engine.loop import RequestStream
+from warmserve.worker.rpc import WorkerClient, WorkerServer
+
+AUTHKEY = b"bench"
+
+
+class SteppedWorker:
+    """Each `generate` is a request stream that `step_to` feeds as the engine loop does: one
+    output for every stream at each step, from one thread."""
+
+    def __init__(self) -> None:
+        self._streams: list[tuple[RequestStream, int]] = []
+        self._lock = threading.Lock()
+
+    def stats(self) -> dict:
+        return {"cpu_s": sum(os.times()[:2])}
+
+    def step_to(self, step: int) -> None:
+        with self._lock:
+            streams = list(self._streams)
+        for stream, chunks in streams:
+            stream.put(RequestOutput(stream.request_id, [step], " tok", num_prompt_tokens=100,
+                                     num_output_tokens=step + 1, finished=step == chunks - 1))
+            if step == chunks - 1:
+                stream.end()
+
+    def generate(self, name, prompt, params, request_id=None) -> RequestStream:
+        stream = RequestStream(request_id, 100, lambda request_id: None)
+        with self._lock:
+            self._streams.append((stream, prompt))
+        return stream
+
+
+def serve(address: str) -> None:
+    worker = SteppedWorker()
+
+    class Server(WorkerServer):  # step_to is this benchmark's own verb
+        def _call(self, send, call_id, verb, kwargs):
+            if verb == "stats" and "step" in kwargs:
+                worker.step_to(kwargs["step"])
+                send((call_id, "ok", None))
+                return
+            super()._call(send, call_id, verb, kwargs)
+
+    Server(worker, address, AUTHKEY).serve_forever()
+
+
+def run(address: str, streams: int, chunks: int) -> tuple[float, float]:
+    """(chunks per second delivered, worker CPU µs per chunk)."""
+    client = WorkerClient(address, AUTHKEY, timeout_s=60)
+    received = [0] * streams
+
+    def read(k: int) -> None:
+        for _ in client.generate("m", chunks, None, f"r{k}"):
+            received[k] += 1
+
+    readers = [threading.Thread(target=read, args=(k,)) for k in range(streams)]
+    for t in readers:
+        t.start()
+    time.sleep(0.2)  # every stream waiting at step 0
+    cpu0, start = client.stats()["cpu_s"], time.perf_counter()
+    for step in range(chunks):
+        client.call("stats", step=step)
+        while sum(received) < (step + 1) * streams:  # the step's chunks all delivered
+            time.sleep(0.0002)
+    elapsed = time.perf_counter() - start
+    cpu = client.stats()["cpu_s"] - cpu0
+    for t in readers:
+        t.join(10)
+    client.close()
+    total = streams * chunks
+    return total / elapsed, cpu / total * 1e6
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--streams", default="1,64,256")
+    ap.add_argument("--chunks", type=int, default=100, help="Steps, one chunk per stream each.")
+    args = ap.parse_args()
+    print("| streams | chunks per s | worker CPU per chunk | a step's chunks delivered in |")
+    print("|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in (int(s) for s in args.streams.split(",")):
+            address = str(Path(tmp) / f"w{n}.sock")
+            worker = mp.get_context("fork").Process(target=serve, args=(address,), daemon=True)
+            worker.start()
+            while not Path(address).exists():
+                time.sleep(0.01)
+            rate, cpu_us = run(address, n, args.chunks)
+            worker.kill()
+            print(f"| {n} | {rate:,.0f} | {cpu_us:.1f} µs | {n / rate * 1e3:.2f} ms |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""The RPC layer on its own, over a real Unix socket, with a stand-in for the worker."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from warmserve.engine.engine import RequestOutput
+from warmserve.engine.loop import RequestStream
+from warmserve.worker.rpc import WorkerClient, WorkerServer, _Outbox
+
+AUTHKEY = b"test"
+
+
+class FakeWorker:
+    """Each `generate` is a real RequestStream fed by its own thread, as the engine loop
+    feeds it: `chunks` outputs (`prompt` stands for their number), the first at once and the
+    rest once `gate` is set (if given)."""
+
+    def __init__(self, gate: threading.Event | None = None) -> None:
+        self.gate = gate
+        self.aborted: list[str] = []
+
+    def generate(self, name, prompt, params, request_id=None):
+        stream = RequestStream(request_id, 0, self.aborted.append)
+        threading.Thread(target=self._feed, args=(stream, prompt), daemon=True).start()
+        return stream
+
+    def _feed(self, stream: RequestStream, chunks: int) -> None:
+        for i in range(chunks):
+            if self.gate is not None and i:
+                self.gate.wait(5)
+            stream.put(RequestOutput(stream.request_id, [i], f"t{i}",
+                                     finished=i == chunks - 1))
+        stream.end()
+
+    def stats(self):
+        return {"ok": True}
+
+
+@pytest.fixture
+def serve(tmp_path):
+    servers = []
+
+    def start(worker) -> WorkerClient:
+        server = WorkerServer(worker, str(tmp_path / f"w{len(servers)}.sock"), AUTHKEY)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return WorkerClient(server.address, AUTHKEY, timeout_s=10)
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def test_concurrent_streams_arrive_whole_and_in_order(serve):
+    client = serve(FakeWorker())
+    results: dict[str, list[int]] = {}
+
+    def run(i: int) -> None:
+        results[f"r{i}"] = [o.token_ids[0] for o in client.generate("m", 50 + i, None, f"r{i}")]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert results == {f"r{i}": list(range(50 + i)) for i in range(16)}
+    assert client.stats() == {"ok": True}
+
+
+class SlowConn:
+    """A connection whose first send waits until released, recording each message sent."""
+
+    def __init__(self) -> None:
+        self.sent: list[list] = []
+        self.release = threading.Event()
+        self.first = threading.Event()
+
+    def send(self, message: list) -> None:
+        if not self.sent:
+            self.first.set()
+            self.release.wait(5)
+        self.sent.append(message)
+
+
+def test_what_queues_during_a_send_goes_in_one_message():
+    conn = SlowConn()
+    outbox = _Outbox(conn)
+    outbox.put((0, "chunk", "a"))
+    assert conn.first.wait(5)  # the first message is on its way, alone
+    for i in range(1, 6):
+        outbox.put((i, "chunk", "b"))
+    conn.release.set()
+    outbox.close()
+    deadline = time.monotonic() + 5
+    while len(conn.sent) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert conn.sent == [[(0, "chunk", "a")], [(i, "chunk", "b") for i in range(1, 6)]]
+    with pytest.raises(OSError, match="closed"):
+        outbox.put((9, "chunk", "c"))
+
+
+def test_a_client_that_goes_away_aborts_its_generation(serve):
+    gate = threading.Event()
+    worker = FakeWorker(gate)
+    client = serve(worker)
+    first = next(client.generate("m", 1000, None, "r0"))
+    assert first.token_ids == [0]
+    client.close()
+    gate.set()  # the stream goes on; its next chunk finds the client gone
+    deadline = time.monotonic() + 5
+    while not worker.aborted and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert worker.aborted == ["r0"]
+
+
+def test_rpc_bench_delivers_every_chunk(tmp_path):
+    import multiprocessing as mp
+
+    from benchmarks.rpc_bench import run, serve
+
+    address = str(tmp_path / "bench.sock")
+    worker = mp.get_context("fork").Process(target=serve, args=(address,), daemon=True)
+    worker.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not (tmp_path / "bench.sock").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        rate, cpu_us = run(address, streams=4, chunks=5)
+        assert rate > 0 and cpu_us >= 0
+    finally:
+        worker.kill()
