@@ -5,15 +5,16 @@
 
 A worker process serves `generate` from a stand-in engine loop that puts one output in every
 request's stream at each "step", as an engine step does for its batch (no model: this
-measures the RPC alone). The client, in this process, reads all streams at once, one thread
-each, as the server's relay does. Prints chunks per second delivered and the worker's CPU
-time per chunk (in an engine's process that CPU is taken from the engine's own Python).
-Asserts nothing.
+measures the RPC alone). The client, in this process, reads all streams at once, by
+callbacks on its reader thread as the server's relay does (`--threads`: a thread per
+stream). Prints chunks per second delivered and the worker's CPU time per chunk (in an
+engine's process that CPU is taken from the engine's own Python). Asserts nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import multiprocessing as mp
 import os
 import tempfile
@@ -69,18 +70,28 @@ def serve(address: str) -> None:
     Server(worker, address, AUTHKEY).serve_forever()
 
 
-def run(address: str, streams: int, chunks: int) -> tuple[float, float]:
-    """(chunks per second delivered, worker CPU µs per chunk)."""
+def run(address: str, streams: int, chunks: int, threads: bool = False) -> tuple[float, float]:
+    """(chunks per second delivered, worker CPU µs per chunk). The client reads each stream
+    through reader-thread callbacks (`WorkerClient.stream`, as the server's relay does), or
+    with `threads` on a thread per stream iterating `WorkerClient.generate`."""
     client = WorkerClient(address, AUTHKEY, timeout_s=60)
     received = [0] * streams
+    readers = []
 
     def read(k: int) -> None:
         for _ in client.generate("m", chunks, None, f"r{k}"):
             received[k] += 1
 
-    readers = [threading.Thread(target=read, args=(k,)) for k in range(streams)]
-    for t in readers:
-        t.start()
+    def count(k: int, output, error) -> None:
+        if output is not None:
+            received[k] += 1
+
+    for k in range(streams):
+        if threads:
+            readers.append(threading.Thread(target=read, args=(k,)))
+            readers[-1].start()
+        else:
+            client.stream("m", chunks, None, f"r{k}", functools.partial(count, k))
     time.sleep(0.2)  # every stream waiting at step 0
     cpu0, start = client.stats()["cpu_s"], time.perf_counter()
     for step in range(chunks):
@@ -100,7 +111,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--streams", default="1,64,256")
     ap.add_argument("--chunks", type=int, default=100, help="Steps, one chunk per stream each.")
+    ap.add_argument("--threads", action="store_true",
+                    help="Read each stream on its own thread (the server's way until 2026-12-05).")
     args = ap.parse_args()
+    print(f"client reading {'on a thread per stream' if args.threads else 'by callbacks'}")
     print("| streams | chunks per s | worker CPU per chunk | a step's chunks delivered in |")
     print("|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
@@ -110,7 +124,7 @@ def main() -> None:
             worker.start()
             while not Path(address).exists():
                 time.sleep(0.01)
-            rate, cpu_us = run(address, n, args.chunks)
+            rate, cpu_us = run(address, n, args.chunks, args.threads)
             worker.kill()
             print(f"| {n} | {rate:,.0f} | {cpu_us:.1f} µs | {n / rate * 1e3:.2f} ms |")
 

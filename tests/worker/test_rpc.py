@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 
@@ -9,7 +10,8 @@ import pytest
 
 from warmserve.engine.engine import RequestOutput
 from warmserve.engine.loop import RequestStream
-from warmserve.worker.rpc import WorkerClient, WorkerServer, _Outbox
+from warmserve.worker.rpc import WorkerClient, WorkerGone, WorkerServer, _Outbox
+from warmserve.worker.worker import Refused
 
 AUTHKEY = b"test"
 
@@ -24,6 +26,8 @@ class FakeWorker:
         self.aborted: list[str] = []
 
     def generate(self, name, prompt, params, request_id=None):
+        if prompt < 0:
+            raise Refused(f"model {name!r} is not active")
         stream = RequestStream(request_id, 0, self.aborted.append)
         threading.Thread(target=self._feed, args=(stream, prompt), daemon=True).start()
         return stream
@@ -69,6 +73,40 @@ def test_concurrent_streams_arrive_whole_and_in_order(serve):
         t.join(10)
     assert results == {f"r{i}": list(range(50 + i)) for i in range(16)}
     assert client.stats() == {"ok": True}
+
+
+def test_a_callback_stream_gets_its_chunks_then_the_end_or_one_error(serve):
+    client = serve(FakeWorker())
+    replies: queue.SimpleQueue = queue.SimpleQueue()
+    client.stream("m", 3, None, "r0", lambda output, error: replies.put((output, error)))
+    got = [replies.get(timeout=5) for _ in range(4)]
+    assert [o.token_ids for o, _ in got[:3]] == [[0], [1], [2]] and got[3] == (None, None)
+    client.stream("m", -1, None, "r1", lambda output, error: replies.put((output, error)))
+    output, error = replies.get(timeout=5)
+    assert output is None and isinstance(error, Refused) and "not active" in str(error)
+
+
+def _serve_fake_worker(address: str) -> None:
+    WorkerServer(FakeWorker(threading.Event()), address, AUTHKEY).serve_forever()
+
+
+def test_a_callback_stream_learns_that_the_worker_died(tmp_path):
+    import multiprocessing as mp
+
+    address = str(tmp_path / "w.sock")
+    worker = mp.get_context("spawn").Process(target=_serve_fake_worker, args=(address,),
+                                            daemon=True)
+    worker.start()
+    deadline = time.monotonic() + 10
+    while not (tmp_path / "w.sock").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    client = WorkerClient(address, AUTHKEY, timeout_s=10)
+    replies: queue.SimpleQueue = queue.SimpleQueue()
+    client.stream("m", 100, None, "r0", lambda output, error: replies.put((output, error)))
+    assert replies.get(timeout=5)[0].token_ids == [0]  # the rest wait on a gate never set
+    worker.kill()
+    output, error = replies.get(timeout=5)
+    assert output is None and isinstance(error, WorkerGone)
 
 
 class SlowConn:
@@ -123,13 +161,14 @@ def test_rpc_bench_delivers_every_chunk(tmp_path):
     from benchmarks.rpc_bench import run, serve
 
     address = str(tmp_path / "bench.sock")
-    worker = mp.get_context("fork").Process(target=serve, args=(address,), daemon=True)
+    worker = mp.get_context("spawn").Process(target=serve, args=(address,), daemon=True)
     worker.start()
     try:
         deadline = time.monotonic() + 10
         while not (tmp_path / "bench.sock").exists() and time.monotonic() < deadline:
             time.sleep(0.01)
-        rate, cpu_us = run(address, streams=4, chunks=5)
-        assert rate > 0 and cpu_us >= 0
+        for threads in (False, True):
+            rate, cpu_us = run(address, streams=4, chunks=5, threads=threads)
+            assert rate > 0 and cpu_us >= 0
     finally:
         worker.kill()

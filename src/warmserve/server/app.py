@@ -241,7 +241,7 @@ class _Frontend:
         worker = await self.acquire(model)
         request_id = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}"
         stream = Relay(self.cluster, self.acquire, model, params, request_id, worker,
-                       WorkerStream(worker.client.generate(model, prompt, params, request_id)),
+                       WorkerStream(worker.client, model, prompt, params, request_id),
                        self.metrics.hand_overs.labels(model))
         try:
             first = await stream.next()

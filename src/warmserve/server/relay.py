@@ -1,14 +1,13 @@
 """A request's stream of outputs from the workers, as the server's event loop reads it:
-bridged from a worker's blocking stream through a thread, and carried on across the
+handed to the loop by the worker client's reader thread, and carried on across the
 instances it is handed over to."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
@@ -19,7 +18,7 @@ from warmserve.engine.engine import RequestOutput
 from warmserve.engine.sampling import InvalidRequestError, SamplingParams
 from warmserve.engine.sequence import FinishReason
 from warmserve.server.errors import APIError
-from warmserve.worker.rpc import RemoteError, WorkerGone
+from warmserve.worker.rpc import RemoteError, WorkerClient, WorkerGone
 
 _END = object()
 
@@ -65,8 +64,8 @@ class Relay:
         self.hand_overs.inc()
         params = replace(self.params, max_tokens=self.params.max_tokens - self.sent)
         self.worker = await self.acquire(self.model)
-        self.stream = WorkerStream(self.worker.client.generate(
-            self.model, handed.resume, params, self.request_id))
+        self.stream = WorkerStream(self.worker.client, self.model, handed.resume, params,
+                                   self.request_id)
 
     def release(self) -> None:
         if self.worker is not None:
@@ -89,31 +88,43 @@ class Relay:
 
 
 class WorkerStream:
-    """Bridges a blocking worker stream to asyncio through a thread; maps worker errors."""
+    """One generation on a worker, read by the server's event loop: the worker client's
+    reader thread hands each reply straight to the loop (no thread per request); worker
+    errors become API errors."""
 
-    def __init__(self, iterator: Iterator[RequestOutput]) -> None:
+    def __init__(self, client: WorkerClient, model: str, prompt: Any, params: SamplingParams,
+                 request_id: str) -> None:
         self._queue: asyncio.Queue = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
-        self._closed = threading.Event()
-        threading.Thread(target=self._pump, args=(iterator,), daemon=True).start()
-
-    def _pump(self, iterator: Iterator[RequestOutput]) -> None:
+        self._closed = False
+        self._timeout_s = client.timeout_s
         try:
-            for item in iterator:
-                item._received_s = time.perf_counter()
-                self._hand(item)
-                if self._closed.is_set():
-                    return
-            self._hand(_END)
-        except BaseException as exc:  # delivered to the consumer
+            client.stream(model, prompt, params, request_id, self._on_reply)
+        except WorkerGone as exc:  # delivered to the consumer, as any later failure
             self._hand(exc)
+
+    def _on_reply(self, output: RequestOutput | None, error: Exception | None) -> None:
+        """On the client's reader thread."""
+        if self._closed:
+            return
+        if output is not None:
+            output._received_s = time.perf_counter()
+            self._hand(output)
+        else:
+            self._hand(error or _END)
 
     def _hand(self, item: object) -> None:
         with contextlib.suppress(RuntimeError):  # the server's event loop has closed
             self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
 
     async def next(self) -> RequestOutput:
-        item = await self._queue.get()
+        if not self._queue.empty():  # most chunks: no timer to set
+            item = self._queue.get_nowait()
+        else:
+            try:
+                item = await asyncio.wait_for(self._queue.get(), self._timeout_s)
+            except TimeoutError:
+                item = WorkerGone(f"the worker sent nothing for {self._timeout_s:.0f} s")
         if item is _END:
             raise StopAsyncIteration
         if isinstance(item, InvalidRequestError):
@@ -129,4 +140,4 @@ class WorkerStream:
         return item
 
     def close(self) -> None:
-        self._closed.set()
+        self._closed = True

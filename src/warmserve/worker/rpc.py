@@ -16,7 +16,7 @@ import logging
 import queue
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from multiprocessing.connection import Client, Connection, Listener
 from typing import Any
 
@@ -142,6 +142,18 @@ class _Outbox:
                 return
 
 
+def reply_error(kind: str, payload: Any) -> Exception:
+    """The exception an error reply stands for (`kind` "error" or "gone")."""
+    if kind == "gone":
+        return WorkerGone(payload)
+    error_kind, message = payload
+    if error_kind == "Refused":
+        return Refused(message)
+    if error_kind in ("InvalidRequestError", "ChatTemplateError"):
+        return InvalidRequestError(message)
+    return RemoteError(message)
+
+
 class WorkerClient:
     """The one seam through which the controller and router reach a worker."""
 
@@ -153,10 +165,11 @@ class WorkerClient:
         self.address = address
         self.timeout_s = timeout_s
         self._ids = itertools.count()
-        self._queues: dict[int, queue.SimpleQueue] = {}
+        self._replies: dict[int, Callable[[tuple[str, Any]], None]] = {}
         self._lock = threading.Lock()
         self._alive = True
-        threading.Thread(target=self._read, daemon=True, name="worker-client").start()
+        self._reader = threading.Thread(target=self._read, daemon=True, name="worker-client")
+        self._reader.start()
 
     def call(self, verb: str, **kwargs: Any) -> Any:
         replies = self._send(verb, kwargs)
@@ -176,14 +189,38 @@ class WorkerClient:
             else:
                 self._result(kind, payload)
 
+    def stream(self, model: str, prompt: Any, params: SamplingParams, request_id: str | None,
+               on_reply: Callable[[RequestOutput | None, Exception | None], None]) -> None:
+        """Start a generation whose replies the reader thread hands to `on_reply` as they
+        arrive, no thread waiting on it: `(output, None)` per chunk, `(None, None)` at the
+        end, or `(None, error)` once (the worker refused or failed it, or is gone). Raises
+        WorkerGone if the worker cannot be reached. `on_reply` must be quick and must not
+        raise."""
+
+        def deliver(reply: tuple[str, Any]) -> None:
+            kind, payload = reply
+            if kind == "chunk":
+                on_reply(payload, None)
+            elif kind == "end":
+                on_reply(None, None)
+            else:
+                on_reply(None, reply_error(kind, payload))
+
+        self._send("generate", {"name": model, "prompt": prompt, "params": params,
+                                "request_id": request_id}, deliver)
+
     def close(self) -> None:
         """Close the connection: the worker sees it at once (and stops this client's
-        generations), and so does the reader thread, blocked in its receive (closing the
-        descriptor alone would wake neither)."""
+        generations), and the reader thread ends before the descriptor is closed. Closing
+        the descriptor alone woke neither, and a reader still holding its number could read
+        from the next connection that got it (seen: a new client's handshake failing with
+        "bad message length")."""
         self._alive = False
         with contextlib.suppress(OSError), socket.fromfd(
                 self._conn.fileno(), socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.shutdown(socket.SHUT_RDWR)
+            sock.shutdown(socket.SHUT_RDWR)  # the reader's receive returns: end of file
+        if threading.current_thread() is not self._reader:
+            self._reader.join(timeout=10)
         self._conn.close()
 
     # verbs
@@ -215,17 +252,21 @@ class WorkerClient:
         return self.call("stats")
 
     # plumbing
-    def _send(self, verb: str, kwargs: dict) -> queue.SimpleQueue:
+    def _send(self, verb: str, kwargs: dict,
+              deliver: Callable[[tuple[str, Any]], None] | None = None) -> queue.SimpleQueue:
+        """Send a call; its replies go to `deliver` on the reader thread, or else to the
+        queue returned."""
         if not self._alive:
             raise WorkerGone(f"worker at {self.address} is gone")
         call_id = next(self._ids)
         replies: queue.SimpleQueue = queue.SimpleQueue()
         with self._lock:
-            self._queues[call_id] = replies
+            self._replies[call_id] = deliver or replies.put
             try:
                 self._conn.send((call_id, verb, kwargs))
             except OSError as exc:
                 self._alive = False
+                self._replies.pop(call_id, None)
                 raise WorkerGone(f"worker at {self.address} is gone: {exc}") from None
         return replies
 
@@ -239,14 +280,7 @@ class WorkerClient:
     def _result(self, kind: str, payload: Any) -> Any:
         if kind == "ok":
             return payload
-        if kind == "gone":
-            raise WorkerGone(payload)
-        error_kind, message = payload
-        if error_kind == "Refused":
-            raise Refused(message)
-        if error_kind in ("InvalidRequestError", "ChatTemplateError"):
-            raise InvalidRequestError(message)
-        raise RemoteError(message)
+        raise reply_error(kind, payload)
 
     def _read(self) -> None:
         while True:
@@ -255,12 +289,14 @@ class WorkerClient:
             except (EOFError, OSError):
                 break
             for call_id, kind, payload in batch:
-                replies = self._queues.get(call_id)
-                if replies is not None:
-                    replies.put((kind, payload))
+                deliver = self._replies.get(call_id)
+                if deliver is not None:
                     if kind in ("ok", "error", "end"):
-                        self._queues.pop(call_id, None)
+                        self._replies.pop(call_id, None)
+                    deliver((kind, payload))
         self._alive = False
-        for replies in list(self._queues.values()):  # fail every waiting call at once
-            replies.put(("gone", f"worker at {self.address} died"))
-        self._queues.clear()
+        with self._lock:
+            waiting = list(self._replies.values())
+            self._replies.clear()
+        for deliver in waiting:  # fail every waiting call at once
+            deliver(("gone", f"worker at {self.address} died"))
