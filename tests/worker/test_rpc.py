@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import queue
 import threading
 import time
@@ -139,6 +140,30 @@ def test_what_queues_during_a_send_goes_in_one_message():
     assert conn.sent == [[(0, "chunk", "a")], [(i, "chunk", "b") for i in range(1, 6)]]
     with pytest.raises(OSError, match="closed"):
         outbox.put((9, "chunk", "c"))
+
+
+class PicklingConn(SlowConn):
+    def send(self, message: list) -> None:
+        pickle.dumps(message)  # as Connection.send does before it writes
+        super().send(message)
+
+
+def test_a_reply_that_does_not_pickle_fails_its_call_alone():
+    conn = PicklingConn()
+    outbox = _Outbox(conn)
+    outbox.put((0, "ok", "first"))
+    assert conn.first.wait(5)
+    outbox.put((1, "ok", lambda: None))  # not picklable
+    outbox.put((2, "ok", "third"))
+    conn.release.set()
+    outbox.close()
+    deadline = time.monotonic() + 5
+    while len(conn.sent) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert conn.sent[0] == [(0, "ok", "first")] and conn.sent[2] == [(2, "ok", "third")]
+    [(call_id, kind, (error_kind, message))] = conn.sent[1]
+    assert (call_id, kind, error_kind) == (1, "error", "RemoteError")
+    assert "cannot be sent" in message
 
 
 def test_a_client_that_goes_away_aborts_its_generation(serve):

@@ -83,7 +83,6 @@ class WorkerServer:
             log.exception("worker call %s failed", verb)
             send((call_id, "error", ("RemoteError", f"{verb}: {exc}")))
 
-
     @staticmethod
     def _stream(send, call_id: int, stream: RequestStream) -> None:
         """Send a request's outputs as the engine loop delivers them (no thread waits on
@@ -136,10 +135,26 @@ class _Outbox:
                     return
                 batch, self._pending = self._pending, []
             try:
-                self._conn.send(batch)
+                self._send(batch)
             except OSError:
                 self.close()
                 return
+
+    def _send(self, batch: list[tuple]) -> None:
+        try:
+            self._conn.send(batch)  # pickled whole before a byte is written
+        except OSError:
+            raise
+        except Exception:  # a reply that does not pickle: its call fails, the others go
+            for call_id, kind, payload in batch:
+                try:
+                    self._conn.send([(call_id, kind, payload)])
+                except OSError:
+                    raise
+                except Exception as exc:
+                    log.exception("reply to call %s cannot be sent", call_id)
+                    self._conn.send([(call_id, "error", ("RemoteError",
+                                                         f"the reply cannot be sent: {exc}"))])
 
 
 def reply_error(kind: str, payload: Any) -> Exception:
