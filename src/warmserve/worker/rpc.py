@@ -268,15 +268,19 @@ class WorkerClient:
 
     # plumbing
     def _send(self, verb: str, kwargs: dict,
-              deliver: Callable[[tuple[str, Any]], None] | None = None) -> queue.SimpleQueue:
+              deliver: Callable[[tuple[str, Any]], None] | None = None
+              ) -> queue.SimpleQueue | None:
         """Send a call; its replies go to `deliver` on the reader thread, or else to the
         queue returned."""
         if not self._alive:
             raise WorkerGone(f"worker at {self.address} is gone")
         call_id = next(self._ids)
-        replies: queue.SimpleQueue = queue.SimpleQueue()
+        replies: queue.SimpleQueue | None = None
+        if deliver is None:
+            replies = queue.SimpleQueue()
+            deliver = replies.put
         with self._lock:
-            self._replies[call_id] = deliver or replies.put
+            self._replies[call_id] = deliver
             try:
                 self._conn.send((call_id, verb, kwargs))
             except OSError as exc:
