@@ -2,18 +2,23 @@
 
     python benchmarks/rpc_bench.py
     python benchmarks/rpc_bench.py --streams 1,64,256 --chunks 200
+    python benchmarks/rpc_bench.py --relay
 
 A worker process serves `generate` from a stand-in engine loop that puts one output in every
 request's stream at each "step", as an engine step does for its batch (no model: this
 measures the RPC alone). The client, in this process, reads all streams at once, by
 callbacks on its reader thread as the server's relay does (`--threads`: a thread per
-stream). Prints chunks per second delivered and the worker's CPU time per chunk (in an
-engine's process that CPU is taken from the engine's own Python). Asserts nothing.
+stream; `--relay`: through the server's relay itself, on an event loop). Prints chunks per
+second delivered and the worker's CPU time per chunk (in an engine's process that CPU is
+taken from the engine's own Python), and with `--relay` the reading process's. Asserts
+nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import functools
 import multiprocessing as mp
 import os
@@ -24,6 +29,8 @@ from pathlib import Path
 
 from warmserve.engine.engine import RequestOutput
 from warmserve.engine.loop import RequestStream
+from warmserve.server.app import _chunk
+from warmserve.server.relay import WorkerStream
 from warmserve.worker.rpc import WorkerClient, WorkerServer
 
 AUTHKEY = b"bench"
@@ -107,16 +114,70 @@ def run(address: str, streams: int, chunks: int, threads: bool = False) -> tuple
     return total / elapsed, cpu / total * 1e6
 
 
+def run_relay(address: str, streams: int, chunks: int) -> tuple[float, float, float]:
+    """(chunks per second delivered, worker CPU µs per chunk, this process's CPU µs per
+    chunk). Each stream is read as the API server reads it: a `WorkerStream` awaited on an
+    event loop, each output formatted as the server-sent event the HTTP client gets (the
+    HTTP layer itself is not in it)."""
+    client = WorkerClient(address, AUTHKEY, timeout_s=60)
+    received = [0]
+    step_done = threading.Event()
+    target = [streams]
+
+    async def consume(k: int) -> None:
+        stream = WorkerStream(client, "m", chunks, None, f"r{k}")
+        with contextlib.suppress(StopAsyncIteration):
+            while True:
+                output = await stream.next()
+                _chunk(output, "m", "chat.completion", f"r{k}", 0)
+                received[0] += 1
+                if received[0] >= target[0]:
+                    step_done.set()
+
+    def drive() -> tuple[float, float, float]:
+        time.sleep(0.2)  # every stream waiting at step 0
+        cpu0, own0, start = client.stats()["cpu_s"], time.process_time(), time.perf_counter()
+        for step in range(chunks):
+            target[0] = (step + 1) * streams
+            step_done.clear()
+            client.call("stats", step=step)
+            if not step_done.wait(60):
+                raise RuntimeError(f"step {step}: {received[0]} of {target[0]} chunks read")
+        elapsed, own = time.perf_counter() - start, time.process_time() - own0
+        total = streams * chunks
+        return (total / elapsed, (client.stats()["cpu_s"] - cpu0) / total * 1e6,
+                own / total * 1e6)
+
+    async def main() -> tuple[float, float, float]:
+        tasks = [asyncio.create_task(consume(k)) for k in range(streams)]
+        result = await asyncio.to_thread(drive)
+        await asyncio.gather(*tasks)
+        return result
+
+    try:
+        return asyncio.run(main())
+    finally:
+        client.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--streams", default="1,64,256")
     ap.add_argument("--chunks", type=int, default=100, help="Steps, one chunk per stream each.")
     ap.add_argument("--threads", action="store_true",
                     help="Read each stream on its own thread (the server's way until 2026-12-05).")
+    ap.add_argument("--relay", action="store_true",
+                    help="Read each stream as the API server does (its relay on an event "
+                         "loop, each output formatted as a server-sent event) and print this "
+                         "process's CPU per chunk too.")
     args = ap.parse_args()
-    print(f"client reading {'on a thread per stream' if args.threads else 'by callbacks'}")
-    print("| streams | chunks per s | worker CPU per chunk | a step's chunks delivered in |")
-    print("|---|---|---|---|")
+    how = ("through the server's relay" if args.relay else
+           "on a thread per stream" if args.threads else "by callbacks")
+    print(f"client reading {how}")
+    extra = " server CPU per chunk |" if args.relay else ""
+    print("| streams | chunks per s | worker CPU per chunk | a step's chunks delivered in |"
+          + extra)
+    print("|---|---|---|---|" + ("---|" if args.relay else ""))
     with tempfile.TemporaryDirectory() as tmp:
         for n in (int(s) for s in args.streams.split(",")):
             address = str(Path(tmp) / f"w{n}.sock")
@@ -124,9 +185,13 @@ def main() -> None:
             worker.start()
             while not Path(address).exists():
                 time.sleep(0.01)
-            rate, cpu_us = run(address, n, args.chunks, args.threads)
+            if args.relay:
+                rate, cpu_us, own_us = run_relay(address, n, args.chunks)
+            else:
+                (rate, cpu_us), own_us = run(address, n, args.chunks, args.threads), None
             worker.kill()
-            print(f"| {n} | {rate:,.0f} | {cpu_us:.1f} µs | {n / rate * 1e3:.2f} ms |")
+            print(f"| {n} | {rate:,.0f} | {cpu_us:.1f} µs | {n / rate * 1e3:.2f} ms |"
+                  + (f" {own_us:.1f} µs |" if own_us is not None else ""))
 
 
 if __name__ == "__main__":

@@ -183,7 +183,7 @@ def test_a_client_that_goes_away_aborts_its_generation(serve):
 def test_rpc_bench_delivers_every_chunk(tmp_path):
     import multiprocessing as mp
 
-    from benchmarks.rpc_bench import run, serve
+    from benchmarks.rpc_bench import run, run_relay, serve
 
     address = str(tmp_path / "bench.sock")
     worker = mp.get_context("spawn").Process(target=serve, args=(address,), daemon=True)
@@ -195,5 +195,7 @@ def test_rpc_bench_delivers_every_chunk(tmp_path):
         for threads in (False, True):
             rate, cpu_us = run(address, streams=4, chunks=5, threads=threads)
             assert rate > 0 and cpu_us >= 0
+        rate, cpu_us, own_us = run_relay(address, streams=4, chunks=5)  # every chunk read
+        assert rate > 0 and cpu_us >= 0 and own_us >= 0
     finally:
         worker.kill()

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
+import weakref
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
@@ -21,6 +24,8 @@ from warmserve.server.errors import APIError
 from warmserve.worker.rpc import RemoteError, WorkerClient, WorkerGone
 
 _END = object()
+_WATCH_S = 1.0  # how often the streams waiting on a loop are checked for their timeouts
+_INBOXES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> _Inbox
 
 
 def abort_quietly(worker, model: str, request_id: str) -> None:
@@ -89,19 +94,23 @@ class Relay:
 
 class WorkerStream:
     """One generation on a worker, read by the server's event loop: the worker client's
-    reader thread hands each reply straight to the loop (no thread per request); worker
-    errors become API errors."""
+    reader thread hands each reply to the loop's inbox (no thread per request, one wake of
+    the loop per batch of replies); worker errors become API errors. A stream that waits
+    `client.timeout_s` without a reply fails as a worker that is gone."""
 
     def __init__(self, client: WorkerClient, model: str, prompt: Any, params: SamplingParams,
                  request_id: str) -> None:
-        self._queue: asyncio.Queue = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
+        self._inbox = _Inbox.of(self._loop)
+        self._items: deque = deque()
+        self._waiter: asyncio.Future | None = None
+        self._waiting_since = 0.0
         self._closed = False
         self._timeout_s = client.timeout_s
         try:
             client.stream(model, prompt, params, request_id, self._on_reply)
         except WorkerGone as exc:  # delivered to the consumer, as any later failure
-            self._hand(exc)
+            self._deliver(exc)
 
     def _on_reply(self, output: RequestOutput | None, error: Exception | None) -> None:
         """On the client's reader thread."""
@@ -109,22 +118,29 @@ class WorkerStream:
             return
         if output is not None:
             output._received_s = time.perf_counter()
-            self._hand(output)
+            self._inbox.put(self, output)
         else:
-            self._hand(error or _END)
+            self._inbox.put(self, error or _END)
 
-    def _hand(self, item: object) -> None:
-        with contextlib.suppress(RuntimeError):  # the server's event loop has closed
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+    def _deliver(self, item: object) -> None:
+        """On the loop."""
+        if self._closed:
+            return
+        self._items.append(item)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     async def next(self) -> RequestOutput:
-        if not self._queue.empty():  # most chunks: no timer to set
-            item = self._queue.get_nowait()
-        else:
+        if not self._items:
+            self._waiter = self._loop.create_future()
+            self._waiting_since = self._loop.time()
+            self._inbox.watch(self)
             try:
-                item = await asyncio.wait_for(self._queue.get(), self._timeout_s)
-            except TimeoutError:
-                item = WorkerGone(f"the worker sent nothing for {self._timeout_s:.0f} s")
+                await self._waiter
+            finally:
+                self._waiter = None
+                self._inbox.waiting.discard(self)
+        item = self._items.popleft()
         if item is _END:
             raise StopAsyncIteration
         if isinstance(item, InvalidRequestError):
@@ -141,3 +157,61 @@ class WorkerStream:
 
     def close(self) -> None:
         self._closed = True
+        self._items.clear()
+
+
+class _Inbox:
+    """Replies from the worker clients' reader threads to one event loop, in batches: a
+    reader appends and wakes the loop only where it is not already due to drain, so a
+    step's replies for a whole batch cost the loop one wake, not one each. It also times out
+    the streams waiting on it, once a second (a timer per wait cost more than the chunk)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = weakref.ref(loop)  # the loop's entry in _INBOXES goes with the loop
+        self.items: deque[tuple[WorkerStream, object]] = deque()
+        self.lock = threading.Lock()
+        self.due = False
+        self.waiting: set[WorkerStream] = set()
+        self.watching = False  # a check is due (not its timer handle: that holds the loop)
+
+    @staticmethod
+    def of(loop: asyncio.AbstractEventLoop) -> _Inbox:
+        inbox = _INBOXES.get(loop)
+        if inbox is None:
+            inbox = _INBOXES[loop] = _Inbox(loop)
+        return inbox
+
+    def put(self, stream: WorkerStream, item: object) -> None:
+        """On any thread."""
+        self.items.append((stream, item))
+        with self.lock:
+            if self.due:
+                return
+            self.due = True
+        loop = self._loop()
+        with contextlib.suppress(RuntimeError, AttributeError):  # the loop has closed, or gone
+            loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self.lock:
+            self.due = False  # what a reader appends from now on wakes the loop again
+        items = self.items
+        while items:
+            stream, item = items.popleft()
+            stream._deliver(item)
+
+    def watch(self, stream: WorkerStream) -> None:
+        self.waiting.add(stream)
+        if not self.watching:
+            self.watching = True
+            asyncio.get_running_loop().call_later(min(_WATCH_S, stream._timeout_s), self._check)
+
+    def _check(self) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for stream in [s for s in self.waiting if now - s._waiting_since >= s._timeout_s]:
+            self.waiting.discard(stream)
+            stream._deliver(WorkerGone(f"the worker sent nothing for {stream._timeout_s:g} s"))
+        self.watching = bool(self.waiting)
+        if self.watching:
+            loop.call_later(min(_WATCH_S, *(s._timeout_s for s in self.waiting)), self._check)
