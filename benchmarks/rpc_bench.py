@@ -29,7 +29,7 @@ from pathlib import Path
 
 from warmserve.engine.engine import RequestOutput
 from warmserve.engine.loop import RequestStream
-from warmserve.server.app import _chunk
+from warmserve.server.app import SSEChunks
 from warmserve.server.relay import WorkerStream
 from warmserve.worker.rpc import WorkerClient, WorkerServer
 
@@ -126,10 +126,11 @@ def run_relay(address: str, streams: int, chunks: int) -> tuple[float, float, fl
 
     async def consume(k: int) -> None:
         stream = WorkerStream(client, "m", chunks, None, f"r{k}")
+        sse = SSEChunks("m", "chat.completion", f"r{k}", 0)
         with contextlib.suppress(StopAsyncIteration):
             while True:
                 output = await stream.next()
-                _chunk(output, "m", "chat.completion", f"r{k}", 0)
+                sse.format(output)
                 received[0] += 1
                 if received[0] >= target[0]:
                     step_done.set()

@@ -1,9 +1,11 @@
 """What the API server's process spends on each streamed token, end to end over real HTTP.
 
-    python benchmarks/server_bench.py
-    python benchmarks/server_bench.py --config h100-live --streams 256 --tokens 256
+    python benchmarks/server_bench.py --tiny
+    python benchmarks/server_bench.py --config h100-live --streams 192 --tokens 256
 
-Starts `warmserve serve` (its default config: SmolLM2 on two CPU workers), streams
+Starts `warmserve serve` (its default config: SmolLM2 on two CPU workers; `--tiny`: two
+2-layer random-weight models on two CPU workers, whose steps take milliseconds, so that the
+server, not the engine, is what is loaded on a machine without a GPU), streams
 `--streams` chat completions at once through it (`ignore_eos`, `--tokens` each, split over
 the configured models), and reads the server process's own CPU time (`/proc`, not its
 workers') around them. Prints the chunks delivered per second and the server's CPU per
@@ -21,6 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,6 +36,22 @@ def cpu_s(pid: int) -> float:
     """The process's user and system time (all its threads, not its children)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+TINY = """\
+cluster:
+  nodes:
+    - name: local
+      host_memory_gib: 4
+      pinned_cache_gib: 1
+      devices: [{type: cpu, count: 2, memory_gib: 1}]
+models:
+  - {name: tiny-a, checkpoint: "synth:tiny", dtype: float32, max_context: 512}
+  - {name: tiny-b, checkpoint: "synth:tiny", dtype: float32, max_context: 512}
+engine: {kv_cache_gib: 0.05, max_num_seqs: 128}
+policy: {page_size_mib: 2, instance_capacity: 128}
+server: {max_queued_per_model: 1024}
+"""
 
 
 def free_port() -> int:
@@ -77,12 +96,17 @@ async def stream_all(url: str, models: list[str], streams: int, tokens: int) -> 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default=None, help="a config name or file (default: serve's)")
+    ap.add_argument("--tiny", action="store_true", help="serve two tiny random-weight models")
     ap.add_argument("--streams", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--start-timeout", type=float, default=600)
     args = ap.parse_args()
 
+    if args.tiny:
+        tmp = tempfile.TemporaryDirectory()
+        args.config = str(Path(tmp.name) / "tiny.yaml")
+        Path(args.config).write_text(TINY)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "warmserve.cli", "serve", "--port", str(port), "--log-level",

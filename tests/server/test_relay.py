@@ -13,8 +13,9 @@ import pytest
 
 from warmserve.engine.engine import RequestOutput
 from warmserve.engine.sampling import InvalidRequestError
+from warmserve.engine.sequence import FinishReason
 from warmserve.server.errors import APIError
-from warmserve.server.relay import WorkerStream
+from warmserve.server.relay import Relay, WorkerStream
 from warmserve.worker.rpc import RemoteError, WorkerGone
 
 
@@ -221,3 +222,59 @@ def test_a_closed_loop_is_not_kept_alive_by_its_inbox() -> None:
     client.callbacks.clear()
     gc.collect()
     assert ref[0]() is None
+
+
+def relay_over(stream: WorkerStream) -> Relay:
+    return Relay(None, None, "m", None, "r", None, stream, None)
+
+
+def test_next_batch_takes_what_is_here_and_stops_before_an_error_or_the_end() -> None:
+    async def main() -> None:
+        client = ReaderClient()
+        relay = relay_over(WorkerStream(client, "m", "p", None, "r"))
+        reply = client.callbacks["r"]
+        for i in range(3):
+            reply(output("r", i), None)
+        await asyncio.sleep(0.01)
+        assert [o.text for o in await relay.next_batch()] == ["<0>", "<1>", "<2>"]
+        reply(output("r", 3), None)
+        reply(None, RemoteError("boom"))
+        await asyncio.sleep(0.01)
+        assert [o.text for o in await relay.next_batch()] == ["<3>"]  # sent before the error
+        with pytest.raises(APIError):
+            await relay.next_batch()
+
+    asyncio.run(main())
+
+
+def test_next_batch_ends_at_the_finished_output_and_waits_for_the_first() -> None:
+    async def main() -> None:
+        client = ReaderClient()
+        relay = relay_over(WorkerStream(client, "m", "p", None, "r"))
+        reply = client.callbacks["r"]
+        asyncio.get_running_loop().call_later(0.05, reply, output("r", 0), None)
+        assert [o.text for o in await relay.next_batch()] == ["<0>"]  # waited for it
+        reply(output("r", 1, last=True), None)
+        reply(None, None)
+        await asyncio.sleep(0.01)
+        assert [o.text for o in await relay.next_batch()] == ["<1>"]
+        with pytest.raises(StopAsyncIteration):
+            await relay.next_batch()
+
+    asyncio.run(main())
+
+
+def test_a_hand_over_is_not_taken_into_a_batch() -> None:
+    async def main() -> None:
+        client = ReaderClient()
+        stream = WorkerStream(client, "m", "p", None, "r")
+        relay = relay_over(stream)
+        handed = output("r", 1)
+        handed.finish_reason = FinishReason.HANDOVER
+        client.callbacks["r"](output("r", 0), None)
+        client.callbacks["r"](handed, None)
+        await asyncio.sleep(0.01)
+        assert [o.text for o in await relay.next_batch()] == ["<0>"]
+        assert stream.ready() is False  # the hand-over waits for the next read
+
+    asyncio.run(main())

@@ -80,6 +80,14 @@ class Relay:
     def close(self) -> None:
         self.stream.close()
 
+    async def next_batch(self) -> list[RequestOutput]:
+        """The next output and those after it that are already here: a stream that has
+        fallen behind catches up in one write to its client, not one per token."""
+        batch = [await self.__anext__()]
+        while not self._finished and self.stream.ready():
+            batch.append(await self.__anext__())
+        return batch
+
     def __aiter__(self) -> Relay:
         return self
 
@@ -129,6 +137,15 @@ class WorkerStream:
         self._items.append(item)
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
+
+    def ready(self) -> bool:
+        """Whether the next item is here and is an output to send as it is (not the end, an
+        error or a hand-over, which may wait)."""
+        if not self._items:
+            return False
+        item = self._items[0]
+        return (isinstance(item, RequestOutput) and not item.error
+                and item.finish_reason is not FinishReason.HANDOVER)
 
     async def next(self) -> RequestOutput:
         if not self._items:
