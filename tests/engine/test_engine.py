@@ -387,3 +387,16 @@ def test_a_prompt_longer_than_the_blocks_in_service_waits_for_lent_ones(make_eng
     alone.add_request("r", prompt, params)
     assert [t for o in outs for t in o.token_ids] == run_all(alone)["r"]
     assert engine.stats().num_preemptions == 0
+
+
+def test_a_request_output_pickles_with_every_field():
+    import dataclasses
+    import pickle
+
+    from warmserve.engine.engine import RequestOutput, Resume
+    from warmserve.engine.sampling import SampledToken
+
+    full = RequestOutput("r", [1, 2], "ab", [SampledToken(1, -0.5, ((1, -0.5),))], True,
+                         FinishReason.HANDOVER, 7, 2, "bad", Resume([3, 1, 2], 2, 1))
+    assert all(getattr(full, f.name) != f.default for f in dataclasses.fields(full))
+    assert pickle.loads(pickle.dumps(full)) == full

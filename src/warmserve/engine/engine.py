@@ -43,6 +43,14 @@ class RequestOutput:
     error: str | None = None
     resume: Resume | None = None  # on a request handed over (FinishReason.HANDOVER)
 
+    def __reduce__(self) -> tuple:
+        # Pickled as its fields alone: every stream's output crosses the worker RPC at every
+        # step, and a dataclass's default pickle (its __dict__, by name) took 1.5x as long
+        # to write and 2.4x as long to read.
+        return (RequestOutput, (self.request_id, self.token_ids, self.text, self.logprobs,
+                                self.finished, self.finish_reason, self.num_prompt_tokens,
+                                self.num_output_tokens, self.error, self.resume))
+
 
 @dataclass
 class Resume:
