@@ -38,6 +38,13 @@ def output(request_id: str, i: int, last: bool = False) -> RequestOutput:
     return RequestOutput(request_id, [i], f"<{i}>", num_output_tokens=i + 1, finished=last)
 
 
+async def read_error(stream: WorkerStream) -> APIError:
+    """The API error the stream's next read raises."""
+    with pytest.raises(APIError) as failed:
+        await stream.next()
+    return failed.value
+
+
 async def read_all(stream: WorkerStream) -> list[str]:
     texts = []
     while True:
@@ -124,9 +131,7 @@ def test_error_replies_become_api_errors(error: Exception, status: int) -> None:
         client.callbacks["r"](output("r", 0), None)
         client.callbacks["r"](None, error)
         assert (await stream.next()).text == "<0>"  # what came before the error still does
-        with pytest.raises(APIError) as failed:
-            await stream.next()
-        return failed.value
+        return await read_error(stream)
 
     failed = asyncio.run(main())
     assert failed.status == status and str(error) in failed.message
@@ -139,19 +144,16 @@ def test_an_output_carrying_an_error_is_a_400() -> None:
         bad = output("r", 0)
         bad.error = "stop string list too long"
         client.callbacks["r"](bad, None)
-        with pytest.raises(APIError) as failed:
-            await stream.next()
-        assert failed.value.status == 400 and "stop string" in failed.value.message
+        failed = await read_error(stream)
+        assert failed.status == 400 and "stop string" in failed.message
 
     asyncio.run(main())
 
 
 def test_a_worker_gone_before_the_stream_starts_fails_its_first_read() -> None:
     async def main() -> None:
-        stream = WorkerStream(ReaderClient(gone=True), "m", "p", None, "r")
-        with pytest.raises(APIError) as failed:
-            await stream.next()
-        assert failed.value.status == 503 and "is gone" in failed.value.message
+        failed = await read_error(WorkerStream(ReaderClient(gone=True), "m", "p", None, "r"))
+        assert failed.status == 503 and "is gone" in failed.message
 
     asyncio.run(main())
 
