@@ -45,7 +45,7 @@ def serve(
     verb_log_level(log_level)
     import uvicorn
 
-    from warmserve.cluster.manager import LocalCluster, MissingDevices, NoCapacity
+    from warmserve.cluster.manager import CannotServe, LocalCluster, NoCapacity
     from warmserve.controller.loop import Controller
     from warmserve.server.app import create_app
     from warmserve.sim.systems import get_live_system
@@ -64,8 +64,8 @@ def serve(
     _check_can_listen(host, port)
     cluster = LocalCluster(source, cfg, checkpoint_cache())
     try:
-        cluster.check_devices()
-    except MissingDevices as exc:
+        cluster.check_servable()
+    except CannotServe as exc:
         raise fail(str(exc)) from None
     console.print(f"starting {len(cluster.workers)} workers for {len(cfg.models)} models ...")
     cluster.start()

@@ -36,8 +36,9 @@ class NoCapacity(RuntimeError):
     """No worker can serve the model right now (all refused or gone)."""
 
 
-class MissingDevices(RuntimeError):
-    """The config names devices this machine does not have; the message says which."""
+class CannotServe(RuntimeError):
+    """The config cannot be served live here (devices this machine lacks, or a setting only
+    the simulator runs); the message says what."""
 
 
 @dataclass(eq=False)
@@ -97,7 +98,7 @@ class LocalCluster:
     # --- life cycle --------------------------------------------------------------------------
 
     def start(self) -> None:
-        self.check_devices()
+        self.check_servable()
         for model in self.config.models:  # convert or synthesize once, before any worker
             resolve_checkpoint(model.checkpoint, self.cache_dir)
         threads = [threading.Thread(target=self._launch, args=(w,)) for w in self.workers]
@@ -108,19 +109,26 @@ class LocalCluster:
         self.refresh()
         self._supervisor.start()
 
-    def check_devices(self) -> None:
+    def check_servable(self) -> None:
         """Every worker runs on this machine, a node's CUDA devices numbered from 0 here:
-        they must exist, and CUDA virtual memory needs NVIDIA's driver bindings."""
+        they must exist, and CUDA virtual memory needs NVIDIA's driver bindings. Every
+        instance runs on one worker: a tensor-parallel model is the simulator's alone."""
+        split = [f"{m.name} (tensor_parallel={m.tensor_parallel})"
+                 for m in self.config.models if m.tensor_parallel > 1]
+        if split:
+            raise CannotServe(f"config {self.config_source!r}: the live system runs each "
+                              f"instance on one device; tensor-parallel models are simulated "
+                              f"only: {', '.join(split)}")
         wanted = max((sum(g.count for g in node.devices if g.type == "cuda")
                       for node in self.config.cluster.nodes), default=0)
         if not wanted:
             return
         have = cuda_device_count()
         if wanted > have:
-            raise MissingDevices(f"config {self.config_source!r}: a node of {wanted} CUDA "
+            raise CannotServe(f"config {self.config_source!r}: a node of {wanted} CUDA "
                                  f"device(s), and this machine has {have}")
         if importlib.util.find_spec("cuda.bindings") is None:
-            raise MissingDevices("CUDA devices need NVIDIA's cuda-bindings package (the driver "
+            raise CannotServe("CUDA devices need NVIDIA's cuda-bindings package (the driver "
                                  "API of the page pool), matching this machine's CUDA")
 
     def warm_up(self, system: SystemSpec | None = None) -> None:
