@@ -64,7 +64,9 @@ def test_step_inputs_match_a_token_by_token_reference(decodes, prefills, data):
         table = len(seq.block_table)
         assert row[:table].tolist() == seq.block_table and set(row[table:]) <= {SCRATCH}
     rows = np.cumsum([len(out.decodes)] + [n for _, n in out.prefills])
-    assert host.prefill_rows == rows[:-1].tolist()
+    assert [row for row, _, _, _ in host.prefills] == rows[:-1].tolist()
+    for (seq, n), (_, length, start, table) in zip(out.prefills, host.prefills, strict=True):
+        assert (length, start, table.tolist()) == (n, seq.num_computed_tokens, seq.block_table)
     assert {s.request_id: host.row_of[s.request_id] for s, _ in out.prefills} == {
         s.request_id: int(r) - 1 for (s, _), r in zip(out.prefills, rows[1:], strict=True)}
     assert [host.row_of[s.request_id] for s in out.decodes] == list(range(len(out.decodes)))

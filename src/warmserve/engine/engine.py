@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -24,6 +25,9 @@ from warmserve.engine.sampling import InvalidRequestError, SampledToken, Samplin
 from warmserve.engine.scheduler import Scheduler
 from warmserve.engine.sequence import FinishReason, Sequence
 from warmserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer
+
+if TYPE_CHECKING:
+    from warmserve.engine.parallel import TensorParallel
 
 log = logging.getLogger(__name__)
 
@@ -296,40 +300,58 @@ def create_engine(checkpoint: Path, config: EngineConfig, dtype: str, device: st
                   max_context: int, provider: TensorProvider | None = None,
                   kv_cache_bytes: int | None = None, seed: int = 0,
                   model: torch.nn.Module | None = None, tokenizer: Tokenizer | None = None,
-                  runner: ModelRunner | None = None) -> LLMEngine:
+                  runner: ModelRunner | None = None, tp: TensorParallel | None = None
+                  ) -> LLMEngine:
     """Load a checkpoint directory into a ready engine on `device`.
 
     A worker passes `model` (built over a prewarmed slot when the prewarm finished) and
     `tokenizer` to turn a prewarmed replica into an engine without building anything again;
     from the second activation on it passes the `runner` too: the slot's addresses never move,
-    so the runner's KV view and CUDA graphs stay valid across deactivations.
+    so the runner's KV view and CUDA graphs stay valid across deactivations. With `tp` this
+    is the driver of a tensor-parallel instance, whose other ranks `follow` (engine/parallel.py).
     """
     arch = read_arch(checkpoint)
     tokenizer = tokenizer or Tokenizer(checkpoint, arch)
     context = min(max_context, arch.max_position)
-    if runner is not None:
-        scheduler = Scheduler(BlockManager(runner.scratch_block, config.block_size_tokens),
-                              config.max_num_seqs, config.max_tokens_per_step)
-        return LLMEngine(runner, scheduler, tokenizer, context)
+    if runner is None:
+        runner = create_runner(checkpoint, config, dtype, device, max_context, provider,
+                               kv_cache_bytes, seed, model, tp)
+    scheduler = Scheduler(BlockManager(runner.scratch_block, config.block_size_tokens),
+                          config.max_num_seqs, config.max_tokens_per_step)
+    return LLMEngine(runner, scheduler, tokenizer, context)
+
+
+def create_runner(checkpoint: Path, config: EngineConfig, dtype: str, device: str,
+                  max_context: int, provider: TensorProvider | None = None,
+                  kv_cache_bytes: int | None = None, seed: int = 0,
+                  model: torch.nn.Module | None = None, tp: TensorParallel | None = None
+                  ) -> ModelRunner:
+    """The model and its KV cache on `device`, ready to run steps. With `tp`, this rank's
+    shard: its KV cache holds its share of the KV heads in as many blocks as every rank can
+    hold (`kv_cache_bytes` is this device's budget), so a block id means the same on all."""
+    arch = read_arch(checkpoint)
     provider = provider or TorchProvider(device)
     torch_dtype = DTYPES[dtype]
-    model = model if model is not None else build_model(arch, checkpoint, torch_dtype, provider)
-    block_bytes = config.block_size_tokens * arch.kv_bytes_per_token * torch_dtype.itemsize
+    if model is None:
+        model = build_model(arch, checkpoint, torch_dtype, provider, tp)
+    tp_size = tp.size if tp is not None else 1
+    kv_heads = arch.num_kv_heads // tp_size
+    block_bytes = (config.block_size_tokens * arch.kv_bytes_per_token * torch_dtype.itemsize
+                   // tp_size)
     num_blocks = _num_kv_blocks(config, kv_cache_bytes, block_bytes, provider.device)
+    if tp is not None:
+        num_blocks = tp.agree_min(num_blocks)
     max_blocks_per_seq = -(-max_context // config.block_size_tokens)
     if num_blocks < max_blocks_per_seq:
         log.warning("KV cache holds %d blocks, fewer than one full context (%d)", num_blocks,
                     max_blocks_per_seq)
-    block_shape = (arch.num_layers, 2, config.block_size_tokens, arch.num_kv_heads, arch.head_dim)
+    block_shape = (arch.num_layers, 2, config.block_size_tokens, kv_heads, arch.head_dim)
     kv_cache = provider.kv_cache(num_blocks + 1, block_shape, torch_dtype)  # +1: scratch
-    runner = ModelRunner(
+    return ModelRunner(
         model, kv_cache, config.block_size_tokens, max_blocks_per_seq, scratch_block=num_blocks,
         use_cuda_graphs=config.use_cuda_graphs,
-        max_graph_batch=min(config.max_cuda_graph_batch, config.max_num_seqs), seed=seed,
+        max_graph_batch=min(config.max_cuda_graph_batch, config.max_num_seqs), seed=seed, tp=tp,
     )
-    scheduler = Scheduler(BlockManager(num_blocks, config.block_size_tokens),
-                          config.max_num_seqs, config.max_tokens_per_step)
-    return LLMEngine(runner, scheduler, tokenizer, context)
 
 
 def _num_kv_blocks(config: EngineConfig, kv_cache_bytes: int | None, block_bytes: int,
@@ -344,4 +366,5 @@ def _num_kv_blocks(config: EngineConfig, kv_cache_bytes: int | None, block_bytes
     return max(1, kv_cache_bytes // block_bytes - 1)
 
 
-__all__ = ["EngineStats", "LLMEngine", "ModelArch", "RequestOutput", "create_engine"]
+__all__ = ["EngineStats", "LLMEngine", "ModelArch", "RequestOutput", "create_engine",
+           "create_runner"]

@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import nn
 
 from warmserve.engine.arch import ModelArch
 from warmserve.engine.checkpoint import CheckpointReader
+from warmserve.engine.layers.linear import RowParallelLinear
 from warmserve.engine.models import MODEL_CLASSES
+
+if TYPE_CHECKING:
+    from warmserve.engine.parallel import TensorParallel
 
 
 class TensorProvider(Protocol):
@@ -87,10 +91,17 @@ class TorchProvider:
 
 
 def build_model(arch: ModelArch, checkpoint: Path, dtype: torch.dtype, provider: TensorProvider,
-                tp_rank: int = 0, tp_size: int = 1) -> nn.Module:
-    """Instantiate on meta, then fill every parameter from the checkpoint via the provider."""
+                tp: TensorParallel | None = None) -> nn.Module:
+    """Instantiate on meta, then fill every parameter from the checkpoint via the provider.
+    With `tp`, this rank's shard: its rows of the column-parallel layers, its columns of the
+    row-parallel ones (which then sum over `tp.devices`), the rest whole."""
+    tp_rank, tp_size = (tp.rank, tp.size) if tp is not None else (0, 1)
     with torch.device("meta"):
         model = MODEL_CLASSES[arch.architecture](arch, tp_rank, tp_size)
+    if tp is not None:
+        for module in model.modules():
+            if isinstance(module, RowParallelLinear):
+                module.group = tp.devices
     filled = getattr(provider, "filled", False)  # weights already in place: copy nothing
     with contextlib.nullcontext() if filled else CheckpointReader(checkpoint) as reader:
         for name, param in list(model.named_parameters()):
@@ -99,8 +110,7 @@ def build_model(arch: ModelArch, checkpoint: Path, dtype: torch.dtype, provider:
             target = provider.weight(name, tuple(param.shape), dtype)
             offset = 0
             for source_name, rows in [] if filled else _sources(module_name, attr, module, param):
-                shard = _shard(reader.get(source_name), getattr(module, "shard_dim", None),
-                               tp_rank, tp_size)
+                shard = _shard(reader.get(source_name), module)
                 expected = (rows, *param.shape[1:])
                 if tuple(shard.shape) != expected:
                     raise ValueError(f"{checkpoint}: tensor {source_name} has shape "
@@ -122,7 +132,10 @@ def _sources(module_name: str, attr: str, module: nn.Module, param: torch.Tensor
     return [(f"{parent}.{part}.{attr}", rows) for part, rows in parts]
 
 
-def _shard(tensor: torch.Tensor, dim: int | None, rank: int, size: int) -> torch.Tensor:
+def _shard(tensor: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """The module's part of a checkpoint tensor: a tensor-parallel layer's rank's slice
+    along its `shard_dim` (a bias has no columns to split), anything else whole."""
+    dim, size = getattr(module, "shard_dim", None), getattr(module, "tp_size", 1)
     if size == 1 or dim is None or tensor.dim() <= dim:
         return tensor
-    return tensor.chunk(size, dim=dim)[rank]
+    return tensor.chunk(size, dim=dim)[module.tp_rank]

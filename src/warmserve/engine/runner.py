@@ -3,6 +3,10 @@
 It never decides anything. On CUDA, pure-decode steps replay CUDA graphs captured per batch
 bucket over fixed-shape buffers; padded rows write into a scratch block past the blocks the
 block manager hands out, so they never touch a sequence's cache.
+
+A step is built in host memory first (`prepare`: a `GraphStep` or a `StepInputs`), then run.
+In a tensor-parallel instance the driver's runner sends what it built to the other ranks,
+whose runners `run` it on their shards (engine/parallel.py).
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,6 +25,9 @@ from warmserve.engine.layers.attention import AttentionMetadata, PrefillSpan
 from warmserve.engine.sampling import SampledToken, Sampler
 from warmserve.engine.scheduler import SchedulerOutput
 from warmserve.engine.sequence import Sequence
+
+if TYPE_CHECKING:
+    from warmserve.engine.parallel import TensorParallel
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +46,10 @@ class _Graph:
 class ModelRunner:
     def __init__(self, model: nn.Module, kv_cache: torch.Tensor, block_size: int,
                  max_blocks_per_seq: int, scratch_block: int, use_cuda_graphs: bool = False,
-                 max_graph_batch: int = 64, seed: int = 0) -> None:
+                 max_graph_batch: int = 64, seed: int = 0,
+                 tp: TensorParallel | None = None) -> None:
         self.model = model
+        self.tp = tp  # a tensor-parallel rank; the driver sends every step to the others
         self.kv_cache = kv_cache  # [num_blocks + 1, L, 2, bs, Hkv, D]; the last is scratch
         self.block_size = block_size
         self.max_blocks_per_seq = max_blocks_per_seq
@@ -58,40 +68,62 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, sample_seqs: list[Sequence]) -> list[SampledToken]:
         """Run one step; sample a token for each of `sample_seqs` (in that order)."""
-        bucket = None if out.prefills else self._bucket(len(out.decodes))
-        if bucket is not None:
-            logits = self._replay(out.decodes, bucket)
+        step = self.prepare(out)
+        if self.tp is not None:
+            self.tp.send(step)
+        if isinstance(step, GraphStep):
+            logits = self._replay(step.bucket)
             row_of = {seq.request_id: i for i, seq in enumerate(out.decodes)}
             logits = logits[[row_of[s.request_id] for s in sample_seqs]]
         else:
-            ids, positions, meta, row_of = self._prepare(out)
-            hidden = self.model(ids, positions, self.kv_cache, meta)
+            hidden = self._forward(step)
             if not sample_seqs:
                 return []
-            logits = self.model.compute_logits(hidden[[row_of[s.request_id] for s in sample_seqs]])
+            rows = [step.row_of[s.request_id] for s in sample_seqs]
+            logits = self.model.compute_logits(hidden[rows])
         return self.sampler.sample(
             logits, [s.params for s in sample_seqs], [s.generator for s in sample_seqs]
         )
 
-    def _prepare(self, out: SchedulerOutput
-                 ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, dict[str, int]]:
-        host = step_inputs(out, self.block_size, self.scratch_block, self.max_blocks_per_seq)
-        spans = [PrefillSpan(row, n, seq.num_computed_tokens, self._tensor(seq.block_table))
-                 for row, (seq, n) in zip(host.prefill_rows, out.prefills, strict=True)]
+    def prepare(self, out: SchedulerOutput) -> GraphStep | StepInputs:
+        """A step's inputs in host memory: a decode graph's, or an eager step's."""
+        bucket = None if out.prefills else self._bucket(len(out.decodes))
+        if bucket is None:
+            return step_inputs(out, self.block_size, self.scratch_block, self.max_blocks_per_seq)
+        self._inputs.fill(out.decodes)
+        return GraphStep(bucket, self._inputs.columns[:, :bucket], self._inputs.tables[:bucket])
+
+    @torch.inference_mode()
+    def run(self, step: GraphStep | StepInputs) -> None:
+        """Run a step another rank prepared (a tensor-parallel follower): the model's
+        collectives meet the other ranks'; nothing is sampled."""
+        if isinstance(step, GraphStep):
+            self._inputs.columns[:, :step.bucket] = step.columns
+            self._inputs.tables[:step.bucket] = step.tables
+            self._replay(step.bucket)
+        else:
+            self._forward(step)
+
+    def close(self) -> None:
+        """A tensor-parallel driver tells the other ranks that no step follows."""
+        if self.tp is not None and self.tp.is_driver:
+            self.tp.send(None)
+
+    def _forward(self, host: StepInputs) -> torch.Tensor:
+        spans = [PrefillSpan(row, n, start, self._to_device(table))
+                 for row, n, start, table in host.prefills]
         meta = AttentionMetadata(
             slot_mapping=self._to_device(host.slots),
-            num_decodes=len(out.decodes),
+            num_decodes=len(host.decode_lens),
             decode_block_tables=self._to_device(host.decode_tables),
             decode_context_lens=self._to_device(host.decode_lens),
             prefills=spans,
         )
-        return self._to_device(host.ids), self._to_device(host.positions), meta, host.row_of
+        return self.model(self._to_device(host.ids), self._to_device(host.positions),
+                          self.kv_cache, meta)
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array).to(self.device, non_blocking=True)
-
-    def _tensor(self, data: list, dtype: torch.dtype = torch.int64) -> torch.Tensor:
-        return torch.tensor(data, dtype=dtype).to(self.device, non_blocking=True)
 
     # --- CUDA graphs for decode -------------------------------------------------------------
 
@@ -134,11 +166,22 @@ class ModelRunner:
         hidden = self.model(self._ids[:bucket], self._pos[:bucket], self.kv_cache, meta)
         return self.model.compute_logits(hidden)
 
-    def _replay(self, decodes: list[Sequence], bucket: int) -> torch.Tensor:
-        self._inputs.fill(decodes)
+    def _replay(self, bucket: int) -> torch.Tensor:
+        """Replay a bucket's graph over the inputs in the host buffer; its logits [bucket, V]."""
         self._static.copy_(self._host, non_blocking=True)
         self._graphs[bucket].graph.replay()
-        return self._graphs[bucket].logits[: len(decodes)]
+        return self._graphs[bucket].logits
+
+
+@dataclass
+class GraphStep:
+    """A decode step that replays the graph of `bucket`: the first `bucket` rows of the
+    graphs' inputs (`fill_decode_inputs`' layout), padding rows included. On the driver they
+    are views of its buffer; sent to another rank, they are copied into its own."""
+
+    bucket: int
+    columns: np.ndarray  # [4, bucket]: token ids, positions, cache slots, context lengths
+    tables: np.ndarray  # [bucket, max_blocks_per_seq]
 
 
 @dataclass
@@ -150,7 +193,8 @@ class StepInputs:
     slots: np.ndarray  # [T] cache slot of each token: block * block_size + offset
     decode_lens: np.ndarray  # [B] context lengths, the new token included
     decode_tables: np.ndarray  # [B, max_blocks_per_seq], padded with the scratch block
-    prefill_rows: list[int]  # the first row of each prefill chunk
+    # each prefill chunk: its first row, its tokens, the tokens cached before it, its block table
+    prefills: list[tuple[int, int, int, np.ndarray]]
     row_of: dict[str, int]  # request id -> the row whose hidden state samples its next token
 
 
@@ -167,19 +211,19 @@ def step_inputs(out: SchedulerOutput, block_size: int, scratch_block: int, width
     fill_decode_inputs(columns, tables, out.decodes, block_size, scratch_block)
     ids, positions, slots = [columns[0]], [columns[1]], [columns[2]]
     row_of = {seq.request_id: row for row, seq in enumerate(out.decodes)}
-    prefill_rows, row = [], num_decodes
+    prefills, row = [], num_decodes
     for seq, n in out.prefills:
         start = seq.num_computed_tokens
         pos = np.arange(start, start + n)
+        table = np.asarray(seq.block_table, np.int64)
         ids.append(np.asarray(seq.token_ids(start, start + n), np.int64))
         positions.append(pos)
-        slots.append(np.asarray(seq.block_table, np.int64)[pos // block_size] * block_size
-                     + pos % block_size)
-        prefill_rows.append(row)
+        slots.append(table[pos // block_size] * block_size + pos % block_size)
+        prefills.append((row, n, start, table))
         row += n
         row_of[seq.request_id] = row - 1
     return StepInputs(np.concatenate(ids), np.concatenate(positions), np.concatenate(slots),
-                      columns[3], tables, prefill_rows, row_of)
+                      columns[3], tables, prefills, row_of)
 
 
 class GraphInputs:

@@ -63,6 +63,7 @@ class RowParallelLinear(nn.Module):
         if in_features % tp_size:
             raise ValueError(f"in_features={in_features} not divisible by tp_size={tp_size}")
         self.tp_rank, self.tp_size = tp_rank, tp_size
+        self.group: dist.ProcessGroup | None = None  # the ranks that sum (the loader sets it)
         self.weight = nn.Parameter(
             torch.empty(out_features, in_features // tp_size), requires_grad=False
         )
@@ -70,5 +71,5 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.weight)
         if self.tp_size > 1:
-            dist.all_reduce(out)
+            dist.all_reduce(out, group=self.group)
         return out

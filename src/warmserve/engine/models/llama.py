@@ -27,8 +27,11 @@ class LlamaAttention(nn.Module):
     def __init__(self, arch: ModelArch, tp_rank: int, tp_size: int) -> None:
         super().__init__()
         h, d = arch.hidden_size, arch.head_dim
+        if arch.num_kv_heads % tp_size:  # each rank holds whole KV heads, none replicated
+            raise ValueError(f"{arch.num_kv_heads} KV heads do not split over "
+                             f"tensor_parallel={tp_size}")
         self.num_heads = arch.num_heads // tp_size
-        self.num_kv_heads = max(1, arch.num_kv_heads // tp_size)
+        self.num_kv_heads = arch.num_kv_heads // tp_size
         self.head_dim = d
         self.scale = d**-0.5
         parts = (("q_proj", arch.num_heads * d), ("k_proj", arch.num_kv_heads * d),
