@@ -16,8 +16,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from warmserve.engine.layers import triton_decode
+
+# Prefill chunks' SDPA backends, best first. Not cuDNN's: on the H100 (torch 2.11) SDPA picked
+# it first, and it builds a plan on the host for every new sequence length, 4.7 ms a call
+# (docs/engine.md): prompts come in every length, so nearly every prefill paid for one.
+PREFILL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -108,8 +114,9 @@ def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_cache: tor
     if group > 1:  # expanded heads keep SDPA on its flash kernel (enable_gqa may not)
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     # 4-D [1, H, S, D] inputs: SDPA's flash and memory-efficient kernels take no other rank.
-    out = F.scaled_dot_product_attention(
-        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-        attn_mask=mask, is_causal=mask is None, scale=scale,
-    )
+    with sdpa_kernel(PREFILL_BACKENDS):
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+            attn_mask=mask, is_causal=mask is None, scale=scale,
+        )
     return out[0].transpose(0, 1)  # [S, H, D]
