@@ -101,7 +101,7 @@ def test_only_the_other_ranks_follow_and_groups_are_powers_of_two():
         TensorParallel.create((0, 1, 2), "cpu")
     with pytest.raises(ValueError, match="power of two of distinct processes"):
         TensorParallel.create((0, 0), "cpu")
-    driver = TensorParallel(0, 2, (0, 1), None, None)
+    driver = TensorParallel(0, (0, 1), None, None)
     with pytest.raises(ValueError, match="only the other ranks follow"):
         follow(None, driver)
 

@@ -310,12 +310,12 @@ def create_engine(checkpoint: Path, config: EngineConfig, dtype: str, device: st
     so the runner's KV view and CUDA graphs stay valid across deactivations. With `tp` this
     is the driver of a tensor-parallel instance, whose other ranks `follow` (engine/parallel.py).
     """
-    arch = read_arch(checkpoint)
-    tokenizer = tokenizer or Tokenizer(checkpoint, arch)
-    context = min(max_context, arch.max_position)
     if runner is None:
         runner = create_runner(checkpoint, config, dtype, device, max_context, provider,
                                kv_cache_bytes, seed, model, tp)
+    arch = runner.model.arch
+    tokenizer = tokenizer or Tokenizer(checkpoint, arch)
+    context = min(max_context, arch.max_position)
     scheduler = Scheduler(BlockManager(runner.scratch_block, config.block_size_tokens),
                           config.max_num_seqs, config.max_tokens_per_step)
     return LLMEngine(runner, scheduler, tokenizer, context)
@@ -329,11 +329,11 @@ def create_runner(checkpoint: Path, config: EngineConfig, dtype: str, device: st
     """The model and its KV cache on `device`, ready to run steps. With `tp`, this rank's
     shard: its KV cache holds its share of the KV heads in as many blocks as every rank can
     hold (`kv_cache_bytes` is this device's budget), so a block id means the same on all."""
-    arch = read_arch(checkpoint)
     provider = provider or TorchProvider(device)
     torch_dtype = DTYPES[dtype]
     if model is None:
-        model = build_model(arch, checkpoint, torch_dtype, provider, tp)
+        model = build_model(read_arch(checkpoint), checkpoint, torch_dtype, provider, tp)
+    arch = model.arch
     tp_size = tp.size if tp is not None else 1
     kv_heads = arch.num_kv_heads // tp_size
     block_bytes = (config.block_size_tokens * arch.kv_bytes_per_token * torch_dtype.itemsize

@@ -30,7 +30,6 @@ class TensorParallel:
     """This process's place in one tensor-parallel instance."""
 
     rank: int  # within the instance; 0 drives
-    size: int
     ranks: tuple[int, ...]  # the world ranks of the instance's processes, its driver first
     devices: dist.ProcessGroup  # the forward's collectives
     control: dist.ProcessGroup  # the driver's step inputs, as objects on the CPU
@@ -48,7 +47,11 @@ class TensorParallel:
         me = dist.get_rank()
         if me not in ranks:
             return None
-        return cls(ranks.index(me), len(ranks), tuple(ranks), devices, control)
+        return cls(ranks.index(me), tuple(ranks), devices, control)
+
+    @property
+    def size(self) -> int:
+        return len(self.ranks)
 
     @property
     def is_driver(self) -> bool:
