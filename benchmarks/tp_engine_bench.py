@@ -26,24 +26,24 @@ from engine_bench import tpot, ttft
 from warmserve.config import EngineConfig
 from warmserve.engine.checkpoint import write_synthetic
 from warmserve.engine.engine import create_engine, create_runner
-from warmserve.engine.parallel import TensorParallel, follow
+from warmserve.engine.parallel import Shard, TensorParallel, follow
 
 PROMPTS = (512, 2048)
 
 
-def _rank(rank: int, size: int, store: str, checkpoint: str, config: EngineConfig,
+def _rank(rank: int, size: int, port: int, checkpoint: str, config: EngineConfig,
           batches: list[int], out: str) -> None:
     torch.cuda.set_device(rank)
     tp = None
     if size > 1:
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
-                                world_size=size)
-        tp = TensorParallel.create(tuple(range(size)), "cuda")
+        store = dist.TCPStore("127.0.0.1", port, is_master=False)
+        tp = TensorParallel.join(store, f"tp{size}", Shard(rank, size),
+                                 torch.device("cuda", rank))
     start = time.perf_counter()
     args = (Path(checkpoint), config, "bfloat16", "cuda")
     if tp is not None and not tp.is_driver:
         follow(create_runner(*args, max_context=4096, tp=tp), tp)
-        dist.destroy_process_group()
+        tp.close()
         return
     engine = create_engine(*args, max_context=4096, tp=tp)
     weights = sum(p.numel() * p.element_size() for p in engine.runner.model.parameters())
@@ -55,7 +55,7 @@ def _rank(rank: int, size: int, store: str, checkpoint: str, config: EngineConfi
     engine.runner.close()
     Path(out).write_text(json.dumps(result))
     if tp is not None:
-        dist.destroy_process_group()
+        tp.close()
 
 
 def main() -> None:
@@ -74,11 +74,12 @@ def main() -> None:
     config = EngineConfig(max_num_seqs=max(64, *batches), max_tokens_per_step=4096,
                           kv_cache_gib=args.kv_gib, max_cuda_graph_batch=max(64, *batches))
     rows = {}
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     for size in (int(t) for t in args.tp.split(",")):
         with tempfile.TemporaryDirectory() as tmp:
             out = str(Path(tmp) / "result.json")
-            mp.start_processes(_rank, args=(size, str(Path(tmp) / "store"), str(path), config,
-                                            batches, out), nprocs=size, start_method="spawn")
+            mp.start_processes(_rank, args=(size, store.port, str(path), config, batches, out),
+                               nprocs=size, start_method="spawn")
             rows[size] = json.loads(Path(out).read_text())
         print(f"TP{size}: {rows[size]}", flush=True)
 

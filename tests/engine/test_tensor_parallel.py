@@ -16,7 +16,7 @@ from warmserve.engine.arch import SYNTH_ARCHS
 from warmserve.engine.engine import create_engine, create_runner
 from warmserve.engine.loader import TorchProvider
 from warmserve.engine.models.llama import LlamaForCausalLM
-from warmserve.engine.parallel import TensorParallel, follow
+from warmserve.engine.parallel import Shard, TensorParallel, follow
 from warmserve.engine.sampling import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=2)
@@ -37,13 +37,12 @@ def _generate(engine) -> dict[str, list]:
     return logprobs
 
 
-def _rank(rank: int, size: int, store: str, checkpoint: str, out_dir: str, device: str,
+def _rank(rank: int, size: int, port: int, checkpoint: str, out_dir: str, device: str,
           config: EngineConfig, kv_bytes: int) -> None:
-    if device == "cuda":
-        torch.cuda.set_device(rank)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=size)
     torch.set_num_threads(1)
-    tp = TensorParallel.create(tuple(range(size)), device)
+    store = dist.TCPStore("127.0.0.1", port, is_master=False)
+    tp = TensorParallel.join(store, "instance-0", Shard(rank, size),
+                             torch.device(f"cuda:{rank}" if device == "cuda" else "cpu"))
     # the driver's device could hold twice the blocks the others can: all hold the least
     budget = kv_bytes if rank == 0 else kv_bytes // size
     args = (Path(checkpoint), config, "float32", device)
@@ -58,16 +57,16 @@ def _rank(rank: int, size: int, store: str, checkpoint: str, out_dir: str, devic
     else:
         runner = create_runner(*args, **kwargs)
         result = {"steps": follow(runner, tp), "blocks": runner.scratch_block}
-    dist.barrier()
     Path(out_dir, f"rank{rank}.pkl").write_bytes(pickle.dumps(result))
-    dist.destroy_process_group()
+    tp.close()
 
 
 def run_split(size: int, checkpoint: Path, tmp_path: Path, device: str = "cpu",
               config: EngineConfig = CONFIG, kv_bytes: int = KV_BYTES) -> list[dict]:
     """`size` processes, one rank each, run the prompts; what each rank reports."""
-    mp.start_processes(_rank, args=(size, str(tmp_path / "store"), str(checkpoint),
-                                    str(tmp_path), device, config, kv_bytes),
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    mp.start_processes(_rank, args=(size, store.port, str(checkpoint), str(tmp_path), device,
+                                    config, kv_bytes),
                        nprocs=size, start_method="spawn")
     return [pickle.loads((tmp_path / f"rank{r}.pkl").read_bytes()) for r in range(size)]
 
@@ -96,14 +95,23 @@ def test_a_split_engine_samples_what_the_whole_one_does(tiny_checkpoint, tmp_pat
     assert driver["preemptions"] == whole.stats().num_preemptions > 0  # recompute went too
 
 
-def test_only_the_other_ranks_follow_and_groups_are_powers_of_two():
-    with pytest.raises(ValueError, match="power of two of distinct processes"):
-        TensorParallel.create((0, 1, 2), "cpu")
-    with pytest.raises(ValueError, match="power of two of distinct processes"):
-        TensorParallel.create((0, 0), "cpu")
-    driver = TensorParallel(0, (0, 1), None, None)
+def test_only_the_other_ranks_follow_and_shards_are_powers_of_two():
+    with pytest.raises(ValueError, match="tensor_parallel=3: a model splits over a power of two"):
+        Shard(0, 3)
+    with pytest.raises(ValueError, match="rank 2 of a model split 2 ways"):
+        Shard(2, 2)
+    with pytest.raises(ValueError, match="no group to join"):
+        TensorParallel.join(None, "i", Shard(), torch.device("cpu"))
+    driver = TensorParallel(Shard(0, 2), None, None)
     with pytest.raises(ValueError, match="only the other ranks follow"):
         follow(None, driver)
+
+
+def test_a_rank_whose_partners_never_come_fails_to_join_in_time():
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    with pytest.raises(TimeoutError, match="alone: rank 0/2: the other ranks did not join "
+                                           "within 1 s"):
+        TensorParallel.join(store, "alone", Shard(0, 2), torch.device("cpu"), timeout_s=1)
 
 
 def test_a_model_whose_kv_heads_do_not_split_is_refused_by_name():

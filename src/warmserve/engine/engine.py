@@ -11,7 +11,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,15 +18,13 @@ from warmserve.config import EngineConfig
 from warmserve.engine.arch import ModelArch
 from warmserve.engine.block_manager import BlockManager
 from warmserve.engine.checkpoint import DTYPES, read_arch
-from warmserve.engine.loader import TensorProvider, TorchProvider, build_model
+from warmserve.engine.loader import TensorProvider, TorchProvider, build_model, connect
+from warmserve.engine.parallel import Shard, TensorParallel
 from warmserve.engine.runner import ModelRunner
 from warmserve.engine.sampling import InvalidRequestError, SampledToken, SamplingParams
 from warmserve.engine.scheduler import Scheduler
 from warmserve.engine.sequence import FinishReason, Sequence
 from warmserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer
-
-if TYPE_CHECKING:
-    from warmserve.engine.parallel import TensorParallel
 
 log = logging.getLogger(__name__)
 
@@ -327,17 +324,20 @@ def create_runner(checkpoint: Path, config: EngineConfig, dtype: str, device: st
                   model: torch.nn.Module | None = None, tp: TensorParallel | None = None
                   ) -> ModelRunner:
     """The model and its KV cache on `device`, ready to run steps. With `tp`, this rank's
-    shard: its KV cache holds its share of the KV heads in as many blocks as every rank can
-    hold (`kv_cache_bytes` is this device's budget), so a block id means the same on all."""
+    shard (`model`, where given, must be that shard), its row-parallel layers summing over
+    the instance: its KV cache holds its share of the KV heads in as many blocks as every
+    rank can hold (`kv_cache_bytes` is this device's budget), so a block id means the same
+    on all."""
     provider = provider or TorchProvider(device)
     torch_dtype = DTYPES[dtype]
+    shard = tp.shard if tp is not None else Shard()
     if model is None:
-        model = build_model(read_arch(checkpoint), checkpoint, torch_dtype, provider, tp)
+        model = build_model(read_arch(checkpoint), checkpoint, torch_dtype, provider, shard)
+    connect(model, tp)
     arch = model.arch
-    tp_size = tp.size if tp is not None else 1
-    kv_heads = arch.num_kv_heads // tp_size
+    kv_heads = arch.num_kv_heads // shard.size
     block_bytes = (config.block_size_tokens * arch.kv_bytes_per_token * torch_dtype.itemsize
-                   // tp_size)
+                   // shard.size)
     num_blocks = _num_kv_blocks(config, kv_cache_bytes, block_bytes, provider.device)
     if tp is not None:
         num_blocks = tp.agree_min(num_blocks)

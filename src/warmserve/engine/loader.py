@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -20,9 +20,7 @@ from warmserve.engine.arch import ModelArch
 from warmserve.engine.checkpoint import CheckpointReader
 from warmserve.engine.layers.linear import RowParallelLinear
 from warmserve.engine.models import MODEL_CLASSES
-
-if TYPE_CHECKING:
-    from warmserve.engine.parallel import TensorParallel
+from warmserve.engine.parallel import Shard, TensorParallel
 
 
 class TensorProvider(Protocol):
@@ -91,17 +89,14 @@ class TorchProvider:
 
 
 def build_model(arch: ModelArch, checkpoint: Path, dtype: torch.dtype, provider: TensorProvider,
-                tp: TensorParallel | None = None) -> nn.Module:
+                shard: Shard | None = None) -> nn.Module:
     """Instantiate on meta, then fill every parameter from the checkpoint via the provider.
-    With `tp`, this rank's shard: its rows of the column-parallel layers, its columns of the
-    row-parallel ones (which then sum over `tp.devices`), the rest whole."""
-    tp_rank, tp_size = (tp.rank, tp.size) if tp is not None else (0, 1)
+    With `shard`, that part of a tensor-parallel model: its rows of the column-parallel
+    layers, its columns of the row-parallel ones, the rest whole (it runs once `connect`ed
+    to its instance's group)."""
+    shard = shard or Shard()
     with torch.device("meta"):
-        model = MODEL_CLASSES[arch.architecture](arch, tp_rank, tp_size)
-    if tp is not None:
-        for module in model.modules():
-            if isinstance(module, RowParallelLinear):
-                module.group = tp.devices
+        model = MODEL_CLASSES[arch.architecture](arch, shard.rank, shard.size)
     filled = getattr(provider, "filled", False)  # weights already in place: copy nothing
     with contextlib.nullcontext() if filled else CheckpointReader(checkpoint) as reader:
         for name, param in list(model.named_parameters()):
@@ -120,6 +115,14 @@ def build_model(arch: ModelArch, checkpoint: Path, dtype: torch.dtype, provider:
             setattr(module, attr, nn.Parameter(target, requires_grad=False))
     model.rotary.build(provider.device)
     return model.eval()
+
+
+def connect(model: nn.Module, tp: TensorParallel | None) -> None:
+    """Let a shard's row-parallel layers sum over `tp`'s devices (None: a model split no
+    more, whose layers then have nothing to sum)."""
+    for module in model.modules():
+        if isinstance(module, RowParallelLinear):
+            module.reduce = tp.all_reduce if tp is not None else None
 
 
 def _sources(module_name: str, attr: str, module: nn.Module, param: torch.Tensor

@@ -44,7 +44,8 @@ class HostWeightCache:
 
     def load(self, key: str, checkpoint: Path, arch: ModelArch, layout: SlotLayout,
              progress: Callable[[str, int, int], None] | None = None) -> torch.Tensor:
-        """The weights of `key` in layout order, read from disk once and pinned.
+        """The weights of `key` in layout order (a shard's, for a shard's layout), read from
+        disk once and pinned.
         `progress(key, bytes_done, bytes_total)` is called as tensors arrive."""
         cached = self.get(key)
         if cached is not None:
@@ -58,7 +59,7 @@ class HostWeightCache:
             log.info("host cache: evicted %s", evicted)
         buffer = torch.empty(size, dtype=torch.uint8, pin_memory=self.pin)
         provider = _CountingProvider(buffer, layout, key, progress)
-        build_model(arch, checkpoint, layout.dtype, provider)
+        build_model(arch, checkpoint, layout.dtype, provider, layout.shard)
         if progress:
             progress(key, size, size)
         self._entries[key] = buffer

@@ -15,6 +15,7 @@ import torch
 
 from warmserve.engine.arch import ModelArch
 from warmserve.engine.models import MODEL_CLASSES
+from warmserve.engine.parallel import Shard
 
 ALIGN = 256
 
@@ -42,6 +43,7 @@ class SlotLayout:
     blocks_per_unit: int  # blocks per lending unit (a whole number of pages)
     num_blocks: int  # including the engine's scratch block
     dtype: torch.dtype
+    shard: Shard = Shard()  # the part of a tensor-parallel model laid out
 
     @property
     def weight_pages(self) -> int:
@@ -70,24 +72,27 @@ class SlotLayout:
 
 
 def plan_layout(arch: ModelArch, dtype: torch.dtype, page_bytes: int, block_size: int,
-                kv_bytes: int) -> SlotLayout:
-    """Lay out one model's weights and up to `kv_bytes` of KV cache."""
+                kv_bytes: int, shard: Shard | None = None) -> SlotLayout:
+    """Lay out one model's weights and up to `kv_bytes` of KV cache; with `shard`, those of
+    that part of a tensor-parallel model (its slices of the weights, its KV heads)."""
+    shard = shard or Shard()
     with torch.device("meta"):
-        model = MODEL_CLASSES[arch.architecture](arch)
+        model = MODEL_CLASSES[arch.architecture](arch, shard.rank, shard.size)
     tensors, offset = [], 0
     for name, param in model.named_parameters():
         tensors.append(TensorPlacement(name, offset, tuple(param.shape), dtype))
         offset += -(-math.prod(param.shape) * dtype.itemsize // ALIGN) * ALIGN
     weight_bytes = offset
     kv_offset = -(-weight_bytes // page_bytes) * page_bytes
-    block_shape = (arch.num_layers, 2, block_size, arch.num_kv_heads, arch.head_dim)
+    block_shape = (arch.num_layers, 2, block_size, arch.num_kv_heads // shard.size,
+                   arch.head_dim)
     block_bytes = math.prod(block_shape) * dtype.itemsize
     # Lending moves whole units (blocks that fill whole pages); the cache itself is any number
     # of blocks, so a block size that divides pages badly only makes lending coarse.
     blocks_per_unit = math.lcm(block_bytes, page_bytes) // block_bytes
     num_blocks = max(2, kv_bytes // block_bytes)
     return SlotLayout(tuple(tensors), weight_bytes, page_bytes, kv_offset, block_bytes,
-                      block_shape, blocks_per_unit, num_blocks, dtype)
+                      block_shape, blocks_per_unit, num_blocks, dtype, shard)
 
 
 class LayoutProvider:

@@ -7,8 +7,9 @@ the loader which checkpoint dimension to slice for this rank.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -63,7 +64,8 @@ class RowParallelLinear(nn.Module):
         if in_features % tp_size:
             raise ValueError(f"in_features={in_features} not divisible by tp_size={tp_size}")
         self.tp_rank, self.tp_size = tp_rank, tp_size
-        self.group: dist.ProcessGroup | None = None  # the ranks that sum (the loader sets it)
+        # sums a partial output over the ranks, in place (`connect` sets it)
+        self.reduce: Callable[[torch.Tensor], None] | None = None
         self.weight = nn.Parameter(
             torch.empty(out_features, in_features // tp_size), requires_grad=False
         )
@@ -71,5 +73,5 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.weight)
         if self.tp_size > 1:
-            dist.all_reduce(out, group=self.group)
+            self.reduce(out)
         return out
