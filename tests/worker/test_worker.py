@@ -9,6 +9,7 @@ import pytest
 
 from warmserve.config import EngineConfig, ModelConfig
 from warmserve.engine.engine import create_engine
+from warmserve.engine.parallel import Shard
 from warmserve.engine.sampling import SamplingParams
 from warmserve.memory.backends import HostBackend
 from warmserve.memory.pool import PagePool
@@ -258,7 +259,7 @@ def test_an_activation_evicts_copies_that_do_not_serve_to_make_room(cache_dir,
     being refused for room; an active model is never evicted for another."""
     probe = UniversalWorker(PagePool(HostBackend(PAGE), 96), _models(), ENGINE, cache_dir,
                             host_cache_bytes=0, kv_bytes=16 * PAGE, first_kv_bytes=4 * PAGE)
-    weights = probe._layout("a")[1].weight_pages
+    weights = probe._layout("a", Shard())[1].weight_pages
     probe.close()
     small = UniversalWorker(PagePool(HostBackend(PAGE), 2 * weights + 2), _models(), ENGINE,
                             cache_dir, host_cache_bytes=64 << 20, kv_bytes=16 * PAGE,

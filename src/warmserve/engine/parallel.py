@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from warmserve.engine.runner import ModelRunner
 
 JOIN_TIMEOUT_S = 60.0  # every rank of an instance arrives within this, or joining fails
+STEP_WAIT = datetime.timedelta(days=365)
 
 
 @dataclass(frozen=True)
@@ -72,21 +74,24 @@ class TensorParallel:
         if shard.whole:
             raise ValueError("a model on one device has no group to join")
         timeout = datetime.timedelta(seconds=timeout_s)
-        try:
-            control = dist.ProcessGroupGloo(dist.PrefixStore(f"{instance}/control", store),
-                                            shard.rank, shard.size, timeout)
-            devices = control
-            if device.type == "cuda":
-                torch.cuda.set_device(device)
-                options = dist.ProcessGroupNCCL.Options()
-                options._timeout = timeout
-                devices = dist.ProcessGroupNCCL(dist.PrefixStore(f"{instance}/devices", store),
-                                                shard.rank, shard.size, options)
-            tp = cls(shard, control, devices)
-            tp.all_reduce(torch.zeros(1, device=device))  # every rank is there, links are up
+        store = dist.PrefixStore(instance, store)
+        try:  # all arrive, or the join fails in time; only then are the groups built
+            store.set(f"arrived/{shard.rank}", "")
+            store.wait([f"arrived/{rank}" for rank in range(shard.size)], timeout)
         except dist.DistStoreError as exc:
             raise TimeoutError(f"{instance}: rank {shard}: the other ranks did not join within "
                                f"{timeout_s:g} s ({exc})") from None
+        # Past the join a follower waits for the driver's next step as long as the instance
+        # serves (idle for hours, say): a rank that dies breaks the links at once instead.
+        control = dist.ProcessGroupGloo(dist.PrefixStore("control", store), shard.rank,
+                                        shard.size, STEP_WAIT)
+        devices = control
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+            devices = dist.ProcessGroupNCCL(dist.PrefixStore("devices", store), shard.rank,
+                                            shard.size)
+        tp = cls(shard, control, devices)
+        tp.all_reduce(torch.zeros(1, device=device))  # the device links are up
         return tp
 
     @property
@@ -138,13 +143,21 @@ class TensorParallel:
         self.control.broadcast([tensor], options).wait()
 
 
-def follow(runner: ModelRunner, tp: TensorParallel) -> int:
-    """A follower's loop: run every step the driver sends, until it sends the end (its
-    runner's `close`). Returns the steps run."""
+def follow(runner: ModelRunner, tp: TensorParallel,
+           handle: Callable[[Any], None] | None = None) -> int:
+    """A follower's loop: run every step the driver sends, and pass anything else it sends
+    to `handle`, until it sends the end (its runner's `close`). Returns the steps run."""
+    from warmserve.engine.runner import GraphStep, StepInputs
+
     if tp.is_driver:
         raise ValueError("the driver prepares steps; only the other ranks follow")
     steps = 0
-    while (step := tp.receive()) is not None:
-        runner.run(step)
-        steps += 1
+    while (message := tp.receive()) is not None:
+        if isinstance(message, GraphStep | StepInputs):
+            runner.run(message)
+            steps += 1
+        elif handle is not None:
+            handle(message)
+        else:
+            raise ValueError(f"a follower cannot handle {type(message).__name__}")
     return steps

@@ -9,7 +9,7 @@ straight copy of one contiguous buffer, chunk by chunk, while the pages of the n
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -43,7 +43,7 @@ class SlotLayout:
     blocks_per_unit: int  # blocks per lending unit (a whole number of pages)
     num_blocks: int  # including the engine's scratch block
     dtype: torch.dtype
-    shard: Shard = Shard()  # the part of a tensor-parallel model laid out
+    shard: Shard = field(default_factory=Shard)  # the part of a split model laid out
 
     @property
     def weight_pages(self) -> int:

@@ -22,8 +22,9 @@ from typing import Any
 
 from warmserve.engine.engine import RequestOutput
 from warmserve.engine.loop import RequestStream
+from warmserve.engine.parallel import Shard
 from warmserve.engine.sampling import InvalidRequestError, SamplingParams
-from warmserve.worker.worker import Refused, UniversalWorker
+from warmserve.worker.worker import Group, Refused, UniversalWorker
 
 log = logging.getLogger(__name__)
 
@@ -239,11 +240,11 @@ class WorkerClient:
         self._conn.close()
 
     # verbs
-    def prewarm(self, model: str, wait: bool = False) -> str:
-        return self.call("prewarm", name=model, wait=wait).value
+    def prewarm(self, model: str, wait: bool = False, shard: Shard | None = None) -> str:
+        return self.call("prewarm", name=model, wait=wait, shard=shard).value
 
-    def activate(self, model: str) -> None:
-        self.call("activate", name=model)
+    def activate(self, model: str, group: Group | None = None) -> None:
+        self.call("activate", name=model, group=group)
 
     def deactivate(self, model: str) -> None:
         self.call("deactivate", name=model)
