@@ -110,13 +110,3 @@ def test_serve_refuses_a_config_whose_cuda_devices_this_machine_lacks(tmp_path):
     assert result.exit_code == 2 and "a node of 64 CUDA device(s), and this machine has" in output
     assert "starting" not in output  # no worker was started to crash
 
-
-def test_serve_refuses_a_tensor_parallel_model_it_would_run_on_one_device():
-    """The built-in h100-node holds the paper's 13B at TP2 and 70B at TP4; the live system
-    runs each instance on one worker, so it says so rather than serving them unsplit."""
-    result = runner.invoke(app, ["serve", "--config", "h100-node"])
-    output = " ".join(result.output.split())
-    assert result.exit_code == 2
-    assert ("tensor-parallel models are simulated only: llama-2-13b (tensor_parallel=2), "
-            "llama-2-70b (tensor_parallel=4)") in output
-    assert "starting" not in output

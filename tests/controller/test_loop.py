@@ -61,13 +61,30 @@ class FakeWorker:
     def client(self):
         return self
 
-    def prewarm(self, model):
+    def prewarm(self, model, shard=None):
         self.prewarms.append(model)
         self.states[model] = "prewarmed"
         self.stats.setdefault("models", {})[model] = {"state": "prewarmed"}
 
 
-class FakeCluster:
+class _OneNode:
+    """What the controller reads of a cluster's layout: every worker on one node, every
+    model on one worker."""
+
+    split = defaultdict(lambda: 1)
+
+    @property
+    def gpus_per_node(self):
+        return len(self.workers)
+
+    def gpu_index(self, worker):
+        return self.workers.index(worker)
+
+    def members(self, worker, model):
+        return [worker]
+
+
+class FakeCluster(_OneNode):
     cache_dir = None
 
     def __init__(self) -> None:
@@ -237,7 +254,7 @@ class _KVClient:
     def stats(self):
         return self.w.stats
 
-    def prewarm(self, model):
+    def prewarm(self, model, shard=None):
         self.w.prewarms.append(model)
 
 
@@ -333,7 +350,7 @@ TWO = parse_config({
 })
 
 
-class FullCluster:
+class FullCluster(_OneNode):
     """Two workers with room for one active model each; both serve "a"."""
 
     cache_dir = None

@@ -4,6 +4,13 @@ One `LocalWorkerProcess` per device of the config's nodes. The router sends a re
 least-loaded worker where the model is active; when there is none it activates the model —
 where it is prewarmed if it is anywhere, else on the worker with the most free pages (a cold
 load). A supervisor thread polls every worker's stats and replaces a worker that died.
+
+A tensor-parallel model's instance spans an aligned group of a node's workers (devices
+[k*tp, (k+1)*tp)), one shard on each; the instance's driver, its rank 0, stands for it:
+requests, draining and deactivation go to it, and the cluster deactivates the rest of the
+group with it. Its other ranks report the model as `following`. The ranks meet in a
+key-value store the cluster holds (`torch.distributed.TCPStore`), under a name fresh for each
+activation.
 """
 
 from __future__ import annotations
@@ -15,16 +22,21 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch.distributed as dist
+
 from warmserve.cluster.local import LocalWorkerProcess
 from warmserve.config import WarmServeConfig
+from warmserve.control.policies import aligned_groups
 from warmserve.engine.checkpoint import resolve_checkpoint
 from warmserve.engine.loader import cuda_device_count
+from warmserve.engine.parallel import Shard
 from warmserve.sim.systems import SystemSpec, get_system
 from warmserve.worker.rpc import RemoteError, WorkerClient, WorkerGone
-from warmserve.worker.worker import Refused
+from warmserve.worker.worker import Group, Refused
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +78,18 @@ class WorkerHandle:
         return self.process is not None and self.process.alive
 
     def state_of(self, model: str) -> str | None:
+        """The model's state here: a shard of a split instance other than its driver is
+        `following` while the instance serves (the driver counts as the instance)."""
         entry = self.stats.get("models", {}).get(model)
-        return entry["state"] if entry else None
+        if not entry:
+            return None
+        if entry["state"] == "active" and entry.get("shard", [0])[0] != 0:
+            return "following"
+        return entry["state"]
+
+    def shard_of(self, model: str) -> Shard | None:
+        entry = self.stats.get("models", {}).get(model)
+        return Shard(*entry["shard"]) if entry and "shard" in entry else None
 
     def free_pages(self) -> int:
         return self.stats.get("pool", {}).get("pages_free", 0)
@@ -83,6 +105,13 @@ class LocalCluster:
         self.poll_interval_s = poll_interval_s
         self.workers = [WorkerHandle(node.name, i) for node in config.cluster.nodes
                         for i in range(node.num_devices)]
+        # a worker's GPU index in the policies' numbering: node-major, equal-sized nodes
+        self.gpus_per_node = max(node.num_devices for node in config.cluster.nodes)
+        self._node_index = {node.name: i for i, node in enumerate(config.cluster.nodes)}
+        self.split = {m.name: m.tensor_parallel for m in config.models}
+        self._store: dist.TCPStore | None = None  # where split instances' ranks meet
+        self._instances: dict[tuple[str, str], list[WorkerHandle]] = {}  # (driver, model)
+        self._instance_count = 0
         self._activation_locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
         self._lock = threading.Lock()
         self._draining: set[tuple[str, str]] = set()  # (worker, model): no new requests
@@ -101,6 +130,8 @@ class LocalCluster:
         self.check_servable()
         for model in self.config.models:  # convert or synthesize once, before any worker
             resolve_checkpoint(model.checkpoint, self.cache_dir)
+        if any(size > 1 for size in self.split.values()):
+            self._store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
         threads = [threading.Thread(target=self._launch, args=(w,)) for w in self.workers]
         for t in threads:
             t.start()
@@ -111,14 +142,7 @@ class LocalCluster:
 
     def check_servable(self) -> None:
         """Every worker runs on this machine, a node's CUDA devices numbered from 0 here:
-        they must exist, and CUDA virtual memory needs NVIDIA's driver bindings. Every
-        instance runs on one worker: a tensor-parallel model is the simulator's alone."""
-        split = [f"{m.name} (tensor_parallel={m.tensor_parallel})"
-                 for m in self.config.models if m.tensor_parallel > 1]
-        if split:
-            raise CannotServe(f"config {self.config_source!r}: the live system runs each "
-                              f"instance on one device; tensor-parallel models are simulated "
-                              f"only: {', '.join(split)}")
+        they must exist, and CUDA virtual memory needs NVIDIA's driver bindings."""
         wanted = max((sum(g.count for g in node.devices if g.type == "cuda")
                       for node in self.config.cluster.nodes), default=0)
         if not wanted:
@@ -137,7 +161,9 @@ class LocalCluster:
         only; muxserve: every model active on every worker; dedicated: workers divided among
         the models, each worker serving one model."""
         system = system or get_system("warmserve")
-        models = [m.name for m in self.config.models]
+        models = [m.name for m in self.config.models if self.split[m.name] == 1]
+        for model in (m for m, size in self.split.items() if size > 1):  # first: they need
+            self._warm_up_split(model, system)  # whole aligned groups
         if system.dedicated and len(self.workers) < len(models):
             raise NoCapacity(f"dedicated needs a worker per model: {len(self.workers)} workers, "
                              f"{len(models)} models")
@@ -159,6 +185,26 @@ class LocalCluster:
             except (Refused, WorkerGone) as exc:
                 log.warning("warm-up: %s %s on %s: %s", verb, model, worker.name, exc)
         self.refresh()
+
+    def _warm_up_split(self, model: str, system: SystemSpec) -> None:
+        """A tensor-parallel model's starting placement: one instance on an aligned group
+        (on every group where models are co-located), and for warmserve its shards
+        prewarmed on another group."""
+        instances = len(self.groups(self.split[model])) if system.colocate else 1
+        try:
+            for _ in range(instances):
+                self._activate(model)
+        except NoCapacity as exc:
+            log.warning("warm-up: activating %s: %s", model, exc)
+        if not system.prewarm or system.colocate:
+            return
+        spare = next((g for g in self.groups(self.split[model])
+                      if all(w.state_of(model) is None for w in g)), None)
+        for rank, worker in enumerate(spare or []):
+            try:
+                worker.client.prewarm(model, shard=Shard(rank, len(spare)))
+            except (Refused, WorkerGone) as exc:
+                log.warning("warm-up: prewarming %s on %s: %s", model, worker.name, exc)
 
     def close(self) -> None:
         self._stop.set()
@@ -226,6 +272,22 @@ class LocalCluster:
                 "replacements": self.replacements, "cold_starts": self.cold_starts,
                 "prewarm_hits": self.prewarm_hits}
 
+    def gpu_index(self, worker: WorkerHandle) -> int:
+        """The worker's GPU in the policies' numbering (node-major, `gpus_per_node` each)."""
+        return self._node_index[worker.node] * self.gpus_per_node + worker.device_index
+
+    def groups(self, size: int) -> list[list[WorkerHandle]]:
+        """The aligned groups of `size` workers a split instance may span, within a node."""
+        at = {self.gpu_index(w): w for w in self.workers}
+        return [[at[g] for g in group]
+                for group in aligned_groups(self.gpus_per_node, len(self._node_index), size)
+                if all(g in at for g in group)]
+
+    def members(self, worker: WorkerHandle, model: str) -> list[WorkerHandle]:
+        """The workers of the instance of `model` that `worker` drives, the driver first."""
+        with self._lock:
+            return list(self._instances.get((worker.name, model), [worker]))
+
     def _least_loaded_locked(self, model: str) -> WorkerHandle | None:
         active = [w for w in self.workers if w.alive and w.state_of(model) == "active"
                   and (w.name, model) not in self._draining]
@@ -281,8 +343,26 @@ class LocalCluster:
             worker.client.evict(model)
         worker.stats = worker.client.stats()
         self.undrain(worker, model)
+        with self._lock:
+            followers = self._instances.pop((worker.name, model), [worker])[1:]
+        for follower in followers:  # after the driver: it ends their step loops
+            self._leave(follower, model, evict)
+
+    def _leave(self, follower: WorkerHandle, model: str, evict: bool) -> None:
+        """Deactivate a follower shard whose driver stopped (it may have gone back to
+        prewarmed by itself already, or died)."""
+        try:
+            with contextlib.suppress(Refused):
+                follower.client.deactivate(model)
+            if evict:
+                follower.client.evict(model)
+            follower.stats = follower.client.stats()
+        except (Refused, WorkerGone) as exc:
+            log.info("deactivating %s's shard on %s: %s", model, follower.name, exc)
 
     def _activate(self, model: str, prefer: WorkerHandle | None = None) -> WorkerHandle:
+        if self.split.get(model, 1) > 1:
+            return self._activate_split(model, prefer)
         with self._lock:
             reserved = dict(self._reserved)
         candidates = [w for w in self.workers if w.alive and w.state_of(model) != "active"
@@ -309,6 +389,79 @@ class LocalCluster:
                 reasons.append(f"{worker.name}: {exc}")
         raise NoCapacity(f"no worker can serve {model!r} now ({'; '.join(reasons) or 'none up'})")
 
+    def _activate_split(self, model: str, prefer: WorkerHandle | None) -> WorkerHandle:
+        """An instance of a tensor-parallel model on an aligned group where no worker
+        serves it and none is kept for another model: a group holding its shards prewarmed
+        first (the one with `prefer` before all), then the group with the most free pages.
+        Returns the driver."""
+        size = self.split[model]
+        with self._lock:
+            reserved = dict(self._reserved)
+        candidates = [g for g in self.groups(size)
+                      if all(w.alive and w.state_of(model) not in ("active", "following")
+                             and reserved.get(w.name, model) == model for w in g)]
+
+        def prewarmed(group: list[WorkerHandle]) -> bool:
+            return all(w.state_of(model) == "prewarmed" and w.shard_of(model) == Shard(r, size)
+                       for r, w in enumerate(group))
+
+        order = sorted(candidates, key=lambda g: (prefer not in g, not prewarmed(g),
+                                                  -sum(w.free_pages() for w in g)))
+        reasons = []
+        for group in order:
+            hit = prewarmed(group)
+            try:
+                self._start_instance(model, group)
+            except (Refused, WorkerGone, RemoteError) as exc:
+                reasons.append(f"{'+'.join(w.name for w in group)}: {exc}")
+                continue
+            with self._lock:
+                if hit:
+                    self.prewarm_hits += 1
+                else:
+                    self.cold_starts += 1
+            return group[0]
+        raise NoCapacity(f"no aligned group of {size} workers can serve {model!r} now "
+                         f"({'; '.join(reasons) or 'none free'})")
+
+    def _start_instance(self, model: str, group: list[WorkerHandle]) -> None:
+        """Activate `model` split over `group`: first each worker makes room and puts its
+        shard in place, so that a worker that cannot refuses before any waits for it; then
+        all join the instance at once. Where any fails, those that started stop again."""
+        size = len(group)
+        with ThreadPoolExecutor(size) as pool:
+            self._all(group, [pool.submit(w.client.prewarm, model, True, Shard(r, size), True)
+                              for r, w in enumerate(group)])
+            with self._lock:
+                self._instance_count += 1
+                instance = f"{model}#{self._instance_count}"
+            calls = [pool.submit(w.client.activate, model,
+                                 Group(instance, Shard(r, size), "127.0.0.1", self._store.port))
+                     for r, w in enumerate(group)]
+            try:
+                self._all(group, calls)
+            except (Refused, WorkerGone, RemoteError):
+                for worker in group:
+                    self._leave(worker, model, evict=False)
+                raise
+        for worker in group:
+            worker.stats = worker.client.stats()
+        with self._lock:
+            self._instances[(group[0].name, model)] = list(group)
+
+    @staticmethod
+    def _all(group: list[WorkerHandle], calls: list[Future]) -> None:
+        """Wait for every call; raise the first worker's error, naming the worker."""
+        errors = []
+        for worker, call in zip(group, calls, strict=True):
+            try:
+                call.result()
+            except (Refused, WorkerGone, RemoteError) as exc:
+                errors.append((worker, exc))
+        if errors:
+            worker, exc = errors[0]
+            raise type(exc)(f"{worker.name}: {exc}")
+
     # --- supervision ---------------------------------------------------------------------------
 
     def _launch(self, worker: WorkerHandle) -> None:
@@ -327,6 +480,20 @@ class LocalCluster:
             log.error("worker %s did not start (%d time(s) in a row): %s; next try in %.0f s",
                       worker.name, worker.failed_starts, exc, wait_s)
 
+    def _end_instances_with(self, dead: WorkerHandle) -> None:
+        """A worker died: every split instance it was part of ends. Its driver (unless it is
+        the one that died) stops, failing what it ran; its followers go back to prewarmed."""
+        with self._lock:
+            ended = [(key, group) for key, group in self._instances.items() if dead in group]
+            for key, _ in ended:
+                del self._instances[key]
+        for (_, model), group in ended:
+            log.warning("%s's instance on %s lost worker %s", model,
+                        "+".join(w.name for w in group), dead.name)
+            for worker in group:
+                if worker is not dead:
+                    self._leave(worker, model, evict=False)
+
     def _supervise(self) -> None:
         while not self._stop.wait(self.poll_interval_s):
             for worker in self.workers:
@@ -340,6 +507,7 @@ class LocalCluster:
                         worker.process.close()
                     worker.stats = {}
                     worker.inflight.clear()
+                    self._end_instances_with(worker)
                     self._launch(worker)
                     self.replacements += 1
                     continue

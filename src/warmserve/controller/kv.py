@@ -90,11 +90,12 @@ class KvReservation:
             try:
                 try:
                     worker.client.reclaim(model)
-                except Refused:
-                    for other, other_entry in worker.stats.get("models", {}).items():
-                        if other_entry.get("state") == "prewarmed":
-                            worker.client.evict(other)
-                            self.actions.append((now, "evict", other, worker.name))
+                except Refused:  # on a split instance, any of its workers may be short
+                    for member in self.cluster.members(worker, model):
+                        for other, other_entry in member.stats.get("models", {}).items():
+                            if other_entry.get("state") == "prewarmed":
+                                member.client.evict(other)
+                                self.actions.append((now, "evict", other, member.name))
                     worker.client.reclaim(model)
                 self.actions.append((now, "reclaim", model, worker.name))
                 worker.stats = worker.client.stats()

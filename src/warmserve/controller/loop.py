@@ -54,6 +54,7 @@ from warmserve.controller.kv import KvReservation
 from warmserve.controller.load import ModelLoad
 from warmserve.engine.arch import SYNTH_ARCHS
 from warmserve.engine.checkpoint import DTYPES, read_arch, resolve_checkpoint
+from warmserve.engine.parallel import Shard
 from warmserve.sim.systems import SystemSpec, get_system
 from warmserve.worker.rpc import WorkerGone
 from warmserve.worker.worker import Refused
@@ -231,10 +232,11 @@ class Controller:
         more than their free pool pages: only there is lending worth its reclaim (the
         simulator lends the same way, as placed prewarms need it)."""
         workers, placements = self._placements(requests, self.kv.lendable_bytes())
-        needed = [0] * len(workers)
+        needed = dict.fromkeys(workers, 0)
         for placement in placements:
-            needed[placement.gpus[0]] += self.weight_bytes[placement.model]
-        return {w.name for i, w in enumerate(workers) if needed[i] > _free_bytes(w)}
+            for gpu in placement.gpus:
+                needed[gpu] += self._bytes_per_gpu(placement.model)
+        return {w.name for gpu, w in workers.items() if needed[gpu] > _free_bytes(w)}
 
     # --- actions ------------------------------------------------------------------------------
 
@@ -311,6 +313,10 @@ class Controller:
         if (model in self._drains or model in self._activating
                 or self._load[model].load <= active * capacity):
             return
+        if self.cluster.split[model] > 1:  # it would need a whole aligned group freed
+            log.info("rebalance: %s is split over %d workers; rebalancing frees one worker, "
+                     "so it is not rebalanced for", model, self.cluster.split[model])
+            return
         entitled = self._entitlement(workers) if self.system.overload_control else None
         if entitled is not None and active + 1 > entitled[model]:
             return  # the cluster is overloaded and this model's GPUs serve fewer requests
@@ -329,8 +335,10 @@ class Controller:
                 surplus[other] = max(surplus[other], len(serving) - entitled[other])
             for w in serving:
                 started = seen.activated_at.get(w.name, self._first_tick)
-                if now - started < self.policy.new_instance_protect_s:
-                    pinned.append(workers.index(w))  # too new to take: its worker stays
+                if (now - started < self.policy.new_instance_protect_s
+                        or self.cluster.split[other] > 1):  # too new to take, or split
+                    pinned += [workers.index(m) for m in self.cluster.members(w, other)
+                               if m in workers]  # over several workers: its workers stay
                     continue
                 where[len(holdings)] = (w, other)
                 holdings.append(Holding(len(holdings), other, (workers.index(w),),
@@ -386,12 +394,14 @@ class Controller:
         for model in self.models:
             state = self._load[model]
             if self.system.need_from_arrivals:
-                demands.append(demand_from_arrivals(model, 1, state.peak_rate,
+                demands.append(demand_from_arrivals(model, self.cluster.split[model],
+                                                    state.peak_rate,
                                                     state.work.gpu_s_per_request, up))
                 continue
             load, prefill = self._judged_load(model)
             demands.append(demand_of(
-                model, 1, load, self.forecasters[model].forecast().avg_concurrency, prefill,
+                model, self.cluster.split[model], load,
+                self.forecasters[model].forecast().avg_concurrency, prefill,
                 self._held(model, workers), up, state.work.gpu_s_per_request))
         return gpu_entitlement(demands, capacity)
 
@@ -429,32 +439,41 @@ class Controller:
         requests: list[ReplicaRequest] = []
         for model in self.models:
             states = [w.state_of(model) for w in workers]
-            size = self.weight_bytes[model]
+            tp, size = self.cluster.split[model], self._bytes_per_gpu(model)
             plan = replica_plan(model, self.forecasters[model].forecast(), states.count("active"),
-                                self.policy.instance_capacity, 1, size, size / H2D_BYTES_PER_S)
-            requests += plan[states.count("prewarmed"):]
+                                self.policy.instance_capacity, tp, size, size / H2D_BYTES_PER_S)
+            requests += plan[states.count("prewarmed") // tp:]  # a split replica: tp shards
         return requests
 
+    def _bytes_per_gpu(self, model: str) -> int:
+        return self.weight_bytes[model] // self.cluster.split[model]
+
     def _placements(self, requests: list[ReplicaRequest], extra: dict[str, int] | None = None):
-        """Evict-aware placement of `requests` over the live workers (each a one-GPU group)
-        with their free pool bytes as room, plus `extra` bytes by worker name; returns the
-        workers and the placements (whose groups index them)."""
-        workers = [w for w in self.cluster.workers if w.alive]
-        capacity = [GpuCapacity(i, 0, _free_bytes(w) + (extra or {}).get(w.name, 0),
+        """Evict-aware placement of `requests` over the live workers (a split model's over
+        aligned groups of a node's workers) with their free pool bytes as room, plus `extra`
+        bytes by worker name; returns the workers by GPU index (cluster.gpu_index) and the
+        placements (whose groups are such indices)."""
+        workers = {self.cluster.gpu_index(w): w for w in self.cluster.workers if w.alive}
+        capacity = [GpuCapacity(gpu, gpu // self.cluster.gpus_per_node,
+                                _free_bytes(w) + (extra or {}).get(w.name, 0),
                                 frozenset(m for m in self.models if w.state_of(m) is not None))
-                    for i, w in enumerate(workers)]
-        return workers, place_prewarms(requests, capacity, max(1, len(workers)))
+                    for gpu, w in workers.items()]
+        return workers, place_prewarms(requests, capacity, self.cluster.gpus_per_node)
 
     def _place_prewarms(self, now: float, requests: list[ReplicaRequest]) -> None:
-        """Prewarm what the placement of `requests` over the workers' free memory places."""
+        """Prewarm what the placement of `requests` over the workers' free memory places (a
+        split model's shards, each on its worker of the group)."""
         workers, placements = self._placements(requests)
         for placement in placements:
-            worker = workers[placement.gpus[0]]
-            try:
-                worker.client.prewarm(placement.model)
-                self.actions.append((now, "prewarm", placement.model, worker.name))
-            except (Refused, WorkerGone) as exc:
-                log.info("prewarm %s on %s: %s", placement.model, worker.name, exc)
+            size = len(placement.gpus)
+            for rank, gpu in enumerate(placement.gpus):
+                worker = workers[gpu]
+                try:
+                    worker.client.prewarm(placement.model,
+                                          shard=Shard(rank, size) if size > 1 else None)
+                    self.actions.append((now, "prewarm", placement.model, worker.name))
+                except (Refused, WorkerGone) as exc:
+                    log.info("prewarm %s on %s: %s", placement.model, worker.name, exc)
 
 
 def _free_bytes(worker) -> int:

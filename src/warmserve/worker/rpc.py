@@ -240,8 +240,10 @@ class WorkerClient:
         self._conn.close()
 
     # verbs
-    def prewarm(self, model: str, wait: bool = False, shard: Shard | None = None) -> str:
-        return self.call("prewarm", name=model, wait=wait, shard=shard).value
+    def prewarm(self, model: str, wait: bool = False, shard: Shard | None = None,
+                make_room: bool = False) -> str:
+        return self.call("prewarm", name=model, wait=wait, shard=shard,
+                         make_room=make_room).value
 
     def activate(self, model: str, group: Group | None = None) -> None:
         self.call("activate", name=model, group=group)

@@ -139,11 +139,14 @@ class UniversalWorker:
 
     # --- verbs ------------------------------------------------------------------------------
 
-    def prewarm(self, name: str, wait: bool = False, shard: Shard | None = None) -> ModelState:
+    def prewarm(self, name: str, wait: bool = False, shard: Shard | None = None,
+                make_room: bool = False) -> ModelState:
         """Start streaming a model's weights (`shard` of them, for a tensor-parallel model)
         into a new slot; a no-op if they are resident. Another shard of the model held here
-        is dropped first, unless it serves."""
+        is dropped first, unless it serves. `make_room`: evict what activate would."""
         shard = self._shard_of(name, shard)
+        if make_room:
+            self._make_room(name, shard)
         with self._lock:
             held = self._residents.get(name)
             if held is not None and held.shard != shard and held.state is ModelState.ACTIVE:
