@@ -71,7 +71,9 @@ class _OneNode:
     """What the controller reads of a cluster's layout: every worker on one node, every
     model on one worker."""
 
-    split = defaultdict(lambda: 1)
+    @property
+    def split(self):
+        return defaultdict(lambda: 1)
 
     @property
     def gpus_per_node(self):
