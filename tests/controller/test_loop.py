@@ -330,6 +330,30 @@ def test_requests_waiting_for_lent_blocks_get_them_back_and_block_lending():
     assert worker.calls == [("lend", "m", 3)]
 
 
+def test_a_split_instance_lends_through_its_driver_for_room_on_any_of_its_workers():
+    """"m" split over w0 (driver) and w1: lending 71 blocks frees 142 MiB on both, and a
+    prewarm short of room on the follower alone has the driver lend."""
+    from collections import deque
+
+    from warmserve.controller.kv import KvReservation
+
+    driver = KVWorker("w0", {"blocks_usable": 100, "blocks_free": 96, "blocks_lent": 0,
+                             "running": 1})
+    follower = KVWorker("w1", {})
+    follower.stats["models"]["m"] = {"state": "active", "shard": [1, 2]}  # no engine stats
+    bystander = KVWorker("w2", {})
+    bystander.stats["models"].pop("m")
+    cluster = FakeCluster()
+    cluster.workers = [driver, follower, bystander]
+    cluster.members = lambda worker, model: [driver, follower] if worker is driver else [worker]
+    kv = KvReservation(cluster, capacity=4, actions=deque())
+    assert kv.lendable_bytes() == {"w0": 71 * (2 << 20), "w1": 71 * (2 << 20)}
+    kv.lend(0.0, {"w2"})
+    assert driver.calls == []  # room wanted elsewhere: nothing lent
+    kv.lend(0.0, {"w1"})
+    assert driver.calls == [("lend", "m", 4)] and follower.calls == []
+
+
 @pytest.mark.parametrize(("blocked", "reclaimed"), [(1, True), (0, False)])
 def test_a_request_blocked_for_lent_blocks_gets_them_back_a_queued_one_does_not(blocked,
                                                                                  reclaimed):

@@ -41,17 +41,21 @@ class KvReservation:
                     yield worker, model, entry, lendable
 
     def lendable_bytes(self) -> dict[str, int]:
-        """Bytes each worker's instances may lend, by worker name."""
+        """Bytes each worker's instances may lend, by worker name. A split instance's driver
+        lends a block on every rank at once (its shards' blocks are alike), so the room it
+        frees counts on each of its workers."""
         out: dict[str, int] = {}
-        for worker, _, entry, blocks in self.entries():
-            out[worker.name] = out.get(worker.name, 0) + blocks * entry["block_bytes"]
+        for worker, model, entry, blocks in self.entries():
+            for member in self.cluster.members(worker, model):
+                out[member.name] = out.get(member.name, 0) + blocks * entry["block_bytes"]
         return out
 
     def lend(self, now: float, where: set[str]) -> None:
         """Lend the free KV blocks beyond their reservation of each instance on the workers
-        `where` to the pool, in whole pages of whole units of blocks."""
+        `where` to the pool, in whole pages of whole units of blocks (through its driver,
+        for a split instance with a worker in `where`)."""
         for worker, model, entry, lendable in list(self.entries()):
-            if worker.name not in where:
+            if where.isdisjoint(m.name for m in self.cluster.members(worker, model)):
                 continue
             page = worker.stats["pool"]["page_bytes"]
             unit_pages = entry["blocks_per_unit"] * entry["block_bytes"] // page
