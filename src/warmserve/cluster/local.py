@@ -43,6 +43,11 @@ class LocalWorkerProcess:
         self.process.wait()
         self._close_stdin()
 
+    def terminate(self) -> None:
+        """Ask the worker to end, without waiting for it (`close` waits)."""
+        if self.alive:
+            self.process.terminate()
+
     def close(self, timeout_s: float = 10.0) -> None:
         if self.alive:
             self.process.terminate()

@@ -208,9 +208,13 @@ class LocalCluster:
 
     def close(self) -> None:
         self._stop.set()
-        for worker in self.workers:
-            if worker.process is not None:
-                worker.process.close()
+        # All at once, then each waited for: ended one by one, the shards of a split
+        # instance would each see their driver go first and report it lost
+        processes = [w.process for w in self.workers if w.process is not None]
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.close()
 
     # --- routing ------------------------------------------------------------------------------
 
