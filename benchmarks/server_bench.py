@@ -130,11 +130,19 @@ def main() -> None:
             print(f"| {args.streams} | {args.tokens} | {chunks} | {wall:.2f} | "
                   f"{chunks / wall:,.0f} | {busy / chunks * 1e6:.1f} |")
     finally:
+        stop(server)
+
+
+def stop(server: subprocess.Popen) -> None:
+    """Interrupt the server's process group (it drains, then closes its workers); kill it if
+    that takes over a minute. A group already gone (the server died first) is no error."""
+    try:
         os.killpg(server.pid, signal.SIGINT)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=60)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
 
 
 if __name__ == "__main__":
