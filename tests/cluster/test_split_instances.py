@@ -99,3 +99,54 @@ def test_an_instance_ends_when_one_of_its_workers_dies(cluster):
         time.sleep(0.2)
     assert driver.client.stats()["models"]["t"]["state"] == "prewarmed"
     assert cluster.activate_elsewhere("t") in cluster.workers  # and a new one can start
+
+
+def test_the_controller_drains_an_aligned_group_for_a_split_model(tmp_path, cache_dir,
+                                                                  expected):
+    """Four workers with room for one instance each, all serving "w". Requests for "t",
+    split two ways, find no group, so the controller drains "w" off an aligned pair, ends
+    those instances and starts "t" over the pair; "t" then answers as the unsplit engine."""
+    import contextlib
+
+    from warmserve.controller.loop import Controller
+
+    path = tmp_path / "full.yaml"
+    path.write_text(yaml.safe_dump({
+        "cluster": {"nodes": [{"name": "n", "host_memory_gib": 4, "pinned_cache_gib": 1,
+                               "devices": [{"type": "cpu", "count": 4, "memory_gib": 0.016}]}]},
+        "models": [{"name": name, "checkpoint": "synth:tiny", "dtype": "float32",
+                    "max_context": 256, "tensor_parallel": tp} for name, tp in (("t", 2),
+                                                                              ("w", 1))],
+        "engine": {"kv_cache_gib": KV_GIB},
+        "policy": {"page_size_mib": 2, "instance_capacity": 2, "new_instance_protect_s": 1,
+                   "rebalance_reserve_s": 30},
+    }))
+    cluster = LocalCluster(str(path), load_config(str(path)), cache_dir, poll_interval_s=0.1)
+    cluster.start()
+    ctl = None
+    try:
+        for _ in cluster.workers:
+            cluster.activate_elsewhere("w")
+        with pytest.raises(NoCapacity):  # no pair has room beside "w"
+            cluster.activate_elsewhere("t")
+        # "w" keeps its four instances but for rebalancing, which may take any of them
+        ctl = Controller(cluster, load_config(str(path)), min_instances=4)
+        with contextlib.ExitStack() as waiting:
+            for _ in range(3):  # three requests wait for "t"
+                waiting.enter_context(cluster.waiting("t"))
+            now, deadline = 0.0, time.monotonic() + 120
+            while "active" not in _states(cluster, "t"):
+                assert time.monotonic() < deadline, f"no instance of t: {ctl.actions}"
+                cluster.refresh()
+                ctl.tick(now)
+                now += 2.0  # past the protection of the instances found at the start
+                time.sleep(0.2)
+        rebalances = [a[2:] for a in ctl.actions if a[1] == "rebalance"]
+        assert rebalances == [("t", "n/0+n/1")], list(ctl.actions)
+        assert _states(cluster, "t")[:2] == ["active", "following"]
+        assert _states(cluster, "w")[2:] == ["active", "active"]
+        assert _tokens(cluster.workers[0]) == expected
+    finally:
+        if ctl is not None:
+            ctl.stop()
+        cluster.close()

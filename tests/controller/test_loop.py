@@ -85,6 +85,12 @@ class _OneNode:
     def members(self, worker, model):
         return [worker]
 
+    def groups(self, size):
+        from warmserve.control.policies import aligned_groups
+
+        return [[self.workers[g] for g in group]
+                for group in aligned_groups(len(self.workers), 1, size)]
+
 
 class FakeCluster(_OneNode):
     cache_dir = None
@@ -548,6 +554,101 @@ def test_rebalancing_spares_an_instance_its_model_needed_within_the_reserve_time
     cluster.load["b"] = 6
     _run(ctl, cluster, 5.5, 6.5)
     assert any(entry[0] == "drain" for entry in cluster.log) is drains
+
+
+class SplitCluster(FullCluster):
+    """Four workers with room for one instance each; `split` gives the workers each model's
+    instance spans (an aligned group, its driver first), `instances` where they serve."""
+
+    def __init__(self, split: dict, instances: list[tuple[str, tuple[int, ...]]]) -> None:
+        super().__init__()
+        self.workers = [FakeWorker(f"w{i}") for i in range(4)]
+        self.table = defaultdict(lambda: 1, split)
+        self.instances: dict = {}
+        for model, group in instances:
+            self._place(model, [self.workers[i] for i in group])
+        self.load = {"a": 0, "b": 0}
+
+    @property
+    def split(self):
+        return self.table
+
+    def members(self, worker, model):
+        return self.instances.get((worker.name, model), [worker])
+
+    def _place(self, model, group):
+        group[0].states[model] = "active"
+        for follower in group[1:]:
+            follower.states[model] = "following"
+        self.instances[(group[0].name, model)] = group
+
+    def activate_elsewhere(self, model, prefer=None):
+        free = [g for g in self.groups(self.table[model])
+                if all(not {"active", "following"} & set(w.states.values())
+                       and self.reserved.get(w.name, model) == model for w in g)]
+        free.sort(key=lambda g: prefer not in g)
+        if not free:
+            raise self.NoCapacity("no room")
+        self._place(model, free[0])
+        self.log.append(("activate", model, "+".join(w.name for w in free[0])))
+        return free[0][0]
+
+    def deactivate(self, worker, model, evict=False):
+        for member in self.instances.pop((worker.name, model), [worker]):
+            member.states[model] = "prewarmed"
+        self.draining.discard((worker.name, model))
+        self.log.append(("deactivate", model, worker.name))
+
+
+FOUR = TWO.model_copy(update={"cluster": parse_config({
+    "cluster": {"nodes": [{"devices": [{"type": "cpu", "count": 4, "memory_gib": 1}]}]},
+    "models": [{"name": "a", "checkpoint": "synth:tiny"}]}).cluster})
+
+
+def test_rebalancing_frees_an_aligned_group_for_a_split_model():
+    """"a" serves on all four workers and needs one instance; "b", split over two, has none.
+    Its instances on the pair running fewer requests (w2+w3) drain, both workers are kept
+    for "b", and "b" starts over that pair."""
+    from warmserve.sim.systems import get_system
+
+    cluster = SplitCluster({"b": 2}, [("a", (i,)) for i in range(4)])
+    for worker, running in zip(cluster.workers, (2, 1, 1, 1), strict=True):
+        worker.inflight["a"] = running  # busy: the autoscaler cannot take them down
+    cluster.load["a"] = 3
+    ctl = Controller(cluster, FOUR, min_instances=1, system=get_system("warmserve"))
+    _run(ctl, cluster, 0.0, 4.0)
+    cluster.load["b"] = 4
+    _run(ctl, cluster, 4.0, 5.0)
+    drained = {entry[2] for entry in cluster.log if entry[:2] == ("drain", "a")}
+    assert drained == {"w2", "w3"}
+    assert ("activate", "b", "w2+w3") in cluster.log
+    assert [w.states["a"] for w in cluster.workers] == ["active", "active", "prewarmed",
+                                                         "prewarmed"]
+    assert cluster.reserved == {}  # b's activation there ended
+
+
+@pytest.mark.parametrize(("new", "drained", "freed"), [(None, "w0", "w0"),
+                                                       ("w0", "w2", "w2")])
+def test_rebalancing_drains_a_split_instance_as_a_whole(new, drained, freed):
+    """"a", split over two, serves on w0+w1 (1 request) and w2+w3 (2) and needs one instance;
+    "b" has none. The instance running fewer requests drains, driver and follower, and "b"
+    starts on one of its workers; one that has just started is left alone."""
+    from warmserve.sim.systems import get_system
+
+    cluster = SplitCluster({"a": 2}, [("a", (0, 1)), ("a", (2, 3))])
+    cluster.workers[0].inflight["a"], cluster.workers[2].inflight["a"] = 1, 2
+    cluster.load["a"] = 3
+    ctl = Controller(cluster, FOUR, min_instances=1, system=get_system("warmserve"))
+    _run(ctl, cluster, 0.0, 4.0)
+    if new is not None:
+        ctl._load["a"].activated_at[new] = 4.0
+    cluster.load["b"] = 4
+    _run(ctl, cluster, 4.0, 5.0)
+    assert [entry for entry in cluster.log if entry[0] == "drain"] == [("drain", "a", drained)]
+    assert ("deactivate", "a", drained) in cluster.log
+    assert ("activate", "b", freed) in cluster.log
+    kept = {"w0": "w2", "w2": "w0"}[drained]
+    assert cluster.members(cluster.workers[int(kept[1])], "a")[0].name == kept  # serves on
 
 
 def test_the_reactive_baseline_never_rebalances():

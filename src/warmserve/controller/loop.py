@@ -4,14 +4,14 @@ Every `control_interval_s` it samples each model's concurrency (requests in flig
 router) and, with the prefill-aware signal, the prefill work its engines are given (prompt
 tokens per second × their measured seconds per prefilled token), runs the published autoscaler
 on the load over `load_window_s`, and activates or deactivates instances; when no worker can
-take a model that needs more, it drains other models' surplus instances off one worker for it
-(rebalancing, as the simulator, with its overload control). Activations run in the
-background, one per model at a time, so that a slow one (a cold load takes seconds to
-minutes) holds up no other model's scaling and no KV reclaim; a tick records those that
-finished. Every `window_s` it feeds the forecaster the window that closed, plans foundation
-and burst replicas for the next one, and prewarms the ones that have no active instance
-behind them on workers where the model is not resident yet.
-The decisions are the pure functions of `warmserve.control`; this loop only gathers the
+take a model that needs more, it drains other models' surplus instances off one worker for it,
+or off an aligned group of workers for a split model (rebalancing, as the simulator, with its
+overload control). Activations run in the background, one per model at a time, so that a
+slow one (a cold load takes seconds to minutes) holds up no other model's scaling and no KV
+reclaim; a tick records those that finished. Every `window_s` it feeds the forecaster the
+window that closed, plans foundation and burst replicas for the next one, and prewarms the
+ones that have no active instance behind them on workers where the model is not resident
+yet. The decisions are the pure functions of `warmserve.control`; this loop only gathers the
 snapshot and applies the actions through the cluster's worker clients. Each model's load
 records are `controller/load.py`; lending idle KV blocks and taking them back,
 `controller/kv.py`.
@@ -25,7 +25,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -75,19 +75,20 @@ def _activation_executor(num_models: int) -> Executor:
 
 @dataclass
 class _Activation:
-    """An activation under way: a scale-up, or one on the worker a drain freed for it
+    """An activation under way: a scale-up, or one on the workers a drain freed for it
     (`reserved`, kept for it until the activation ends)."""
 
     future: Future
-    reserved: Any = None
+    reserved: list = field(default_factory=list)
 
 
 @dataclass
 class _Drain:
-    """A worker being freed for a starving model: these models drain off it first."""
+    """Workers being freed for a starving model (one, or an aligned group for a split
+    model): these instances, each named by its driver and model, drain off them first."""
 
-    worker: Any
-    models: list[str]
+    workers: list
+    instances: list[tuple[Any, str]]
     until: float
 
 
@@ -115,7 +116,7 @@ class Controller:
                                                self.system.forecast_extensions)
                             for m in self.models}
         self._first_tick: float | None = None
-        self._drains: dict[str, _Drain] = {}  # starving model -> the worker freed for it
+        self._drains: dict[str, _Drain] = {}  # starving model -> the workers freed for it
         self._activating: dict[str, _Activation] = {}  # model -> its activation under way
         self._activations = _activation_executor(len(self.models))
         self.actions: deque = deque(maxlen=200)  # (time, action, model, worker) for /v1/cluster
@@ -259,10 +260,12 @@ class Controller:
         if model not in self._activating and model not in self._drains:
             self._activate(model)
 
-    def _activate(self, model: str, prefer: Any = None) -> None:
-        args = (model,) if prefer is None else (model, prefer)
+    def _activate(self, model: str, reserved: list | None = None) -> None:
+        """Activate one more instance of `model` in the background; on `reserved` (the
+        workers a drain freed for it, kept for it until this ends) if given."""
+        args = (model, reserved[0]) if reserved else (model,)
         self._activating[model] = _Activation(
-            self._activations.submit(self.cluster.activate_elsewhere, *args), prefer)
+            self._activations.submit(self.cluster.activate_elsewhere, *args), reserved or [])
 
     def _record_activations(self, now: float) -> None:
         """Record the activations that finished; a scale-up refused for want of room asks
@@ -271,13 +274,13 @@ class Controller:
             if not activation.future.done():
                 continue
             del self._activating[model]
-            if activation.reserved is not None:
-                self.cluster.unreserve(activation.reserved, model)
+            for worker in activation.reserved:
+                self.cluster.unreserve(worker, model)
             try:
                 worker = activation.future.result()
             except NoCapacity as exc:
                 log.info("cannot scale %s up: %s", model, exc)
-                if activation.reserved is None and self.system.rebalance:  # a scale-up
+                if not activation.reserved and self.system.rebalance:  # a scale-up
                     self._rebalance(model, now)
                 continue
             except Exception:  # a failed activation must not end control
@@ -305,21 +308,20 @@ class Controller:
 
     def _rebalance(self, model: str, now: float) -> None:
         """No worker can take `model` and its load exceeds what its instances hold: drain
-        other models' surplus instances off one worker (policies.drain_for, each worker a
-        one-GPU group), then activate `model` there (_finish_drains)."""
+        other models' surplus instances off one worker for it, or off one aligned group of
+        workers for a split model (policies.drain_for, over the GPUs the workers stand for;
+        a split instance drains as a whole), then activate `model` there (_finish_drains)."""
         capacity = self.policy.instance_capacity
         workers = [w for w in self.cluster.workers if w.alive]
+        tp = self.cluster.split[model]
         active = sum(1 for w in workers if w.state_of(model) == "active")
         if (model in self._drains or model in self._activating
                 or self._load[model].load <= active * capacity):
             return
-        if self.cluster.split[model] > 1:  # it would need a whole aligned group freed
-            log.info("rebalance: %s is split over %d workers; rebalancing frees one worker, "
-                     "so it is not rebalanced for", model, self.cluster.split[model])
-            return
         entitled = self._entitlement(workers) if self.system.overload_control else None
-        if entitled is not None and active + 1 > entitled[model]:
+        if entitled is not None and (active + 1) * tp > entitled[model]:
             return  # the cluster is overloaded and this model's GPUs serve fewer requests
+        index = {w.name: i for i, w in enumerate(workers)}
         holdings, where, surplus, pinned = [], {}, {}, []
         for other in self.models:
             if other == model:
@@ -331,35 +333,48 @@ class Controller:
             surplus[other] = surplus_instances(
                 load, len(serving), self._held(other, workers), self.policy.scale_up_ratio,
                 self.forecasters[other].forecast().avg_concurrency, prefill)
-            if entitled is not None:
-                surplus[other] = max(surplus[other], len(serving) - entitled[other])
-            for w in serving:
-                started = seen.activated_at.get(w.name, self._first_tick)
-                if (now - started < self.policy.new_instance_protect_s
-                        or self.cluster.split[other] > 1):  # too new to take, or split
-                    pinned += [workers.index(m) for m in self.cluster.members(w, other)
-                               if m in workers]  # over several workers: its workers stay
+            if entitled is not None:  # beyond its entitlement counts as surplus too
+                surplus[other] = max(surplus[other],
+                                     len(serving) - entitled[other] // self.cluster.split[other])
+            for w in serving:  # a split instance: its driver, standing for all its workers
+                gpus = tuple(index[m.name] for m in self.cluster.members(w, other)
+                             if m.name in index)
+                if now - seen.activated_at.get(w.name, self._first_tick) < \
+                        self.policy.new_instance_protect_s:
+                    pinned += gpus  # too new to take: its workers stay
                     continue
                 where[len(holdings)] = (w, other)
-                holdings.append(Holding(len(holdings), other, (workers.index(w),),
-                                        w.inflight[other]))
-        groups = [(i,) for i, w in enumerate(workers) if w.state_of(model) != "active"]
-        plan = drain_for(groups, holdings, surplus, pinned=pinned)
+                holdings.append(Holding(len(holdings), other, gpus, w.inflight[other]))
+        plan = drain_for(self._groups_for(model, workers, index), holdings, surplus,
+                         pinned=pinned)
         if plan is None:
             return
-        worker = workers[plan.group[0]]
-        drained = [where[h][1] for h in plan.drain]
-        self.cluster.reserve(worker, model)  # until its activation there ends
-        for other in drained:
-            self.cluster.drain(worker, other)
+        freed = [workers[g] for g in plan.group]
+        drained = [where[h] for h in plan.drain]
+        for worker in freed:  # until its activation there ends
+            self.cluster.reserve(worker, model)
+        for driver, other in drained:
+            self.cluster.drain(driver, other)
             if self.system.hand_over_on_drain:  # its requests go on elsewhere, at once
                 try:
-                    self.cluster.hand_over(worker, other)
+                    self.cluster.hand_over(driver, other)
                 except (Refused, WorkerGone) as exc:
                     log.info("rebalance: handing %s's requests over on %s: %s", other,
-                             worker.name, exc)
-        self._drains[model] = _Drain(worker, drained, now + self.policy.rebalance_reserve_s)
-        self.actions.append((now, "rebalance", model, worker.name))
+                             driver.name, exc)
+        self._drains[model] = _Drain(freed, drained, now + self.policy.rebalance_reserve_s)
+        self.actions.append((now, "rebalance", model, "+".join(w.name for w in freed)))
+
+    def _groups_for(self, model: str, workers: list, index: dict[str, int]
+                    ) -> list[tuple[int, ...]]:
+        """Where an instance of `model` may go, as tuples of indices into `workers`: any
+        worker not serving it, or for a split model an aligned group of live workers none of
+        which holds a part of its instances."""
+        tp = self.cluster.split[model]
+        if tp == 1:
+            return [(i,) for i, w in enumerate(workers) if w.state_of(model) != "active"]
+        return [tuple(index[w.name] for w in group) for group in self.cluster.groups(tp)
+                if all(w.name in index and w.state_of(model) not in ("active", "following")
+                       for w in group)]
 
     def _held(self, model: str, workers: list) -> int:
         """Requests one of the model's instances holds (policies.requests_held): the engine's
@@ -409,27 +424,29 @@ class Controller:
         """Deactivate drained instances once idle; then activate the model they made room
         for. A drain that has not finished in `rebalance_reserve_s` is called off."""
         for model, drain in list(self._drains.items()):
-            for other in list(drain.models):
-                if drain.worker.inflight[other]:
+            for driver, other in list(drain.instances):
+                if driver.inflight[other]:
                     continue
-                try:
-                    self.cluster.deactivate(drain.worker, other,
+                try:  # a split instance ends as a whole, its driver first
+                    self.cluster.deactivate(driver, other,
                                             evict=not self.system.deactivate_to_prewarm)
                 except (Refused, WorkerGone) as exc:
                     log.info("rebalance: deactivating %s: %s", other, exc)
                     continue
-                drain.models.remove(other)
-                self.actions.append((now, "deactivate", other, drain.worker.name))
-            if not drain.models:
+                drain.instances.remove((driver, other))
+                self.actions.append((now, "deactivate", other, driver.name))
+            if not drain.instances:
                 del self._drains[model]
-                if model in self._activating:  # under way already: the worker is not held
-                    self.cluster.unreserve(drain.worker, model)
+                if model in self._activating:  # under way already: the workers are not held
+                    for worker in drain.workers:
+                        self.cluster.unreserve(worker, model)
                 else:
-                    self._activate(model, prefer=drain.worker)
+                    self._activate(model, reserved=drain.workers)
             elif now >= drain.until:
-                for other in drain.models:
-                    self.cluster.undrain(drain.worker, other)
-                self.cluster.unreserve(drain.worker, model)
+                for driver, other in drain.instances:
+                    self.cluster.undrain(driver, other)
+                for worker in drain.workers:
+                    self.cluster.unreserve(worker, model)
                 del self._drains[model]
 
     def _prewarm_requests(self) -> list[ReplicaRequest]:
