@@ -414,6 +414,10 @@ class FullCluster(_OneNode):
         return free[0]
 
     def deactivate(self, worker, model, evict=False):
+        from warmserve.worker.worker import Refused
+
+        if worker.states.get(model) != "active":
+            raise Refused(f"{model} is {worker.states.get(model)}, not active")
         worker.states[model] = "prewarmed"
         self.draining.discard((worker.name, model))
         self.log.append(("deactivate", model, worker.name))
@@ -511,6 +515,28 @@ def test_a_drain_that_does_not_finish_is_called_off():
     assert cluster.workers[1].states["a"] == "active"
 
 
+def test_a_drained_instance_that_ends_by_itself_frees_its_worker_at_once():
+    """A drained instance can end without the controller: a worker of a split instance
+    died, say, and the rest went back to prewarmed. Its worker is free then: the starving
+    model starts there on the next tick rather than after the reserve time."""
+    from warmserve.sim.systems import get_system
+
+    cluster = FullCluster()
+    cluster.workers[0].inflight["a"] = 2
+    cluster.workers[1].inflight["a"] = 1  # never finishes: the instance ends instead
+    ctl = Controller(cluster, TWO, min_instances=1, system=get_system("warmserve-no-handover"))
+    _run(ctl, cluster, 0.0, 4.0)
+    cluster.load["b"] = 6
+    _run(ctl, cluster, 4.0, 5.0)
+    assert ("drain", "a", "w1") in cluster.log
+    cluster.workers[1].states["a"] = "prewarmed"
+    cluster.workers[1].inflight["a"] = 0
+    _run(ctl, cluster, 5.0, 5.5)
+    assert cluster.workers[1].states["b"] == "active"
+    assert not cluster.is_draining(cluster.workers[1], "a")  # its next instance takes requests
+    assert cluster.reserved == {}
+
+
 def test_rebalancing_leaves_a_worker_that_a_new_instance_keeps_busy():
     """w1 serves "a" and, since just now, "c": "c" may not be drained yet, so draining "a"
     there would not free w1. "a"'s instance on w0 drains instead, though it runs more."""
@@ -594,6 +620,10 @@ class SplitCluster(FullCluster):
         return free[0][0]
 
     def deactivate(self, worker, model, evict=False):
+        from warmserve.worker.worker import Refused
+
+        if worker.states.get(model) != "active":  # a follower, or not serving
+            raise Refused(f"{model} is {worker.states.get(model)}, not active")
         for member in self.instances.pop((worker.name, model), [worker]):
             member.states[model] = "prewarmed"
         self.draining.discard((worker.name, model))

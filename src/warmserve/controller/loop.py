@@ -425,6 +425,10 @@ class Controller:
         for. A drain that has not finished in `rebalance_reserve_s` is called off."""
         for model, drain in list(self._drains.items()):
             for driver, other in list(drain.instances):
+                if driver.state_of(other) != "active":  # it ended by itself (a worker died)
+                    self.cluster.undrain(driver, other)
+                    drain.instances.remove((driver, other))
+                    continue
                 if driver.inflight[other]:
                     continue
                 try:  # a split instance ends as a whole, its driver first
