@@ -339,8 +339,8 @@ class Controller:
             for w in serving:  # a split instance: its driver, standing for all its workers
                 gpus = tuple(index[m.name] for m in self.cluster.members(w, other)
                              if m.name in index)
-                if now - seen.activated_at.get(w.name, self._first_tick) < \
-                        self.policy.new_instance_protect_s:
+                started = seen.activated_at.get(w.name, self._first_tick)
+                if now - started < self.policy.new_instance_protect_s:
                     pinned += gpus  # too new to take: its workers stay
                     continue
                 where[len(holdings)] = (w, other)
