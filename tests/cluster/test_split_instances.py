@@ -121,7 +121,8 @@ def test_the_controller_drains_an_aligned_group_for_a_split_model(tmp_path, cach
         "policy": {"page_size_mib": 2, "instance_capacity": 2, "new_instance_protect_s": 1,
                    "rebalance_reserve_s": 30},
     }))
-    cluster = LocalCluster(str(path), load_config(str(path)), cache_dir, poll_interval_s=0.1)
+    config = load_config(str(path))
+    cluster = LocalCluster(str(path), config, cache_dir, poll_interval_s=0.1)
     cluster.start()
     ctl = None
     try:
@@ -130,7 +131,7 @@ def test_the_controller_drains_an_aligned_group_for_a_split_model(tmp_path, cach
         with pytest.raises(NoCapacity):  # no pair has room beside "w"
             cluster.activate_elsewhere("t")
         # "w" keeps its four instances but for rebalancing, which may take any of them
-        ctl = Controller(cluster, load_config(str(path)), min_instances=4)
+        ctl = Controller(cluster, config, min_instances=4)
         with contextlib.ExitStack() as waiting:
             for _ in range(3):  # three requests wait for "t"
                 waiting.enter_context(cluster.waiting("t"))
